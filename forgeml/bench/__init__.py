@@ -1,0 +1,1 @@
+"""Benchmark harness: side-by-side, alternating latency and memory measurements."""

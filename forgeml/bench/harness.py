@@ -1,0 +1,151 @@
+"""Timing loop, statistics and memory for forgeml artifacts and their baselines.
+
+Engines are measured in the same process, alternating in blocks on the same inputs, so that
+every ratio compares runs taken under the same conditions. Peak memory (RSS) is measured per
+engine in a fresh subprocess, since one process holding both engines cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Runner = Callable[[], Any]
+
+
+@dataclass
+class Stats:
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    p10_ms: float
+    throughput_per_s: float
+
+    @classmethod
+    def of(cls, samples_s: list[float], batch: int = 1) -> Stats:
+        ms = np.asarray(samples_s) * 1e3
+        p10, p50, p90, p99 = np.percentile(ms, [10, 50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(ms.mean()), float(ms.std()), float(ms.min()),
+                   float(p10), float(batch * 1e3 / p50) if p50 > 0 else float("inf"))
+
+
+@dataclass
+class CaseResult:
+    """One engine on one model: its samples, statistics and memory."""
+
+    name: str  # e.g. "forgeml resnet18.fml (x86-64)" or "onnxruntime"
+    engine: str  # "forgeml" | "onnxruntime" | "torch"
+    model: str
+    stats: Stats
+    samples_ms: list[float]
+    peak_rss_mb: float | None = None
+    artifact_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    cases: list[CaseResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"machine": self.machine, "settings": self.settings, "cases": [asdict(c) for c in self.cases]}
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, path)
+
+
+def machine_info() -> dict[str, Any]:
+    from forgeml.targets.host import detect_host
+
+    host = detect_host()
+    vec = sorted(f for f in host.features if f.startswith(("avx", "fma", "neon", "sve", "asimd")))
+    return {"cpu": host.model, "arch": host.arch, "cores": host.cores, "vector_features": vec,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def measure_alternating(runners: dict[str, Runner], warmup: int = 10, repeat: int = 100, block: int = 10,
+                        pause_s: float = 0.02, progress: Callable[[int, int], None] | None = None,
+                        ) -> dict[str, list[float]]:
+    """Time each runner `repeat` times, alternating between runners in blocks of `block` calls.
+
+    A short pause between blocks lets the other engine's spinning thread pool go idle.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    done, total = 0, repeat * len(runners)
+    while any(len(s) < repeat for s in samples.values()):
+        for name, run in runners.items():
+            todo = min(block, repeat - len(samples[name]))
+            if todo <= 0:
+                continue
+            time.sleep(pause_s)
+            for _ in range(todo):
+                start = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - start)
+            done += todo
+            if progress:
+                progress(done, total)
+    return samples
+
+
+_RSS_SCRIPT = """
+import json, resource, sys, time
+import numpy as np
+engine, model, threads, runs, inputs_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+data = np.load(inputs_path)
+feeds = {k: data[k] for k in data.files}
+start = time.perf_counter()
+if engine == "forgeml":
+    import forgeml
+    session = forgeml.load(model, threads=threads)
+    run = lambda: session.run(feeds)
+else:
+    import onnxruntime as ort
+    opts = ort.SessionOptions(); opts.intra_op_num_threads = threads; opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    run = lambda: session.run(None, feeds)
+run()
+first = time.perf_counter() - start
+for _ in range(runs):
+    run()
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "load_to_first_output_s": first}))
+"""
+
+
+def peak_rss_subprocess(engine: str, model: str | Path, feeds: dict[str, np.ndarray], threads: int,
+                        runs: int = 20) -> dict[str, float]:
+    """Peak RSS (MB) of a fresh process that loads `model` with `engine` and runs it `runs` times."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="forgeml-rss-") as tmp:
+        inputs_path = Path(tmp) / "inputs.npz"
+        np.savez(inputs_path, **feeds)
+        proc = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, engine, str(model), str(threads), str(runs), str(inputs_path)],
+            capture_output=True, text=True, timeout=600,
+        )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,59 @@
+"""Render benchmark reports (tables on the terminal, Markdown for results files)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from forgeml.bench.harness import Report
+
+COLUMNS = ["case", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "min ms", "runs/s", "peak RSS MB",
+           "size MB", "p50 vs ref"]
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if value < 100 else f"{value:.1f}"
+
+
+def rows(report: Report) -> list[list[str]]:
+    """One row per case; the ratio is p50 over the reference case's p50 of the same model (<1: faster)."""
+    reference = {c.model: c for c in report.cases if c.extra.get("reference")}
+    out = []
+    for case in report.cases:
+        s = case.stats
+        ref = reference.get(case.model)
+        ratio = "ref" if ref is case else (f"{s.p50_ms / ref.stats.p50_ms:.2f}x" if ref else "-")
+        out.append([case.name, _fmt(s.p50_ms), _fmt(s.p90_ms), _fmt(s.p99_ms), _fmt(s.mean_ms), _fmt(s.std_ms),
+                    _fmt(s.min_ms), _fmt(s.throughput_per_s, 1), _fmt(case.peak_rss_mb, 1),
+                    _fmt(case.artifact_mb, 2), ratio])
+    return out
+
+
+def print_table(report: Report, console: Console | None = None) -> None:
+    console = console or Console()
+    settings = report.settings
+    table = Table(title=f"forgeml bench: {settings.get('threads')} threads, {settings.get('repeat')} runs "
+                        f"after {settings.get('warmup')} warm-up, alternating ({report.machine.get('cpu')})")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for row in rows(report):
+        table.add_row(*row)
+    console.print(table)
+
+
+def markdown_table(report: Report, columns: list[str] | None = None) -> str:
+    cols = columns or COLUMNS
+    idx = [COLUMNS.index(c) for c in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows(report):
+        lines.append("| " + " | ".join(row[i] for i in idx) + " |")
+    return "\n".join(lines)
+
+
+def summary(report: Report) -> dict[str, Any]:
+    """p50 per case name, for quick comparisons."""
+    return {c.name: c.stats.p50_ms for c in report.cases}

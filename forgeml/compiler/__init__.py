@@ -1,0 +1,1 @@
+"""forgeml's compiler: ONNX -> Relax -> scheduled kernels -> artifact."""

@@ -1,0 +1,182 @@
+"""ONNX file -> verified .fml artifact: import, optimize, compile, package, verify."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgeml.errors import InvalidInput, ToolchainMissing, VerificationFailed
+from forgeml.runtime.artifact import WEIGHTS, Manifest, TensorSpec, pack_weights, write_artifact
+from forgeml.targets import TargetSpec, resolve_target
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompileOptions:
+    target: str = "x86-64"
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    opt_level: str = "O2"
+    verify: bool = True
+    tolerance: float | None = None  # None: the default for the precision
+    seed: int = 0
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import tvm
+
+    import forgeml
+
+    return {"forgeml": forgeml.__version__, "tvm": tvm.__version__, "onnx": onnx.__version__}
+
+
+def _import_onnx(loaded) -> Any:
+    """ONNX -> Relax with weights bound as constants."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    shapes = {spec.name: list(spec.shape) for spec in loaded.inputs}
+    dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
+    try:
+        mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
+    except Exception as e:
+        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise InvalidInput(f"{loaded.path.name}: the TVM ONNX importer failed: {message}") from None
+    mod, params = relax.frontend.detach_params(mod)
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(loaded.inputs)
+    names = [p.name for p in func.params[num_input:]]
+    if params.get("main"):
+        mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
+    return mod
+
+
+def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    specs = []
+    for name, ty in zip(names, fields):
+        specs.append(TensorSpec(name, tuple(int(s) for s in ty.shape), str(ty.dtype)))
+    return specs
+
+
+def _export_library(executable, spec: TargetSpec, out: Path) -> None:
+    import platform
+
+    if spec.cross_compiler and platform.machine() != spec.arch:
+        if not shutil.which(spec.cross_compiler):
+            raise ToolchainMissing(
+                f"target '{spec.name}' needs the cross compiler {spec.cross_compiler}: "
+                f"apt-get install {' '.join(spec.needs)}  (or: make toolchains)"
+            )
+        from tvm.support import cc
+
+        executable.export_library(str(out), fcompile=cc.cross_compiler(spec.cross_compiler))
+    else:
+        executable.export_library(str(out))
+
+
+def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions | None = None,
+                  progress: Progress | None = None) -> Manifest:
+    """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
+    import tvm
+
+    from forgeml.compiler import frontend, pipeline, verify
+
+    options = options or CompileOptions()
+    say = progress or (lambda _msg: None)
+    output = Path(output)
+    if output.is_dir():
+        raise InvalidInput(f"output path {output} is a directory; give a file name such as model.fml")
+    spec = resolve_target(options.target)
+    run_pipeline = pipeline.get_pipeline(options.opt_level)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    say("checking the ONNX model")
+    loaded = frontend.load_onnx(model_path, options.input_shapes)
+    say(f"importing into Relax ({len(loaded.model.graph.node)} nodes)")
+    mod = _import_onnx(loaded)
+    output_names = [o.name for o in loaded.model.graph.output]
+    outputs = _output_specs(mod, output_names)
+    timings["import_s"] = time.perf_counter() - clock
+
+    say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
+    target = tvm.target.Target(spec.tvm_target())
+    mod = run_pipeline(mod, target)
+    mod, weights = pipeline.lift_weights(mod)
+    timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
+
+    say("generating code")
+    executable = tvm.compile(mod, target=target)
+    with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
+        lib_path = Path(tmp) / "model.so"
+        _export_library(executable, spec, lib_path)
+        library = lib_path.read_bytes()
+    timings["codegen_s"] = time.perf_counter() - clock - sum(timings.values())
+
+    blob, entries = pack_weights([(f"w{i}", np.asarray(w)) for i, w in enumerate(weights)])
+    manifest = Manifest(
+        target=spec.to_json(),
+        inputs=list(loaded.inputs),
+        outputs=outputs,
+        library="model.so",
+        weights=entries,
+        source={"file": loaded.path.name, "path": str(loaded.path.resolve()), "sha256": loaded.sha256,
+                "format": "onnx",
+                "opset": max((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")),
+                             default=0)},
+        compile_options={"target": options.target, "opt_level": options.opt_level,
+                         "input_shapes": {k: list(v) for k, v in options.input_shapes.items()}},
+        versions=_versions(),
+    )
+    files = {"model.so": library, WEIGHTS: blob}
+    tolerance = options.tolerance if options.tolerance is not None else verify.DEFAULT_TOLERANCE["float32"]
+    result = _verify(manifest, files, output, loaded.path, spec, options, tolerance, say)
+    manifest.verification = result.to_json()
+    timings["verify_s"] = time.perf_counter() - clock - sum(timings.values())
+    manifest.compile_options["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    if not result.passed and result.skipped is None:
+        raise VerificationFailed(
+            f"outputs differ from ONNX Runtime: max abs error {result.max_abs_error:.3g}, max rel error "
+            f"{result.max_rel_error:.3g} > tolerance {result.tolerance:g} (no artifact written; "
+            "--no-verify to write it anyway, --tolerance to loosen)"
+        )
+    write_artifact(output, manifest, files)
+    return manifest
+
+
+def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_path: Path, spec: TargetSpec,
+            options: CompileOptions, tolerance: float, say: Progress):
+    """Load the packaged artifact with the real runtime and compare it with ONNX Runtime."""
+    import platform
+
+    from forgeml.compiler.verify import VerifyResult, verify_against_onnxruntime
+    from forgeml.runtime.session import Session
+
+    def skipped(reason: str) -> VerifyResult:
+        return VerifyResult(False, float("nan"), float("nan"), tolerance, options.seed, skipped=reason)
+
+    if not options.verify:
+        return skipped("--no-verify")
+    if spec.arch != platform.machine():
+        return skipped(f"{spec.arch} artifact on a {platform.machine()} host; use `forgeml verify --emulate`")
+    if spec.device == "cuda" and not _has_cuda_gpu():
+        return skipped("no CUDA GPU on this machine")
+    say("verifying against ONNX Runtime")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".forgeml-verify-", dir=output.parent) as tmp:
+        candidate = write_artifact(Path(tmp) / output.name, manifest, files)
+        return verify_against_onnxruntime(Session(candidate), model_path, tolerance, options.seed)
+
+
+def _has_cuda_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()

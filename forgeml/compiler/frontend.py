@@ -1,0 +1,127 @@
+"""ONNX in: load, check, infer shapes, fix input shapes, and report unsupported operators early."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import shape_inference
+
+from forgeml.errors import InvalidInput, UnsupportedOperator
+from forgeml.runtime.artifact import TensorSpec
+
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An ONNX model that passed the checker, with every input and output shape fixed."""
+
+    model: onnx.ModelProto
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    sha256: str
+    path: Path
+
+
+def _dtype_of(elem_type: int) -> str:
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not also initializers (old exporters list weights too)."""
+    weights = {init.name for init in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def _read_model(path: Path) -> tuple[onnx.ModelProto, str]:
+    if not path.exists():
+        raise InvalidInput(f"model file not found: {path}")
+    if path.is_dir():
+        raise InvalidInput(f"model path is a directory, not an ONNX file: {path}")
+    data = path.read_bytes()
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning, ... on junk
+        raise InvalidInput(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if not model.graph.node and not model.graph.output:
+        raise InvalidInput(f"{path} is not an ONNX model (no graph found; truncated or another format?)")
+    return model, hashlib.sha256(data).hexdigest()
+
+
+def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Write user-given shapes into the graph; refuse any dimension still symbolic."""
+    inputs = {i.name: i for i in _graph_inputs(model)}
+    for name in input_shapes:
+        if name not in inputs:
+            raise InvalidInput(f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs)}")
+    for name, value in inputs.items():
+        dims = value.type.tensor_type.shape.dim
+        if name in input_shapes:
+            shape = input_shapes[name]
+            if len(shape) != len(dims):
+                raise InvalidInput(
+                    f"--input-shape {name} has rank {len(shape)}, but the model's input '{name}' has rank {len(dims)}"
+                )
+            for dim, size in zip(dims, shape):
+                dim.ClearField("dim_param")
+                dim.dim_value = size
+        for axis, dim in enumerate(dims):
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+                label = dim.dim_param or "?"
+                raise InvalidInput(
+                    f"input '{name}' of {path.name} has a symbolic dimension '{label}' (axis {axis}); "
+                    f"give its size with --input-shape {name}=" + ",".join(
+                        str(d.dim_value) if d.HasField("dim_value") else "N" for d in dims)
+                )
+
+
+def supported_ops() -> set[str]:
+    """ONNX operator types the TVM Relax importer can convert."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return set(_get_convert_map())
+
+
+def find_unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Operator type -> node names, for every node the importer cannot convert."""
+    known = supported_ops()
+    missing: dict[str, list[str]] = defaultdict(list)
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in _ONNX_DOMAINS or node.op_type not in known:
+            op = node.op_type if node.domain in _ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
+            missing[op].append(node.name or f"#{i}")
+    return dict(missing)
+
+
+def _tensor_specs(values) -> tuple[TensorSpec, ...]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        specs.append(TensorSpec(v.name, shape, _dtype_of(t.elem_type)))
+    return tuple(specs)
+
+
+def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
+    """Read, check and shape-infer an ONNX model; fail early on anything the compiler cannot take."""
+    path = Path(path)
+    model, sha = _read_model(path)
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise InvalidInput(f"{path} fails the ONNX checker: {first}") from None
+    unsupported = find_unsupported(model)
+    if unsupported:
+        raise UnsupportedOperator(unsupported)
+    _fix_input_shapes(model, input_shapes or {}, path)
+    try:
+        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as e:
+        raise InvalidInput(f"{path}: ONNX shape inference failed: {str(e).strip().splitlines()[0]}") from None
+    outputs = _tensor_specs(model.graph.output)
+    return LoadedModel(model, _tensor_specs(_graph_inputs(model)), outputs, sha, path)

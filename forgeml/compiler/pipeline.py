@@ -1,0 +1,93 @@
+"""The Relax pass pipelines, by optimization level.
+
+Weights are bound as constants while optimizing (so batch norms fold into convolutions and
+packed weight layouts fold into the constants), then lifted back out into parameters of `main`
+by `lift_weights`, so they ship beside the code, not inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from forgeml.errors import InvalidInput
+
+Pipeline = Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]
+
+_MIN_WEIGHT_ELEMENTS = 64  # smaller constants (scalars, shapes) stay in the code
+
+
+def _graph_passes() -> list[tvm.transform.Pass]:
+    return [
+        relax.transform.FoldConstant(),
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.FoldConstant(),  # BN folds into conv only after the first FoldConstant
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FastMathTransform(),
+        relax.get_pipeline("zero"),  # legalize ops, fuse, FuseTIR
+    ]
+
+
+def _o0(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """No schedules: TVM's naive loops. For debugging the compiler, not for speed."""
+    with target:
+        return tvm.transform.Sequential(_graph_passes())(mod)
+
+
+def _o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Fused graph plus forgeml's rule-based schedules with packed weight layouts."""
+    from forgeml.compiler.schedules import apply_cpu_schedules
+
+    with target:
+        mod = tvm.transform.Sequential(_graph_passes())(mod)
+        mod = apply_cpu_schedules(mod, target)
+        return tvm.transform.Sequential([
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.FoldConstant(),  # folds the weight repacking into the constants
+            relax.transform.DeadCodeElimination(),
+        ])(mod)
+
+
+PIPELINES: dict[str, Pipeline] = {"O0": _o0, "O2": _o2}
+
+
+def get_pipeline(name: str) -> Pipeline:
+    if name not in PIPELINES:
+        raise InvalidInput(f"unknown optimization level '{name}'; known: {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+@relax.expr_functor.mutator
+class _ConstantsToParams(relax.PyExprMutator):
+    """Replace each large constant in a function body by a new parameter (shared uses stay shared)."""
+
+    def __init__(self, mod: tvm.IRModule, min_elements: int):
+        super().__init__(mod)
+        self.min_elements = min_elements
+        self.new_params: list[relax.Var] = []
+        self.values: list[np.ndarray] = []
+        self._seen: dict = {}
+
+    def visit_generic_const_(self, op):  # noqa: N802 (TVM's visitor naming)
+        if int(np.prod(op.value.shape, dtype=np.int64)) < self.min_elements:
+            return op
+        if op not in self._seen:
+            var = relax.Var(f"w{len(self.new_params)}", op.ty)
+            self._seen[op] = var
+            self.new_params.append(var)
+            self.values.append(op.value.numpy())
+        return self._seen[op]
+
+
+def lift_weights(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModule, list[np.ndarray]]:
+    """Turn the large constants of `func_name` into trailing parameters; returns their values in order."""
+    func = mod[func_name]
+    mutator = _ConstantsToParams(mod, _MIN_WEIGHT_ELEMENTS)
+    body = mutator.visit_expr(func.body)
+    new_func = relax.Function(list(func.params) + mutator.new_params, body, func.ret_ty, func.is_pure, func.attrs)
+    mod[func_name] = new_func
+    return mod, mutator.values

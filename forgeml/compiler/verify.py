@@ -1,0 +1,90 @@
+"""Compare a built artifact with ONNX Runtime on seeded random inputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from forgeml.runtime.artifact import TensorSpec
+
+DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Largest differences between forgeml and ONNX Runtime over every output element.
+
+    `max_rel_error` is relative to each output's largest magnitude, so values near zero do not
+    inflate it; the check passes when it is at most `tolerance`.
+    """
+
+    passed: bool
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+    seed: int
+    reference: str = "onnxruntime"
+    skipped: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def seeded_inputs(specs: list[TensorSpec] | tuple[TensorSpec, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic random inputs: normal floats, small non-negative integers (valid as indices)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[spec.name] = rng.integers(0, 10, size=spec.shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, size=spec.shape).astype(dtype)
+        else:
+            raise ValueError(f"cannot make inputs of dtype {spec.dtype} for '{spec.name}'")
+    return feeds
+
+
+def onnxruntime_session(model_path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session (the reference and the speed baseline)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(max absolute error, max error relative to each output's largest magnitude)."""
+    max_abs = max_rel = 0.0
+    for name, ref in expected.items():
+        got = actual[name].astype(np.float64)
+        ref64 = ref.astype(np.float64)
+        if got.shape != ref64.shape:
+            raise ValueError(f"output '{name}' has shape {got.shape}, ONNX Runtime gives {ref64.shape}")
+        if got.size == 0:
+            continue
+        diff = float(np.max(np.abs(got - ref64)))
+        if not np.isfinite(diff):
+            return float("inf"), float("inf")
+        scale = max(float(np.max(np.abs(ref64))), 1e-12)
+        max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
+    return max_abs, max_rel
+
+
+def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float, seed: int = 0) -> VerifyResult:
+    """Run `session` (a forgeml Session) and ONNX Runtime on the same seeded inputs."""
+    feeds = seeded_inputs(session.inputs, seed)
+    ort_session = onnxruntime_session(model_path)
+    names = [o.name for o in ort_session.get_outputs()]
+    expected = dict(zip(names, ort_session.run(names, feeds)))
+    actual = session.run(feeds)
+    max_abs, max_rel = compare(actual, expected)
+    return VerifyResult(bool(max_rel <= tolerance), max_abs, max_rel, tolerance, seed)

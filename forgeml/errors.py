@@ -1,0 +1,43 @@
+"""Exceptions users see. The CLI turns each into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class ForgeError(Exception):
+    """Base of every error forgeml reports to users."""
+
+    exit_code = 1
+
+
+class InvalidInput(ForgeError):
+    """A file, option or tensor handed in by the user is wrong (exit 2)."""
+
+    exit_code = 2
+
+
+class UnsupportedOperator(InvalidInput):
+    """The model uses operators the compiler cannot lower (exit 2)."""
+
+    def __init__(self, unsupported: dict[str, list[str]]):
+        self.unsupported = unsupported
+        parts = []
+        for op, nodes in sorted(unsupported.items()):
+            shown = ", ".join(nodes[:3]) + (", ..." if len(nodes) > 3 else "")
+            parts.append(f"{op} x{len(nodes)} ({shown})")
+        super().__init__(f"unsupported operators: {'; '.join(parts)}")
+
+
+class ArtifactError(InvalidInput):
+    """An artifact is missing, damaged, tampered with, or not for this runtime (exit 2)."""
+
+
+class ToolchainMissing(ForgeError):
+    """A cross compiler or emulator the target needs is not installed (exit 2)."""
+
+    exit_code = 2
+
+
+class VerificationFailed(ForgeError):
+    """The compiled model's outputs differ from ONNX Runtime beyond tolerance (exit 3)."""
+
+    exit_code = 3

@@ -1,0 +1,166 @@
+"""Session: load a verified artifact with the TVM runtime only, validate inputs, run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgeml.errors import ArtifactError, InvalidInput
+from forgeml.runtime import native
+from forgeml.runtime.artifact import ArtifactFile, Manifest, TensorSpec, open_artifact
+
+_DEVICE_TYPES = {"cpu": 1, "cuda": 2}  # DLPack device types
+_POOLED_ALLOCATOR = 2
+_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous, 64-byte aligned array with the same values (compiled kernels assume alignment)."""
+    if array.flags.c_contiguous and array.ctypes.data % _ALIGN == 0 and array.flags.writeable:
+        return array
+    out = _aligned_empty(array.shape, array.dtype)
+    out[...] = array
+    return out
+
+
+def _check_compatible(manifest: Manifest, where: Path) -> None:
+    arch = manifest.target.get("arch")
+    if arch and arch != platform.machine():
+        raise ArtifactError(
+            f"{where} was compiled for {arch} (target '{manifest.target.get('name')}'), "
+            f"but this machine is {platform.machine()}; compile with -t for this machine or run it on a {arch} device"
+        )
+    device = manifest.target.get("device", "cpu")
+    if device not in _DEVICE_TYPES:
+        raise ArtifactError(f"{where} targets device '{device}', which this runtime does not support")
+
+
+class Session:
+    """A loaded model. `run({"x": array}) -> {"y": array}`, like onnxruntime.InferenceSession.run.
+
+    Safe to call from many threads: calls into one session are serialized.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        artifact = open_artifact(self.path)
+        _check_compatible(artifact.manifest, self.path)
+        artifact.verify_checksums()  # before any native code is loaded
+        self.manifest = artifact.manifest
+        self.device = self.manifest.target.get("device", "cpu")
+        ffi = native.load_runtime(self.device)
+        if threads is not None:
+            native.set_num_threads(threads)
+        self._ffi = ffi
+        self._dev = ffi.device(self.device, 0)
+        self._vm = self._load_vm(artifact)
+        self._main = self._vm["main"]
+        self._weights = [self._to_device(w) for w in artifact.map_weights()]
+        self._lock = threading.Lock()
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self.manifest.inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self.manifest.outputs)
+
+    def _load_vm(self, artifact: ArtifactFile) -> Any:
+        library = artifact.read_member(self.manifest.library)
+        # dlopen needs a file: write the verified bytes to a private temp file, load, remove it.
+        with tempfile.TemporaryDirectory(prefix="forgeml-") as tmp:
+            lib_path = os.path.join(tmp, "model.so")
+            with open(lib_path, "wb") as f:
+                f.write(library)
+            try:
+                module = self._ffi.load_module(lib_path)
+            except Exception as e:
+                raise ArtifactError(f"{self.path}: the compiled library failed to load: {e}") from None
+        vm = module["vm_load_executable"]()
+        device_type = _DEVICE_TYPES[self.device]
+        if device_type == 1:
+            vm["vm_initialization"](device_type, 0, _POOLED_ALLOCATOR)
+        else:  # GPU kernels plus a CPU host device for shape computations
+            vm["vm_initialization"](device_type, 0, _POOLED_ALLOCATOR, 1, 0, _POOLED_ALLOCATOR)
+        return vm
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        host = self._ffi.from_dlpack(_aligned(array))
+        if self.device == "cpu":
+            return host
+        return _copy_to_device(self._ffi, host, self._dev)
+
+    def _check_inputs(self, feeds: dict[str, Any]) -> list[np.ndarray]:
+        expected = {spec.name: spec for spec in self.manifest.inputs}
+        listing = "; ".join(spec.describe() for spec in self.manifest.inputs)
+        unknown = [name for name in feeds if name not in expected]
+        missing = [name for name in expected if name not in feeds]
+        if unknown or missing:
+            problem = f"unknown input '{unknown[0]}'" if unknown else f"missing input '{missing[0]}'"
+            raise InvalidInput(f"{problem}; the model expects {listing}")
+        arrays = []
+        for spec in self.manifest.inputs:
+            value = feeds[spec.name]
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+            if str(array.dtype) != spec.dtype:
+                raise InvalidInput(f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}; "
+                                   f"the model expects {listing}")
+            if tuple(array.shape) != tuple(spec.shape):
+                raise InvalidInput(f"input '{spec.name}' has shape {list(array.shape)}, expected "
+                                   f"{list(spec.shape)}; the model expects {listing}")
+            arrays.append(_aligned(array))
+        return arrays
+
+    def run(self, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model on `feeds` (input name -> array); returns output name -> array."""
+        arrays = self._check_inputs(feeds)
+        with self._lock:
+            args = [self._to_device(a) for a in arrays]
+            result = self._main(*args, *self._weights)
+            tensors = list(result) if isinstance(result, self._ffi.Array) else [result]
+            values = [self._to_host(t) for t in tensors]
+        outputs = {spec.name: v for spec, v in zip(self.manifest.outputs, values)}
+        if output_names is not None:
+            unknown = [n for n in output_names if n not in outputs]
+            if unknown:
+                raise InvalidInput(f"unknown output '{unknown[0]}'; the model's outputs are {', '.join(outputs)}")
+            outputs = {n: outputs[n] for n in output_names}
+        return outputs
+
+    def _to_host(self, tensor: Any) -> np.ndarray:
+        if self.device == "cpu":
+            return np.from_dlpack(tensor).copy()
+        return _copy_to_host(self._ffi, tensor)
+
+
+def _copy_to_device(ffi: Any, host: Any, device: Any) -> Any:
+    empty = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+    copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+    out = empty(host.shape, host.dtype, device, None)
+    copy(host, out, None)
+    return out
+
+
+def _copy_to_host(ffi: Any, tensor: Any) -> np.ndarray:
+    out = _aligned_empty(tuple(tensor.shape), np.dtype(str(tensor.dtype)))
+    ffi.get_global_func("runtime.TVMTensorCopyFromTo")(tensor, ffi.from_dlpack(out), None)
+    return out
+
+
+def load(path: str | Path, threads: int | None = None) -> Session:
+    """Load a .fml artifact for inference (no compiler needed)."""
+    return Session(path, threads=threads)

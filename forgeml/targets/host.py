@@ -1,0 +1,60 @@
+"""Detect the local CPU: architecture, model name, vector features, LLVM cpu name."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HostCPU:
+    arch: str  # "x86_64", "aarch64", ...
+    model: str
+    features: frozenset[str]
+    cores: int
+
+    @property
+    def llvm_mcpu(self) -> str:
+        """A conservative LLVM cpu name that enables the vector units the host really has."""
+        if self.arch != "x86_64":
+            return "generic"
+        if {"avx512f", "avx512bw", "avx512vl"} <= self.features:
+            # Measured (TVM_NOTES): 8-lane tiles are fine on AVX-512 machines, 16-lane ones were not.
+            return "skylake-avx512"
+        if {"avx2", "fma"} <= self.features:
+            return "haswell"
+        return "x86-64"
+
+    @property
+    def vector_bits(self) -> int:
+        if "avx512f" in self.features:
+            return 512
+        if "avx2" in self.features or "avx" in self.features:
+            return 256
+        return 128
+
+
+def _read_cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("unknown", "", platform.machine()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, frozenset(flags)
+
+
+@functools.cache
+def detect_host() -> HostCPU:
+    """Describe this machine's CPU (read once per process)."""
+    model, flags = _read_cpuinfo()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return HostCPU(arch=platform.machine(), model=model, features=flags, cores=cores)

@@ -1,0 +1,143 @@
+"""Target presets by name. Adding a target is adding one entry to PRESETS.
+
+A TargetSpec is plain data: the TVM target dictionary, the cross compiler that links the
+artifact, and the architecture the runtime must run on. `mcpu: "host"` means "the CPU this
+compile runs on" and is resolved at compile time.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from forgeml.errors import InvalidInput
+from forgeml.targets.host import detect_host
+
+_AARCH64_GCC = "aarch64-linux-gnu-g++"
+_RISCV64_GCC = "riscv64-linux-gnu-g++"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    target: dict[str, Any]  # TVM target dict; "mcpu": "host" is filled in from the detected CPU
+    arch: str  # machine the artifact's library runs on: x86_64, aarch64, riscv64
+    device: str = "cpu"  # "cpu" or "cuda": where the model's kernels run
+    cross_compiler: str | None = None  # g++ driver that links the library (None: host compiler)
+    needs: tuple[str, ...] = field(default_factory=tuple)  # Debian packages the preset needs here
+
+    def tvm_target(self) -> dict[str, Any]:
+        """The TVM target dict with host-dependent fields resolved."""
+        target = json.loads(json.dumps(self.target))
+        host = detect_host()
+        for d in (target, target.get("host", {})):
+            if d.get("mcpu") == "host":
+                d["mcpu"] = host.llvm_mcpu
+            if d.get("kind") == "llvm" and "num-cores" not in d and self.arch == host.arch:
+                d["num-cores"] = host.cores
+        return target
+
+    def missing_tools(self) -> list[str]:
+        """Debian packages this preset needs that are not installed here."""
+        if self.cross_compiler and platform.machine() != self.arch and not shutil.which(self.cross_compiler):
+            return list(self.needs)
+        return []
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "target": self.tvm_target(), "arch": self.arch, "device": self.device}
+
+
+def _cuda_arch() -> str:
+    """Detected GPU architecture (sm_XY) via nvidia-smi, else sm_80."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.split()
+        if out:
+            return "sm_" + out[0].replace(".", "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "sm_80"
+
+
+_X86_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}
+
+PRESETS: dict[str, TargetSpec] = {
+    spec.name: spec
+    for spec in [
+        TargetSpec("x86-64", "this x86-64 CPU, vector features detected", dict(_X86_HOST), "x86_64"),
+        TargetSpec(
+            "x86-64-avx2", "any x86-64 CPU with AVX2 + FMA (Haswell, Zen)",
+            {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}, "x86_64",
+        ),
+        TargetSpec(
+            "x86-64-avx512", "x86-64 with AVX-512 (Skylake-SP, Ice Lake, Zen 4)",
+            {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}, "x86_64",
+        ),
+        TargetSpec(
+            "aarch64", "generic 64-bit Arm with NEON",
+            {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic", "mattr": ["+neon"]},
+            "aarch64", cross_compiler=_AARCH64_GCC, needs=("g++-aarch64-linux-gnu",),
+        ),
+        TargetSpec(
+            "rpi4", "Raspberry Pi 4 (Cortex-A72)",
+            {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
+             "num-cores": 4},
+            "aarch64", cross_compiler=_AARCH64_GCC, needs=("g++-aarch64-linux-gnu",),
+        ),
+        TargetSpec(
+            "rpi5", "Raspberry Pi 5 (Cortex-A76)",
+            {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon"],
+             "num-cores": 4},
+            "aarch64", cross_compiler=_AARCH64_GCC, needs=("g++-aarch64-linux-gnu",),
+        ),
+        TargetSpec(
+            "riscv64", "64-bit RISC-V, rv64gc",
+            {"kind": "llvm", "mtriple": "riscv64-linux-gnu", "mcpu": "generic-rv64", "mabi": "lp64d",
+             "mattr": ["+64bit", "+m", "+a", "+f", "+d", "+c"]},
+            "riscv64", cross_compiler=_RISCV64_GCC, needs=("g++-riscv64-linux-gnu",),
+        ),
+        TargetSpec(
+            "cuda", "NVIDIA GPU (architecture detected, else sm_80)",
+            {"kind": "cuda", "arch": "detect", "host": dict(_X86_HOST)}, "x86_64", device="cuda",
+        ),
+        TargetSpec(
+            "jetson-orin", "NVIDIA Jetson Orin (sm_87, Cortex-A78AE host)",
+            {"kind": "cuda", "arch": "sm_87",
+             "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon"]}},
+            "aarch64", device="cuda", cross_compiler=_AARCH64_GCC, needs=("g++-aarch64-linux-gnu",),
+        ),
+    ]
+}
+
+
+def resolve_target(name_or_json: str) -> TargetSpec:
+    """A preset by name, or a TVM target dictionary given as JSON (for power users)."""
+    text = name_or_json.strip()
+    if text.startswith("{"):
+        try:
+            target = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"target JSON is not valid JSON: {e}") from None
+        if not isinstance(target, dict) or "kind" not in target:
+            raise InvalidInput('target JSON must be an object with a "kind", e.g. {"kind": "llvm"}')
+        host = target.get("host", target)
+        triple = host.get("mtriple", "")
+        arch = triple.split("-")[0] if triple else platform.machine()
+        return TargetSpec("custom", "user-given TVM target", target, arch,
+                          device="cuda" if target["kind"] == "cuda" else "cpu",
+                          cross_compiler=_AARCH64_GCC if arch == "aarch64" and platform.machine() != arch
+                          else _RISCV64_GCC if arch == "riscv64" else None)
+    spec = PRESETS.get(text)
+    if spec is None:
+        raise InvalidInput(f"unknown target '{text}'; known: {', '.join(PRESETS)}")
+    if spec.target.get("arch") == "detect":
+        spec = replace(spec, target={**spec.target, "arch": _cuda_arch()})
+    return spec
