@@ -1,0 +1,110 @@
+"""The CLI as a new user meets it: real subprocesses, one-line errors, exit codes, no partial files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import mlp_model, ort_run, save, unsupported_model
+
+FORGEML = [sys.executable, "-m", "forgeml.cli"]
+
+
+def forgeml(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*FORGEML, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_compile_run_inspect(tmp_path):
+    onnx_path = save(mlp_model(), tmp_path / "m.onnx")
+    proc = forgeml("compile", onnx_path, "-t", "x86-64", "-o", tmp_path / "m.fml")
+    assert proc.returncode == 0, proc.stderr
+    assert "verified against ONNX Runtime" in proc.stderr
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    proc = forgeml("run", tmp_path / "m.fml", "--input", f"x={tmp_path / 'x.npy'}", "-o", tmp_path / "out.npz")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["y"], ort_run(onnx_path, {"x": x})["y"], rtol=1e-4,
+                               atol=1e-4)
+    proc = forgeml("inspect", tmp_path / "m.fml")
+    assert proc.returncode == 0 and "verification passed" in proc.stdout and "x: float32[4, 16]" in proc.stdout
+    manifest = json.loads(forgeml("inspect", "--json", tmp_path / "m.fml").stdout)
+    assert manifest["verification"]["passed"] is True
+
+
+def test_bench_reports_both_engines(compiled_mlp, tmp_path):
+    _, artifact = compiled_mlp
+    proc = forgeml("bench", artifact, "--baseline", "onnxruntime", "--threads", "2", "--repeat", "20",
+                   "--warmup", "2", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    engines = {c["engine"]: c for c in report["cases"]}
+    assert set(engines) == {"forgeml", "onnxruntime"}
+    for case in engines.values():
+        assert len(case["samples_ms"]) == 20 and case["stats"]["p50_ms"] > 0 and case["peak_rss_mb"] > 0
+        assert {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "throughput_per_s"} <= set(case["stats"])
+    assert report["settings"]["threads"] == 2 and report["machine"]["cores"] >= 1
+    assert "p50 vs ref" in proc.stdout
+
+
+def test_targets_and_zoo_list():
+    proc = forgeml("targets")
+    assert proc.returncode == 0 and "x86-64" in proc.stdout and "host:" in proc.stdout
+    proc = forgeml("zoo", "list")
+    assert proc.returncode == 0
+    for name in ("mlp", "resnet18", "mobilenet_v2", "bert_tiny"):
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "truncated", "directory"])
+def test_bad_model_files(tmp_path, case):
+    good = mlp_model().SerializeToString()
+    path = tmp_path / "model.onnx"
+    if case == "not_onnx":
+        path.write_text("this is a text file, not a model\n" * 20)
+    elif case == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif case == "directory":
+        path.mkdir()
+    out = tmp_path / "out.fml"
+    proc = forgeml("compile", path, "-o", out)
+    assert_one_line_error(proc, 2, "model")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case == "missing" else ["model.onnx"])
+
+
+def test_unsupported_operator_exit_2(tmp_path):
+    path = save(unsupported_model(), tmp_path / "bad.onnx")
+    proc = forgeml("compile", path, "-o", tmp_path / "bad.fml")
+    assert_one_line_error(proc, 2, "unsupported operators", "DFT x2 (dft1, dft2)", "StringNormalizer x1 (norm_a)")
+    assert not (tmp_path / "bad.fml").exists()
+
+
+def test_unknown_target(tmp_path):
+    path = save(mlp_model(), tmp_path / "m.onnx")
+    assert_one_line_error(forgeml("compile", path, "-t", "pdp11"), 2, "unknown target 'pdp11'", "x86-64")
+
+
+def test_wrong_input_at_run_time(compiled_mlp, tmp_path):
+    _, artifact = compiled_mlp
+    np.save(tmp_path / "x.npy", np.zeros((2, 16), "float32"))
+    out = tmp_path / "out.npz"
+    proc = forgeml("run", artifact, "--input", f"x={tmp_path / 'x.npy'}", "-o", out)
+    assert_one_line_error(proc, 2, "input 'x' has shape [2, 16], expected [4, 16]", "x: float32[4, 16]")
+    assert not out.exists()
+    proc = forgeml("run", artifact, "--input", f"x={tmp_path / 'nope.npy'}")
+    assert_one_line_error(proc, 2, "nope.npy")
+    proc = forgeml("run", tmp_path / "missing.fml")
+    assert_one_line_error(proc, 2, "artifact not found")

@@ -1,0 +1,99 @@
+"""forgeml.compile_model: checks first, weights as parameters, verification recorded, atomic output."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import onnx
+import pytest
+from conftest import cnn_model, mlp_model, ort_run, save, unsupported_model
+
+import forgeml
+from forgeml.compiler.build import CompileOptions, compile_model
+from forgeml.errors import InvalidInput, UnsupportedOperator, VerificationFailed
+from forgeml.runtime.artifact import open_artifact
+
+
+def test_mlp_matches_onnxruntime(compiled_mlp):
+    onnx_path, artifact = compiled_mlp
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype("float32")
+    got = forgeml.load(artifact).run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(onnx_path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_cnn_with_batchnorm_matches_onnxruntime(compiled_cnn):
+    onnx_path, artifact = compiled_cnn
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype("float32")
+    got = forgeml.load(artifact).run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(onnx_path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_manifest_records_verification_and_checksums(compiled_cnn):
+    onnx_path, artifact = compiled_cnn
+    m = open_artifact(artifact).manifest
+    assert m.verification["passed"] is True and m.verification["skipped"] is None
+    assert 0 <= m.verification["max_rel_error"] <= m.verification["tolerance"]
+    assert set(m.members) == {"model.so", "weights.bin"}
+    assert m.inputs[0].shape == (1, 3, 32, 32) and m.outputs[0].shape == (1, 10)
+    assert m.versions["tvm"].startswith("0.27") and m.target["arch"] == "x86_64"
+
+
+def test_weights_ship_as_parameters_not_code(tmp_path):
+    big = mlp_model(features=256, hidden=512, out=256)
+    path = save(big, tmp_path / "big.onnx")
+    forgeml.compile_model(path, tmp_path / "big.fml")
+    with tarfile.open(tmp_path / "big.fml") as tar:
+        sizes = {m.name: m.size for m in tar.getmembers()}
+    weight_bytes = (256 * 512 + 512 + 512 * 256) * 4
+    assert sizes["weights.bin"] >= weight_bytes
+    assert sizes["model.so"] < weight_bytes / 4, "weights were baked into the library"
+
+
+def test_symbolic_dimension_needs_input_shape(tmp_path):
+    path = save(mlp_model(batch="N"), tmp_path / "dyn.onnx")
+    with pytest.raises(InvalidInput, match=r"input 'x'.*symbolic dimension 'N'.*--input-shape x="):
+        compile_model(path, tmp_path / "dyn.fml")
+    assert not (tmp_path / "dyn.fml").exists()
+    compile_model(path, tmp_path / "dyn.fml", CompileOptions(input_shapes={"x": (3, 16)}))
+    assert forgeml.load(tmp_path / "dyn.fml").inputs[0].shape == (3, 16)
+
+
+def test_unsupported_operators_are_reported_together(tmp_path):
+    path = save(unsupported_model(), tmp_path / "bad.onnx")
+    with pytest.raises(UnsupportedOperator) as info:
+        compile_model(path, tmp_path / "bad.fml")
+    assert info.value.unsupported == {"DFT": ["dft1", "dft2"], "StringNormalizer": ["norm_a"]}
+    assert "DFT x2 (dft1, dft2)" in str(info.value) and "StringNormalizer x1" in str(info.value)
+    assert not (tmp_path / "bad.fml").exists()
+
+
+def test_verification_failure_writes_nothing(tmp_path):
+    path = save(cnn_model(), tmp_path / "cnn.onnx")
+    out = tmp_path / "cnn.fml"
+    with pytest.raises(VerificationFailed, match="tolerance"):
+        compile_model(path, out, CompileOptions(tolerance=0.0))
+    assert list(tmp_path.iterdir()) == [path], "no artifact and no temp files may be left"
+
+
+def test_failed_compile_keeps_existing_artifact(compiled_mlp, tmp_path):
+    _, artifact = compiled_mlp
+    out = tmp_path / "keep.fml"
+    out.write_bytes(artifact.read_bytes())
+    before = out.read_bytes()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(onnx.load(str(compiled_mlp[0])).SerializeToString()[:100])
+    with pytest.raises(InvalidInput):
+        compile_model(bad, out)
+    assert out.read_bytes() == before
+
+
+def test_relax_module_serializes(tmp_path):
+    """apache-tvm-ffi 0.1.15.post2 segfaults here (and in every MetaSchedule database write)."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(cnn_model(), keep_params_in_input=True)
+    text = tvm.ir.save_json(mod)
+    assert len(text) > 1000
+    assert "main" in [gv.name_hint for gv in tvm.ir.load_json(text).get_global_vars()]

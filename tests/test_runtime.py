@@ -1,0 +1,137 @@
+"""forgeml.runtime: loads without the compiler, validates inputs, refuses bad artifacts, thread-safe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ort_run
+
+import forgeml
+from forgeml.errors import ArtifactError, InvalidInput
+from forgeml.runtime.artifact import MANIFEST, open_artifact, write_artifact
+
+
+def _rewrite(src: Path, dst: Path, edit_manifest=None, edit_member=None) -> Path:
+    with tarfile.open(src) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    manifest = json.loads(members.pop(MANIFEST))
+    if edit_manifest:
+        edit_manifest(manifest)
+    if edit_member:
+        name, fn = edit_member
+        members[name] = fn(members[name])
+    with tarfile.open(dst, "w") as tar:
+        import io
+
+        for name, data in [(MANIFEST, json.dumps(manifest).encode()), *members.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return dst
+
+
+def test_run_matches_onnxruntime(compiled_cnn):
+    onnx_path, artifact = compiled_cnn
+    session = forgeml.load(artifact)
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype("float32")
+    np.testing.assert_allclose(session.run({"x": x})["y"], ort_run(onnx_path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_inputs_list_what_the_model_expects(compiled_mlp):
+    session = forgeml.load(compiled_mlp[1])
+    x = np.zeros((4, 16), "float32")
+    with pytest.raises(InvalidInput, match=r"unknown input 'inp'; the model expects x: float32\[4, 16\]"):
+        session.run({"inp": x})
+    with pytest.raises(InvalidInput, match=r"input 'x' has shape \[4, 15\], expected \[4, 16\]"):
+        session.run({"x": np.zeros((4, 15), "float32")})
+    with pytest.raises(InvalidInput, match="input 'x' has dtype float64, expected float32"):
+        session.run({"x": x.astype("float64")})  # refused, as ONNX Runtime refuses it
+    with pytest.raises(InvalidInput, match="missing input 'x'"):
+        session.run({})
+
+
+def test_non_contiguous_input_is_copied(compiled_mlp):
+    session = forgeml.load(compiled_mlp[1])
+    base = np.random.default_rng(4).standard_normal((16, 4)).astype("float32")
+    strided = base.T  # a view, not C-contiguous
+    assert not strided.flags.c_contiguous
+    np.testing.assert_array_equal(session.run({"x": strided})["y"], session.run({"x": strided.copy()})["y"])
+
+
+def test_tampered_member_is_refused_before_loading(compiled_mlp, tmp_path):
+    bad = _rewrite(compiled_mlp[1], tmp_path / "bad.fml",
+                   edit_member=("model.so", lambda b: b[:-1] + bytes([b[-1] ^ 1])))
+    with pytest.raises(ArtifactError, match="checksum mismatch in 'model.so'"):
+        forgeml.load(bad)
+
+
+def test_newer_format_and_other_arch_are_refused(compiled_mlp, tmp_path):
+    newer = _rewrite(compiled_mlp[1], tmp_path / "newer.fml", edit_manifest=lambda m: m.update(format_version=99))
+    with pytest.raises(ArtifactError, match="format 99, newer than this runtime understands"):
+        forgeml.load(newer)
+    other = _rewrite(compiled_mlp[1], tmp_path / "arm.fml",
+                     edit_manifest=lambda m: m["target"].update(arch="aarch64", name="rpi4"))
+    with pytest.raises(ArtifactError, match="compiled for aarch64"):
+        forgeml.load(other)
+
+
+def test_not_an_artifact(tmp_path):
+    junk = tmp_path / "junk.fml"
+    junk.write_bytes(b"not a tar file at all" * 10)
+    with pytest.raises(ArtifactError, match="not a readable forgeml artifact"):
+        forgeml.load(junk)
+    with pytest.raises(ArtifactError, match="artifact not found"):
+        forgeml.load(tmp_path / "missing.fml")
+
+
+def test_write_is_atomic(tmp_path, compiled_mlp):
+    manifest = open_artifact(compiled_mlp[1]).manifest
+
+    class Boom(bytes):
+        def __len__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_artifact(tmp_path / "a.fml", manifest, {"model.so": Boom(b"x")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_many_threads_give_serial_outputs(compiled_cnn):
+    session = forgeml.load(compiled_cnn[1])
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal((1, 3, 32, 32)).astype("float32") for _ in range(8)]
+    expected = [session.run({"x": x})["y"] for x in inputs]
+    errors = []
+
+    def worker(i: int) -> None:
+        for _ in range(200):
+            if not np.array_equal(session.run({"x": inputs[i]})["y"], expected[i]):
+                errors.append(i)
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_runtime_loads_without_compiler_onnx_or_torch(compiled_mlp):
+    code = f"""
+import sys, numpy as np, forgeml
+s = forgeml.load({str(compiled_mlp[1])!r})
+s.run({{"x": np.zeros((4, 16), "float32")}})
+mods = sorted(m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime", "torch", "tvm"))
+maps = open("/proc/self/maps").read()
+print(mods, "libtvm_compiler" in maps, "libtvm_runtime" in maps, "libtorch" in maps)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] False True False"
