@@ -266,6 +266,18 @@ def export_cmd(source: str, input_shapes: tuple[str, ...], output: Path, opset: 
     console.print(f"[green]wrote[/] {output} ({output.stat().st_size / 1e6:.2f} MB)")
 
 
+@cli.command("bundle")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Deploy folder to create.")
+def bundle_cmd(artifact: Path, output: Path) -> None:
+    """Make a self-contained deploy folder for ARTIFACT (needs only python3 + numpy on the device)."""
+    from forgeml.bundle import bundle
+
+    sizes = bundle(artifact, output)
+    console.print(f"[green]wrote[/] {output}: {sizes['total_mb']:.1f} MB (runtime {sizes['runtime_mb']:.1f} MB, "
+                  f"artifact {sizes['artifact_mb']:.1f} MB); on the device: cd {output.name} && python3 run.py")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors with exit codes (2 bad input, 3 verification failed, 1 internal)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -135,3 +135,20 @@ print(mods, "libtvm_compiler" in maps, "libtvm_runtime" in maps, "libtorch" in m
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] False True False"
+
+
+def test_ten_thousand_runs_do_not_grow_memory(compiled_cnn):
+    code = f"""
+import resource, numpy as np, forgeml
+s = forgeml.load({str(compiled_cnn[1])!r}, threads=2)
+x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")
+for _ in range(100):
+    s.run({{"x": x}})
+after_100 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(10_000):
+    s.run({{"x": x}})
+print(after_100, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    after_100, after_10k = int(out[0]), int(out[1])
+    assert after_10k <= after_100 * 1.05, (after_100, after_10k)

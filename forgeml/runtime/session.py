@@ -151,13 +151,13 @@ def _copy_to_device(ffi: Any, host: Any, device: Any) -> Any:
     empty = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
     copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
     out = empty(host.shape, host.dtype, device, None)
-    copy(host, out, None)
+    copy(host, out)
     return out
 
 
 def _copy_to_host(ffi: Any, tensor: Any) -> np.ndarray:
     out = _aligned_empty(tuple(tensor.shape), np.dtype(str(tensor.dtype)))
-    ffi.get_global_func("runtime.TVMTensorCopyFromTo")(tensor, ffi.from_dlpack(out), None)
+    ffi.get_global_func("runtime.TVMTensorCopyFromTo")(tensor, ffi.from_dlpack(out))
     return out
 
 
