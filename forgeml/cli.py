@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        console.print(f"[red]internal error:[/] {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
+        console.print(f"[red]internal error:[/] {type(e).__name__}: {first_line} (--debug shows the traceback)",
                       highlight=False, soft_wrap=True)
         return 1
 

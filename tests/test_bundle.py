@@ -21,7 +21,8 @@ def numpy_only_python(tmp_path_factory) -> Path:
     """A fresh virtual environment whose only package is numpy (copied, so no network is needed)."""
     venv = tmp_path_factory.mktemp("venv") / "numpy-only"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    query = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", query],
                                capture_output=True, text=True, check=True).stdout.strip())
     here = Path(sysconfig.get_paths()["purelib"])
     import shutil
