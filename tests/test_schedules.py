@@ -1,0 +1,299 @@
+"""Correctness of forgeml's CPU schedule rules: small ONNX models vs ONNX Runtime.
+
+Each model is built with onnx.helper and random weights, compiled through the O2 pipeline (graph passes,
+`apply_cpu_schedules`, weight prepack folding, weights lifted to parameters) and compared with ONNX
+Runtime. Where it matters, the test also checks which rule scheduled the function, so a rule that silently
+stops matching (and leaves the work to the slow generic fallback) fails here.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+tvm = pytest.importorskip("tvm")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from forgeml.compiler import pipeline, schedules  # noqa: E402
+from forgeml.targets.host import detect_host  # noqa: E402
+
+RTOL = ATOL = 1e-4
+
+
+def _target() -> tvm.target.Target:
+    host = detect_host()
+    t = {"kind": "llvm", "mcpu": host.llvm_mcpu, "num-cores": max(1, min(host.cores, 2))}
+    if host.arch == "x86_64":
+        t["mtriple"] = "x86_64-linux-gnu"
+    return tvm.target.Target(t)
+
+
+def _model(nodes, inputs, outputs, weights, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "t", inputs, outputs,
+                              [numpy_helper.from_array(np.asarray(w), n) for n, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _f(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+def _import(model):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(model, keep_params_in_input=True)
+    mod, params = relax.frontend.detach_params(mod)
+    if params and "main" in params:
+        values = params["main"]
+        fparams = mod["main"].params
+        binds = dict(zip(fparams[len(fparams) - len(values):], values))
+        mod = relax.transform.BindParams("main", binds)(mod)
+    return mod
+
+
+def _rules_used(model) -> dict[str, str]:
+    """PrimFunc name -> the first rule that accepts it (after the graph passes)."""
+    target = _target()
+    with target:
+        mod = tvm.transform.Sequential(pipeline._graph_passes())(_import(model))
+        mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+        used = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            for rule in schedules.default_rules():
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception:  # noqa: BLE001 - the pass guards rules the same way
+                    sch = None
+                if sch is not None:
+                    used[gv.name_hint] = type(rule).__name__
+                    break
+    return used
+
+
+def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    target = _target()
+    mod = pipeline.get_pipeline("O2")(_import(model), target)
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            assert func.attrs is not None and "tirx.is_scheduled" in func.attrs, gv.name_hint
+    mod, weights = pipeline.lift_weights(mod)
+    ex = tvm.compile(mod, target=target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    args = [tvm.runtime.tensor(v) for v in feeds.values()] + [tvm.runtime.tensor(w) for w in weights]
+    out = vm["main"](*args)
+    outs = [out] if hasattr(out, "numpy") else list(out)
+    return [o.numpy() for o in outs]
+
+
+def _check(model, feeds, rtol=RTOL, atol=ATOL):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)
+    got = _run(model, feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# convolutions
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv_model(n, c, h, w, oc, k, stride=1, pad=0, groups=1, bias=True, relu=True, residual=False,
+                seed=0):
+    rng = _rng(seed)
+    weights = {"W": (rng.standard_normal((oc, c // groups, k, k)) * 0.2).astype("float32")}
+    inputs = ["x", "W"]
+    if bias:
+        weights["B"] = rng.standard_normal(oc).astype("float32")
+        inputs.append("B")
+    nodes = [helper.make_node("Conv", inputs, ["c"], kernel_shape=[k, k], strides=[stride, stride],
+                              pads=[pad] * 4, group=groups)]
+    last = "c"
+    oh = (h + 2 * pad - k) // stride + 1
+    ow = (w + 2 * pad - k) // stride + 1
+    graph_inputs = [_f("x", (n, c, h, w))]
+    if residual:
+        nodes.append(helper.make_node("Add", [last, "r"], ["s"]))
+        graph_inputs.append(_f("r", (n, oc, oh, ow)))
+        last = "s"
+    if relu:
+        nodes.append(helper.make_node("Relu", [last], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [last], ["y"]))
+    model = _model(nodes, graph_inputs, [_f("y", (n, oc, oh, ow))], weights)
+    feeds = {"x": rng.standard_normal((n, c, h, w)).astype("float32")}
+    if residual:
+        feeds["r"] = rng.standard_normal((n, oc, oh, ow)).astype("float32")
+    return model, feeds
+
+
+@pytest.mark.parametrize(
+    "c,h,w,oc,k,stride,pad,residual",
+    [
+        (16, 14, 14, 32, 3, 1, 1, False),  # 3x3 same padding, bias + relu
+        (8, 15, 15, 16, 3, 2, 1, False),  # stride 2, odd input
+        (32, 7, 7, 64, 1, 1, 0, True),  # 1x1 as GEMM, residual add epilogue
+        (16, 9, 10, 24, 1, 2, 0, False),  # 1x1 stride 2
+        (3, 20, 20, 16, 7, 2, 3, False),  # stem-like 7x7/2, 3 input channels
+        (5, 9, 9, 12, 3, 1, 1, False),  # channels that fit no vector: fallback
+    ],
+)
+def test_conv(c, h, w, oc, k, stride, pad, residual):
+    model, feeds = _conv_model(1, c, h, w, oc, k, stride, pad, residual=residual)
+    if oc % 8 == 0:
+        assert set(_rules_used(model).values()) >= {"Conv2DRule"}
+    _check(model, feeds)
+
+
+@pytest.mark.parametrize("c,h,stride", [(32, 14, 1), (16, 15, 2), (24, 7, 1)])
+def test_depthwise_conv(c, h, stride):
+    model, feeds = _conv_model(1, c, h, h, c, 3, stride, 1, groups=c)
+    assert "DepthwiseConvRule" in set(_rules_used(model).values())
+    _check(model, feeds)
+
+
+def test_grouped_conv():
+    model, feeds = _conv_model(1, 32, 10, 10, 32, 3, 1, 1, groups=2)
+    _check(model, feeds)
+
+
+def test_conv_batchnorm_relu6_folds():
+    rng = _rng(3)
+    c, oc = 8, 16
+    weights = {
+        "W": (rng.standard_normal((oc, c, 3, 3)) * 0.2).astype("float32"),
+        "s": rng.uniform(0.5, 1.5, oc).astype("float32"), "b": rng.standard_normal(oc).astype("float32"),
+        "m": rng.standard_normal(oc).astype("float32") * 0.1, "v": rng.uniform(0.5, 1.5, oc).astype("float32"),
+        "lo": np.array(0.0, "float32"), "hi": np.array(6.0, "float32"),
+    }
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"]),
+             helper.make_node("Clip", ["bn", "lo", "hi"], ["y"])]
+    model = _model(nodes, [_f("x", (1, c, 12, 12))], [_f("y", (1, oc, 12, 12))], weights)
+    assert "Conv2DRule" in set(_rules_used(model).values())
+    _check(model, {"x": rng.standard_normal((1, c, 12, 12)).astype("float32")})
+
+
+# --------------------------------------------------------------------------------------------------
+# dense / matmul
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,k,n", [(4, 64, 10), (1, 512, 1000), (3, 257, 48), (128, 128, 128), (5, 33, 7)])
+def test_dense(m, k, n):
+    rng = _rng(1)
+    weights = {"W": (rng.standard_normal((k, n)) / np.sqrt(k)).astype("float32"),
+               "B": rng.standard_normal(n).astype("float32")}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])]
+    model = _model(nodes, [_f("x", (m, k))], [_f("y", (m, n))], weights)
+    if n % 8 == 0:
+        assert "MatmulRule" in set(_rules_used(model).values())
+    _check(model, {"x": rng.standard_normal((m, k)).astype("float32")})
+
+
+def test_gemm_transposed_weight():
+    rng = _rng(2)
+    weights = {"W": (rng.standard_normal((24, 40)) * 0.2).astype("float32"),
+               "B": rng.standard_normal(24).astype("float32")}
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)]
+    model = _model(nodes, [_f("x", (6, 40))], [_f("y", (6, 24))], weights)
+    _check(model, {"x": rng.standard_normal((6, 40)).astype("float32")})
+
+
+def test_batch_matmul_activations():
+    rng = _rng(4)
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+    model = _model(nodes, [_f("a", (2, 4, 33, 16)), _f("b", (2, 4, 16, 24))], [_f("y", (2, 4, 33, 24))], {})
+    assert "MatmulRule" in set(_rules_used(model).values())
+    _check(model, {"a": rng.standard_normal((2, 4, 33, 16)).astype("float32"),
+                   "b": rng.standard_normal((2, 4, 16, 24)).astype("float32")})
+
+
+def test_dense_gelu_epilogue_3d():
+    rng = _rng(5)
+    weights = {"W": (rng.standard_normal((32, 64)) * 0.2).astype("float32"),
+               "B": rng.standard_normal(64).astype("float32"), "half": np.array(0.5, "float32"),
+               "one": np.array(1.0, "float32"), "rs2": np.array(1 / np.sqrt(2), "float32")}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h0"]), helper.make_node("Add", ["h0", "B"], ["h"]),
+             helper.make_node("Mul", ["h", "rs2"], ["t0"]), helper.make_node("Erf", ["t0"], ["t1"]),
+             helper.make_node("Add", ["t1", "one"], ["t2"]), helper.make_node("Mul", ["h", "t2"], ["t3"]),
+             helper.make_node("Mul", ["t3", "half"], ["y"])]
+    model = _model(nodes, [_f("x", (1, 16, 32))], [_f("y", (1, 16, 64))], weights)
+    _check(model, {"x": rng.standard_normal((1, 16, 32)).astype("float32")}, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# everything else: softmax, layernorm, pooling, elementwise
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 16, 128), (3, 10)])
+def test_softmax(shape):
+    rng = _rng(6)
+    model = _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [_f("x", shape)], [_f("y", shape)], {})
+    _check(model, {"x": (rng.standard_normal(shape) * 3).astype("float32")}, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 128), (2, 7, 20)])
+def test_layernorm(shape):
+    rng = _rng(7)
+    h = shape[-1]
+    weights = {"g": rng.uniform(0.5, 1.5, h).astype("float32"), "b": rng.standard_normal(h).astype("float32")}
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    model = _model(nodes, [_f("x", shape)], [_f("y", shape)], weights)
+    _check(model, {"x": rng.standard_normal(shape).astype("float32")})
+
+
+def test_pooling():
+    rng = _rng(8)
+    nodes = [helper.make_node("MaxPool", ["x"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["m"], ["a"], kernel_shape=[2, 2], strides=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["a"], ["y"])]
+    model = _model(nodes, [_f("x", (1, 16, 33, 33))], [_f("y", (1, 16, 1, 1))], {})
+    _check(model, {"x": rng.standard_normal((1, 16, 33, 33)).astype("float32")})
+
+
+def test_maxpool_output():
+    rng = _rng(9)
+    nodes = [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])]
+    model = _model(nodes, [_f("x", (1, 24, 32, 32))], [_f("y", (1, 24, 16, 16))], {})
+    _check(model, {"x": rng.standard_normal((1, 24, 32, 32)).astype("float32")})
+
+
+def test_elementwise_and_transpose():
+    rng = _rng(10)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1, 3]),
+             helper.make_node("Sigmoid", ["t"], ["s"]), helper.make_node("Mul", ["t", "s"], ["y"])]
+    model = _model(nodes, [_f("x", (1, 4, 50, 12))], [_f("y", (1, 50, 4, 12))], {})
+    _check(model, {"x": rng.standard_normal((1, 4, 50, 12)).astype("float32")})
+
+
+def test_target_lanes():
+    assert schedules._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).lanes == 8
+    assert schedules._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).lanes == 8
+    assert schedules._cpu_of(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                                "mcpu": "cortex-a72"})).lanes == 4
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only: checks the generated vector code")
+def test_every_function_scheduled_for_cnn():
+    model, _ = _conv_model(1, 16, 8, 8, 16, 3, 1, 1)
+    mod = pipeline.get_pipeline("O2")(_import(model), _target())
+    names = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert names and all("tirx.is_scheduled" in mod[n].attrs for n in names)
