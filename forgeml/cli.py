@@ -71,26 +71,90 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("-O", "--opt-level", default="O2", show_default=True, type=click.Choice(["O0", "O2"]),
               help="O2: forgeml's CPU schedules; O0: TVM's naive loops (debugging).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with ONNX Runtime.")
-@click.option("--tolerance", type=float, help="Max error relative to the output's scale [default: 1e-3 fp32].")
+@click.option("--tolerance", type=float,
+              help="Max error relative to the output's scale [default: 1e-3 fp32, 2e-2 fp16].")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="fp16: mixed precision on GPU targets (fp16 compute, fp32 accumulation; float32 inputs/outputs).")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
-                no_verify: bool, tolerance: float | None) -> None:
+                no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
+                no_tuning_db: bool, precision: str) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
     options = CompileOptions(target=target, input_shapes=_parse_shapes(input_shapes), opt_level=opt_level,
-                             verify=not no_verify, tolerance=tolerance)
+                             verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
+                             tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision)
     output = output or model.with_suffix(".fml")
-    with console.status("compiling") as status:
-        manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg))
+    with TuningProgress() as tuning_bar, console.status("compiling") as status:
+        manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),
+                                 tune_progress=tuning_bar.update)
     v = manifest.verification
     size = output.stat().st_size / 1e6
     secs = sum(manifest.compile_options.get("seconds", {}).values())
     console.print(f"[green]wrote[/] {output} ({size:.2f} MB, {manifest.target['name']}, {secs:.1f} s)")
+    if manifest.tuning:
+        _print_tuning(manifest.tuning)
     if v.get("skipped"):
         console.print(f"[yellow]not verified:[/] {v['skipped']}")
     else:
         console.print(f"[green]verified[/] against ONNX Runtime: max abs error {v['max_abs_error']:.3g}, "
                       f"max rel error {v['max_rel_error']:.3g} (tolerance {v['tolerance']:g})")
+
+
+class TuningProgress:
+    """A progress bar for tuning: trials done, best kernel latency so far, time left."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.bar = Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[detail]}"), console=console, transient=True)
+        self.task = None
+
+    def __enter__(self) -> TuningProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+    def update(self, info: dict) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("tuning", total=info["total"], detail="")
+        left = info.get("seconds_left")
+        detail = f"best kernel {info['best_ms'] * 1e3:.1f} us" + (f", {left / 60:.1f} min left" if left else "")
+        self.bar.update(self.task, completed=min(info["trials"], info["total"]), detail=detail)
+
+
+def _print_tuning(t: dict) -> None:
+    console.print(f"tuning: {t['tasks']} kernels, {t['tasks_from_cache']} already in the database, "
+                  f"{t['trials']} trials this run in {t['seconds']:.0f} s; tuned schedule used for "
+                  f"{t['tuned_kernels_used']}, rules kept for {t['rule_kernels_kept']} (faster)"
+                  + (" [interrupted: progress kept]" if t.get("interrupted") else ""))
+    console.print(f"  database: {t['database']}")
+
+
+@cli.command("tune")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", default="x86-64", show_default=True, help="Target preset (CPU).")
+@click.option("--minutes", type=float, help="Time budget.")
+@click.option("--trials", type=int, help="Trial budget (with or without --minutes).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...")
+def tune_cmd(model: Path, target: str, minutes: float | None, trials: int | None,
+             input_shapes: tuple[str, ...]) -> None:
+    """Tune MODEL's kernels into the target's persistent database ($FORGEML_CACHE, default
+    ~/.cache/forgeml). Kernels already tuned (by any model) are skipped; Ctrl-C keeps progress.
+    Later `forgeml compile` runs for this target use the records automatically."""
+    from forgeml.compiler.build import tune_model
+
+    with TuningProgress() as bar:
+        summary = tune_model(model, target, minutes=minutes, trials=trials,
+                             input_shapes=_parse_shapes(input_shapes), progress=bar.update)
+    console.print(f"tuning: {summary.tasks} kernels, {summary.tasks_from_cache} already tuned, "
+                  f"{summary.trials} trials in {summary.seconds:.0f} s"
+                  + (" [interrupted: progress kept]" if summary.interrupted else ""))
+    console.print(f"database: {summary.database}")
 
 
 @cli.command("run")
@@ -133,9 +197,20 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
 @click.option("--repeat", default=100, show_default=True, type=int, help="Timed runs per engine.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-RSS subprocess measurement.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report (raw samples).")
+@click.option("--emulate", is_flag=True, help="Also run artifacts for other architectures here, under qemu.")
+@click.option("--rpc", metavar="HOST:PORT", help="Also run them on this TVM RPC device (`forgeml device serve`).")
+@click.option("--tracker", metavar="HOST:PORT", help="Also run them on a device from this TVM RPC tracker.")
+@click.option("--device-key", metavar="KEY", help="With --tracker: the device's key.")
+@click.option("--offsite-seconds", default=60.0, show_default=True, type=float,
+              help="Emulated/RPC cases: cut --repeat to about this long.")
 def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None, threads: int, warmup: int,
-              repeat: int, no_memory: bool, json_path: Path | None) -> None:
-    """Benchmark ARTIFACTS side by side with ONNX Runtime (alternating, same inputs and threads)."""
+              repeat: int, no_memory: bool, json_path: Path | None, emulate: bool, rpc: str | None,
+              tracker: str | None, device_key: str | None, offsite_seconds: float) -> None:
+    """Benchmark ARTIFACTS side by side with ONNX Runtime (alternating, same inputs and threads).
+
+    Artifacts for another architecture run emulated (--emulate) or on a device (--rpc, --tracker);
+    ONNX Runtime on this machine stays the reference.
+    """
     from rich.progress import Progress
 
     from forgeml.bench.report import print_table
@@ -145,7 +220,9 @@ def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None
         task = bar.add_task("benchmarking", total=None)
         report = run_benchmark(list(artifacts), baseline=baseline, threads=threads, warmup=warmup,
                                repeat=repeat, onnx_path=onnx_path, memory=not no_memory,
-                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+                               progress=lambda done, total: bar.update(task, completed=done, total=total),
+                               emulate=emulate, rpc=rpc, tracker=tracker, device_key=device_key,
+                               offsite_budget_s=offsite_seconds)
     print_table(report, out)
     if json_path:
         report.save(json_path)
@@ -198,13 +275,71 @@ def targets_cmd() -> None:
 
     host = detect_host()
     table = Table(title=f"host: {host.model} ({host.arch}, {host.cores} cores, mcpu {host.llvm_mcpu})")
-    for col in ("name", "description", "arch", "device", "TVM target", "needs"):
+    from forgeml.targets.emulate import runs_here
+
+    for col in ("name", "description", "arch", "device", "TVM target", "needs", "runs from here"):
         table.add_column(col)
     for spec in PRESETS.values():
         missing = spec.missing_tools()
         needs = ("missing: apt-get install " + " ".join(missing)) if missing else (" ".join(spec.needs) or "-")
-        table.add_row(spec.name, spec.description, spec.arch, spec.device, json.dumps(spec.tvm_target()), needs)
+        table.add_row(spec.name, spec.description, spec.arch, spec.device, json.dumps(spec.tvm_target()), needs,
+                      runs_here(spec))
     out.print(table)
+
+
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--emulate", is_flag=True, help="Run an artifact for another architecture under qemu (aarch64).")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path),
+              help="The source ONNX model [default: the one recorded at compile time].")
+@click.option("--tolerance", type=float, help="Max error relative to the output's scale [default: the artifact's].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
+def verify_cmd(artifact: Path, emulate: bool, onnx_path: Path | None, tolerance: float | None, seed: int) -> None:
+    """Run ARTIFACT (natively, or emulated) and ONNX Runtime on the same seeded inputs; exit 3 if they differ."""
+    from forgeml.errors import VerificationFailed
+    from forgeml.targets.emulate import verify_artifact
+
+    with console.status("verifying") as status:
+        result = verify_artifact(artifact, onnx_path, emulate=emulate, tolerance=tolerance, seed=seed,
+                                 progress=lambda msg: status.update(msg))
+    summary = (f"max abs error {result.max_abs_error:.3g}, max rel error {result.max_rel_error:.3g} "
+               f"(tolerance {result.tolerance:g})")
+    if not result.passed:
+        raise VerificationFailed(f"{artifact}: outputs differ from ONNX Runtime: {summary}")
+    out.print(f"verified {artifact} against ONNX Runtime{' (emulated)' if emulate else ''}: {summary}",
+              highlight=False)
+
+
+@cli.group("device")
+def device_group() -> None:
+    """Serve this machine (or an emulated one) as a TVM RPC device for `forgeml bench --rpc`."""
+
+
+@device_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=9090, show_default=True, type=int)
+@click.option("--port-end", type=int, help="Take the first free port in [--port, --port-end).")
+@click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
+@click.option("--key", default="", help="Device key for the tracker (what `bench --device-key` asks for).")
+@click.option("--emulate", "emulate_arch", metavar="ARCH", help="Serve an emulated device instead (aarch64).")
+def device_serve(host: str, port: int, port_end: int | None, tracker: str | None, key: str,
+                 emulate_arch: str | None) -> None:
+    """Run TVM's RPC server (runtime library only) until interrupted. Trusted networks only: clients
+    upload and run native code."""
+    if emulate_arch:
+        import signal
+
+        from forgeml.targets.rpc import EmulatedServer
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `with` ends the emulated server too
+        with EmulatedServer(emulate_arch, host, port, port_end, tracker, key, output=sys.stdout,
+                            progress=lambda msg: console.print(msg)) as server:
+            out.print(server.log[-1], highlight=False)
+            server.wait()
+        return
+    from forgeml.targets.rpc import serve
+
+    serve(host, port, port_end, tracker, key, announce=lambda msg: out.print(msg, highlight=False))
 
 
 @cli.group("zoo")

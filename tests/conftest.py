@@ -10,6 +10,21 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's tuning database and caches."""
+    import os
+
+    path = tmp_path_factory.mktemp("forgeml-cache")
+    old = os.environ.get("FORGEML_CACHE")
+    os.environ["FORGEML_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FORGEML_CACHE", None)
+    else:
+        os.environ["FORGEML_CACHE"] = old
+
+
 def _model(nodes, inputs, outputs, weights, opset: int = 17) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "test", inputs, outputs,
                               [numpy_helper.from_array(w, name) for name, w in weights.items()])

@@ -27,6 +27,10 @@ class CompileOptions:
     verify: bool = True
     tolerance: float | None = None  # None: the default for the precision
     seed: int = 0
+    tune_minutes: float | None = None  # MetaSchedule budget; None and no tune_trials: rules only
+    tune_trials: int | None = None
+    use_tuning_db: bool = True  # apply records already in the target's tuning database
+    precision: str = "fp32"  # "fp16": mixed precision (fp16 compute, fp32 accumulation), cuda targets only
 
 
 def _versions() -> dict[str, str]:
@@ -68,9 +72,11 @@ def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
     return specs
 
 
-def _export_library(executable, spec: TargetSpec, out: Path) -> None:
+def _export_library(executable, spec: TargetSpec, out: Path) -> dict | None:
+    """Link the library (CUDA targets: kernels prebuilt into a fatbin; returns its summary)."""
     import platform
 
+    fcompile = None
     if spec.cross_compiler and platform.machine() != spec.arch:
         if not shutil.which(spec.cross_compiler):
             raise ToolchainMissing(
@@ -79,13 +85,17 @@ def _export_library(executable, spec: TargetSpec, out: Path) -> None:
             )
         from tvm.support import cc
 
-        executable.export_library(str(out), fcompile=cc.cross_compiler(spec.cross_compiler))
-    else:
-        executable.export_library(str(out))
+        fcompile = cc.cross_compiler(spec.cross_compiler)
+    if spec.device == "cuda":
+        from forgeml.compiler.gpu import export_cuda_library
+
+        return export_cuda_library(executable, out, str(spec.target.get("arch")), fcompile=fcompile)
+    executable.export_library(str(out), fcompile=fcompile)
+    return None
 
 
 def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions | None = None,
-                  progress: Progress | None = None) -> Manifest:
+                  progress: Progress | None = None, tune_progress: Callable[[dict], None] | None = None) -> Manifest:
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
     import tvm
 
@@ -98,6 +108,9 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         raise InvalidInput(f"output path {output} is a directory; give a file name such as model.fml")
     spec = resolve_target(options.target)
     run_pipeline = pipeline.get_pipeline(options.opt_level)
+    if options.precision != "fp32" and spec.device != "cuda":
+        raise InvalidInput(f"--precision {options.precision} needs a GPU target (cuda, jetson-orin); "
+                           f"'{spec.name}' runs on the CPU in fp32")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -111,7 +124,19 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
     target = tvm.target.Target(spec.tvm_target())
-    mod = run_pipeline(mod, target)
+    if spec.device == "cuda":
+        from forgeml.compiler.gpu import with_precision
+
+        mod = with_precision(mod, options.precision)
+    tuning_summary = None
+    if _uses_tuning(options, spec, target):
+        from forgeml.compiler.tuning import Budget
+
+        budget = Budget(options.tune_minutes, options.tune_trials)
+        say("applying the tuning database" if budget.empty else "tuning (results persist in the tuning database)")
+        mod, tuning_summary = pipeline.tuned_o2(mod, target, budget, tune_progress)
+    else:
+        mod = run_pipeline(mod, target)
     mod, weights = pipeline.lift_weights(mod)
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
@@ -119,7 +144,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     executable = tvm.compile(mod, target=target)
     with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
         lib_path = Path(tmp) / "model.so"
-        _export_library(executable, spec, lib_path)
+        kernels = _export_library(executable, spec, lib_path)
         library = lib_path.read_bytes()
     timings["codegen_s"] = time.perf_counter() - clock - sum(timings.values())
 
@@ -134,16 +159,20 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                 "format": "onnx",
                 "opset": max((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")),
                              default=0)},
-        compile_options={"target": options.target, "opt_level": options.opt_level,
+        compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
                          "input_shapes": {k: list(v) for k, v in options.input_shapes.items()}},
         versions=_versions(),
+        tuning=tuning_summary.to_json() if tuning_summary else {},
     )
     files = {"model.so": library, WEIGHTS: blob}
-    tolerance = options.tolerance if options.tolerance is not None else verify.DEFAULT_TOLERANCE["float32"]
+    tolerance = options.tolerance if options.tolerance is not None else verify.DEFAULT_TOLERANCE[
+        "float16" if options.precision == "fp16" else "float32"]
     result = _verify(manifest, files, output, loaded.path, spec, options, tolerance, say)
     manifest.verification = result.to_json()
     timings["verify_s"] = time.perf_counter() - clock - sum(timings.values())
     manifest.compile_options["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    if kernels:
+        manifest.compile_options["cuda_kernels"] = kernels
     if not result.passed and result.skipped is None:
         raise VerificationFailed(
             f"outputs differ from ONNX Runtime: max abs error {result.max_abs_error:.3g}, max rel error "
@@ -152,6 +181,36 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         )
     write_artifact(output, manifest, files)
     return manifest
+
+
+def _uses_tuning(options: CompileOptions, spec: TargetSpec, target) -> bool:
+    """Tune when asked; otherwise consult the target's database when it has records."""
+    if spec.device != "cpu" or options.opt_level != "O2":
+        return False
+    if options.tune_minutes or options.tune_trials:
+        return True
+    from forgeml.compiler.tuning import has_records
+
+    return options.use_tuning_db and has_records(target)
+
+
+def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: float | None = None,
+               trials: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+               progress: Callable[[dict], None] | None = None):
+    """Tune a model's kernels into the target's persistent database (no artifact). Returns the summary."""
+    import tvm
+
+    from forgeml.compiler import frontend, pipeline, tuning
+
+    spec = resolve_target(target_name)
+    if spec.device != "cpu":
+        raise InvalidInput(f"tuning supports CPU targets; '{spec.name}' is a {spec.device} target")
+    if not minutes and not trials:
+        raise InvalidInput("give a tuning budget: --minutes and/or --trials")
+    loaded = frontend.load_onnx(model_path, input_shapes or {})
+    target = tvm.target.Target(spec.tvm_target())
+    mod = pipeline.tuning_input(_import_onnx(loaded), target)
+    return tuning.tune(mod, target, tuning.Budget(minutes, trials), progress)
 
 
 def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_path: Path, spec: TargetSpec,
@@ -168,7 +227,17 @@ def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_pat
     if not options.verify:
         return skipped("--no-verify")
     if spec.arch != platform.machine():
-        return skipped(f"{spec.arch} artifact on a {platform.machine()} host; use `forgeml verify --emulate`")
+        from forgeml.targets.emulate import EMULATORS
+
+        how = ("use `forgeml verify --emulate`" if spec.arch in EMULATORS
+               else f"run `forgeml verify` on a {spec.arch} device")
+        return skipped(f"{spec.arch} artifact on a {platform.machine()} host; {how}")
+    from forgeml.targets.host import detect_host
+
+    lacking = [f for f in spec.cpu_features() if f not in detect_host().features] if detect_host().features else []
+    if lacking:  # running it here would die of SIGILL
+        return skipped(f"this CPU lacks {', '.join(lacking)}, which '{spec.name}' code uses; "
+                       "run `forgeml verify` on a CPU that has them")
     if spec.device == "cuda" and not _has_cuda_gpu():
         return skipped("no CUDA GPU on this machine")
     say("verifying against ONNX Runtime")

@@ -32,6 +32,15 @@ def _graph_passes() -> list[tvm.transform.Pass]:
     ]
 
 
+def _fold_prepacked_weights() -> tvm.transform.Pass:
+    """Move the schedules' weight repacking out of the kernels and fold it into the constants."""
+    return tvm.transform.Sequential([
+        relax.transform.SplitLayoutRewritePreproc(),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
+    ])
+
+
 def _o0(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """No schedules: TVM's naive loops. For debugging the compiler, not for speed."""
     with target:
@@ -45,11 +54,40 @@ def _o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     with target:
         mod = tvm.transform.Sequential(_graph_passes())(mod)
         mod = apply_cpu_schedules(mod, target)
-        return tvm.transform.Sequential([
-            relax.transform.SplitLayoutRewritePreproc(),
-            relax.transform.FoldConstant(),  # folds the weight repacking into the constants
-            relax.transform.DeadCodeElimination(),
-        ])(mod)
+        return _fold_prepacked_weights()(mod)
+
+
+def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The fused module whose kernels MetaSchedule tunes (weights marked layout-free for prepacking)."""
+    with target:
+        return tvm.transform.Sequential([*_graph_passes(), relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
+
+
+def tuned_o2(mod: tvm.IRModule, target: tvm.target.Target, budget, progress=None):
+    """O2 with the tuning database: tune kernels missing from it (within `budget`, possibly none),
+    then use each tuned schedule only where it beats the rules. Returns (module, TuningSummary)."""
+    from forgeml.compiler import tuning
+    from forgeml.compiler.schedules import apply_cpu_schedules
+
+    mod = tuning_input(mod, target)
+    summary = tuning.tune(mod, target, budget, progress)
+    with target:
+        winners = tuning.winning_database(mod, target, summary, rules_version=_rules_version())
+        with winners:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        mod = apply_cpu_schedules(mod, target)  # every kernel the database did not schedule
+        mod = _fold_prepacked_weights()(mod)
+    return mod, summary
+
+
+def _rules_version() -> str:
+    """Changes whenever the rule-based schedules change, so cached rule latencies are remeasured."""
+    import hashlib
+    from pathlib import Path
+
+    from forgeml.compiler import schedules
+
+    return hashlib.sha256(Path(schedules.__file__).read_bytes()).hexdigest()[:12]
 
 
 PIPELINES: dict[str, Pipeline] = {"O0": _o0, "O2": _o2}
@@ -58,6 +96,15 @@ PIPELINES: dict[str, Pipeline] = {"O0": _o0, "O2": _o2}
 def get_pipeline(name: str) -> Pipeline:
     if name not in PIPELINES:
         raise InvalidInput(f"unknown optimization level '{name}'; known: {', '.join(PIPELINES)}")
+    return lambda mod, target: _for_target(name, target)(mod, target)
+
+
+def _for_target(name: str, target: tvm.target.Target) -> Pipeline:
+    """The level's pipeline for the target's kind: CUDA targets get the GPU pipelines (gpu.py)."""
+    if target.kind.name == "cuda":
+        from forgeml.compiler.gpu import GPU_PIPELINES
+
+        return GPU_PIPELINES[name]
     return PIPELINES[name]
 
 

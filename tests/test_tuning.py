@@ -1,0 +1,43 @@
+"""Tuning is never wasted: records persist per target, are shared across models, and a warm
+compile runs no trials. Budgets are tiny here; speed is proven by benchmarks/cpu.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import mlp_model, save
+
+import forgeml
+from forgeml.compiler.build import CompileOptions, compile_model, tune_model
+from forgeml.errors import InvalidInput
+
+
+@pytest.mark.slow
+def test_tune_then_warm_compile_runs_no_trials(tmp_path, isolated_cache):
+    onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
+    first = tune_model(onnx_path, "x86-64", trials=8)
+    assert first.tasks >= 2 and first.trials >= 8 and first.tasks_from_cache == 0
+    db_dirs = list((isolated_cache / "tuning").iterdir())
+    assert len(db_dirs) == 1 and db_dirs[0].name.startswith("llvm-")
+    assert (db_dirs[0] / "records.json").stat().st_size > 0
+
+    # Another model holding the same kernels (other weights) reuses them: matching is structural.
+    other = save(mlp_model(seed=1), tmp_path / "other.onnx")
+    manifest = compile_model(other, tmp_path / "other.fml")
+    t = manifest.tuning
+    assert t["trials"] == 0 and t["tasks_from_cache"] >= 1
+    assert t["tuned_kernels_used"] + t["rule_kernels_kept"] >= 1
+    assert manifest.verification["passed"] is True
+    rules = json.loads((db_dirs[0] / "rule_latency.json").read_text())
+    assert rules, "the rule-based schedules were measured for comparison"
+
+    untuned = compile_model(other, tmp_path / "plain.fml", CompileOptions(use_tuning_db=False))
+    assert untuned.tuning == {}
+    assert forgeml.load(tmp_path / "other.fml").inputs == forgeml.load(tmp_path / "plain.fml").inputs
+
+
+def test_tune_needs_a_budget(tmp_path):
+    onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
+    with pytest.raises(InvalidInput, match="budget"):
+        tune_model(onnx_path, "x86-64")
