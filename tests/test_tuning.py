@@ -9,8 +9,10 @@ import pytest
 from conftest import mlp_model, save
 
 import forgeml
+from forgeml.cli import main as cli_main
 from forgeml.compiler.build import CompileOptions, compile_model, tune_model
 from forgeml.errors import InvalidInput
+from forgeml.runtime.artifact import open_artifact
 
 
 @pytest.mark.slow
@@ -18,6 +20,7 @@ def test_tune_then_warm_compile_runs_no_trials(tmp_path, isolated_cache):
     onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
     first = tune_model(onnx_path, "x86-64", trials=8)
     assert first.tasks >= 2 and first.trials >= 8 and first.tasks_from_cache == 0
+    assert cli_main(["tune", str(onnx_path), "--trials", "8"]) == 0  # the CLI path: resumes, same database
     db_dirs = list((isolated_cache / "tuning").iterdir())
     assert len(db_dirs) == 1 and db_dirs[0].name.startswith("llvm-")
     assert (db_dirs[0] / "records.json").stat().st_size > 0
@@ -32,7 +35,9 @@ def test_tune_then_warm_compile_runs_no_trials(tmp_path, isolated_cache):
     rules = json.loads((db_dirs[0] / "rule_latency.json").read_text())
     assert rules, "the rule-based schedules were measured for comparison"
 
-    untuned = compile_model(other, tmp_path / "plain.fml", CompileOptions(use_tuning_db=False))
+    assert cli_main(["compile", str(other), "-o", str(tmp_path / "plain.fml"), "--no-tuning-db"]) == 0
+    assert open_artifact(tmp_path / "plain.fml").manifest.tuning == {}
+    untuned = compile_model(other, tmp_path / "plain2.fml", CompileOptions(use_tuning_db=False))
     assert untuned.tuning == {}
     assert forgeml.load(tmp_path / "other.fml").inputs == forgeml.load(tmp_path / "plain.fml").inputs
 
