@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.forgeml-installed
 DEMO_MODEL ?= resnet18
 THREADS ?= 2
 
-.PHONY: install demo test test-fast lint bench-cpu clean
+.PHONY: install demo test test-fast test-edge toolchains lint bench-cpu clean
 
 install: $(STAMP)
 
@@ -27,6 +27,21 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Cross compilers (aarch64, riscv64), qemu-user, and Debian's arm64 package lists (for the emulated
+# aarch64 Python that `forgeml verify --emulate` builds from .deb files). Idempotent; as root, or SUDO=sudo.
+# Never `apt-get install python3:arm64`: it removes the host's python3.
+SUDO ?=
+toolchains:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v riscv64-linux-gnu-g++ >/dev/null \
+	  && command -v qemu-aarch64 >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  $(SUDO) apt-get install -y -qq g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user >/dev/null; }
+	@dpkg --print-foreign-architectures | grep -qx arm64 || $(SUDO) dpkg --add-architecture arm64
+	@apt-cache show libc6:arm64 >/dev/null 2>&1 || $(SUDO) apt-get update -qq
+	@echo "toolchains: $$(which aarch64-linux-gnu-g++ riscv64-linux-gnu-g++ qemu-aarch64 | tr '\n' ' ')"
+
+test-edge: $(STAMP) toolchains
+	$(BIN)/python -m pytest -q tests/test_targets.py tests/test_edge.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

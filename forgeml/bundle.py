@@ -17,7 +17,9 @@ from forgeml.errors import InvalidInput
 from forgeml.runtime.artifact import open_artifact
 
 _FORGEML_RUNTIME = ["__init__.py", "errors.py", "runtime/__init__.py", "runtime/artifact.py",
-                    "runtime/native.py", "runtime/session.py"]
+                    "runtime/native.py", "runtime/session.py",
+                    # host CPU detection (stdlib only): the session refuses artifacts needing absent features
+                    "targets/__init__.py", "targets/registry.py", "targets/host.py"]
 # tvm_ffi pieces the runtime never uses at import or call time: headers, sources, build helpers.
 _FFI_SKIP = {"3rdparty", "include", "src", "share", "stub", "cython", "testing", "CMakeLists.txt",
              "__pycache__", "core.pyi", "config.py"}

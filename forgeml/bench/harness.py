@@ -129,7 +129,9 @@ run()
 first = time.perf_counter() - start
 for _ in range(runs):
     run()
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not ru_maxrss: ru_maxrss keeps the peak of the parent that spawned us (390+ MB once it imported tvm)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(json.dumps({"peak_rss_mb": (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,
                   "load_to_first_output_s": first}))
 """
 

@@ -43,6 +43,16 @@ def _check_compatible(manifest: Manifest, where: Path) -> None:
             f"{where} was compiled for {arch} (target '{manifest.target.get('name')}'), "
             f"but this machine is {platform.machine()}; compile with -t for this machine or run it on a {arch} device"
         )
+    from forgeml.targets.host import detect_host  # stdlib only: reads /proc/cpuinfo
+
+    flags = detect_host().features
+    lacking = [f for f in manifest.target.get("cpu_features", []) if flags and f not in flags]
+    if lacking:
+        raise ArtifactError(
+            f"{where} uses CPU features this machine lacks ({', '.join(lacking)}; target "
+            f"'{manifest.target.get('name')}'): it would crash with an illegal instruction; "
+            "compile it with -t x86-64 here"
+        )
     device = manifest.target.get("device", "cpu")
     if device not in _DEVICE_TYPES:
         raise ArtifactError(f"{where} targets device '{device}', which this runtime does not support")

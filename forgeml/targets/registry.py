@@ -18,6 +18,12 @@ from forgeml.targets.host import detect_host
 
 _AARCH64_GCC = "aarch64-linux-gnu-g++"
 _RISCV64_GCC = "riscv64-linux-gnu-g++"
+_CROSS = {"aarch64": (_AARCH64_GCC, ("g++-aarch64-linux-gnu",)), "riscv64": (_RISCV64_GCC, ("g++-riscv64-linux-gnu",))}
+# /proc/cpuinfo flags that code for an LLVM cpu uses: running it without them dies of SIGILL.
+_MCPU_FEATURES = {
+    "haswell": ("avx", "avx2", "fma"),
+    "skylake-avx512": ("avx", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,12 @@ class TargetSpec:
                 d["num-cores"] = host.cores
         return target
 
+    def cpu_features(self) -> list[str]:
+        """CPU flags the generated host code needs (x86 vector extensions; empty when only the baseline)."""
+        target = self.tvm_target()
+        host = target.get("host", target)
+        return list(_MCPU_FEATURES.get(str(host.get("mcpu", "")), ())) if self.arch == "x86_64" else []
+
     def missing_tools(self) -> list[str]:
         """Debian packages this preset needs that are not installed here."""
         if self.cross_compiler and platform.machine() != self.arch and not shutil.which(self.cross_compiler):
@@ -48,7 +60,10 @@ class TargetSpec:
         return []
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "target": self.tvm_target(), "arch": self.arch, "device": self.device}
+        d = {"name": self.name, "target": self.tvm_target(), "arch": self.arch, "device": self.device}
+        if self.cpu_features():
+            d["cpu_features"] = self.cpu_features()  # the runtime refuses clearly where they are missing
+        return d
 
 
 def _cuda_arch() -> str:
@@ -109,6 +124,14 @@ PRESETS: dict[str, TargetSpec] = {
             {"kind": "cuda", "arch": "detect", "host": dict(_X86_HOST)}, "x86_64", device="cuda",
         ),
         TargetSpec(
+            "cuda-sm80", "NVIDIA Ampere data-center GPU (A100, A30; sm_80; PTX for newer GPUs)",
+            {"kind": "cuda", "arch": "sm_80", "host": dict(_X86_HOST)}, "x86_64", device="cuda",
+        ),
+        TargetSpec(
+            "cuda-sm90", "NVIDIA Hopper GPU (H100, H200; sm_90)",
+            {"kind": "cuda", "arch": "sm_90", "host": dict(_X86_HOST)}, "x86_64", device="cuda",
+        ),
+        TargetSpec(
             "jetson-orin", "NVIDIA Jetson Orin (sm_87, Cortex-A78AE host)",
             {"kind": "cuda", "arch": "sm_87",
              "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon"]}},
@@ -131,10 +154,15 @@ def resolve_target(name_or_json: str) -> TargetSpec:
         host = target.get("host", target)
         triple = host.get("mtriple", "")
         arch = triple.split("-")[0] if triple else platform.machine()
+        mattr = host.get("mattr", [])
+        fpu = {"d": "+d", "f": "+f"}.get(str(host.get("mabi", ""))[-1:]) if arch == "riscv64" else None
+        if fpu and fpu not in mattr:
+            # LLVM warns, links, flags the library hard-float and emits soft-float libcalls that fail at load
+            raise InvalidInput(f'riscv64 target with "mabi": "{host["mabi"]}" needs "{fpu}" in "mattr" '
+                               "(else the code calls soft-float helpers the device cannot resolve)")
+        cross, needs = _CROSS.get(arch, (None, ())) if arch != platform.machine() else (None, ())
         return TargetSpec("custom", "user-given TVM target", target, arch,
-                          device="cuda" if target["kind"] == "cuda" else "cpu",
-                          cross_compiler=_AARCH64_GCC if arch == "aarch64" and platform.machine() != arch
-                          else _RISCV64_GCC if arch == "riscv64" else None)
+                          device="cuda" if target["kind"] == "cuda" else "cpu", cross_compiler=cross, needs=needs)
     spec = PRESETS.get(text)
     if spec is None:
         raise InvalidInput(f"unknown target '{text}'; known: {', '.join(PRESETS)}")
