@@ -1,0 +1,141 @@
+"""Device-side helpers for benchmarking a loaded Session: synchronize, run on device-resident inputs,
+time with TVM's in-runtime timer (CUDA events on GPUs), and read GPU memory. Runtime-only: numpy,
+tvm_ffi and the TVM runtime libraries (libcudart through libtvm_runtime_cuda.so), never the compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import shutil
+import struct
+import subprocess
+from typing import Any
+
+import numpy as np
+
+_DEVICE_TYPE = {"cpu": 1, "cuda": 2}
+
+
+def synchronize(session) -> None:
+    """Wait until every kernel queued on the session's device has finished (no-op on the CPU)."""
+    if session.device != "cpu":
+        session._ffi.get_global_func("runtime.Device_StreamSync")(session._dev, 0)
+
+
+class DeviceRunner:
+    """Runs a session's model on inputs uploaded once: what the device computes, without the
+    host-device copies of `Session.run`. `runner()` returns after the device has finished."""
+
+    def __init__(self, session, feeds: dict[str, np.ndarray]):
+        self.session = session
+        arrays = session._check_inputs(feeds)
+        self.args = [session._to_device(a) for a in arrays]
+        self._outputs: Any = None
+
+    def __call__(self) -> None:
+        with self.session._lock:
+            self._outputs = self.session._main(*self.args, *self.session._weights)
+            synchronize(self.session)
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        """The last call's outputs, copied to the host."""
+        if self._outputs is None:
+            self()
+        result = self._outputs
+        tensors = list(result) if isinstance(result, self.session._ffi.Array) else [result]
+        return {spec.name: self.session._to_host(t) for spec, t in zip(self.session.manifest.outputs, tensors)}
+
+
+def time_evaluator(session, feeds: dict[str, np.ndarray], number: int = 10, repeat: int = 10,
+                   min_repeat_ms: int = 0) -> list[float]:
+    """Seconds per run, `repeat` means of `number` runs each, timed inside the TVM runtime
+    (`runtime.RPCTimeEvaluator`: CUDA events on a GPU, so no Python or launch-queue gaps count)."""
+    runner = DeviceRunner(session, feeds)
+    vm = session._vm
+    vm["set_input"]("main", *runner.args, *session._weights)
+    evaluator = session._ffi.get_global_func("runtime.RPCTimeEvaluator")
+    feval = evaluator(vm, "invoke_stateful", _DEVICE_TYPE[session.device], 0, number, repeat, min_repeat_ms,
+                      0, 0, 1, 0, "")
+    blob = feval("main")
+    return list(struct.unpack("@" + "d" * repeat, bytes(blob)))
+
+
+@functools.cache
+def _cudart() -> ctypes.CDLL | None:
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def cuda_memory() -> dict[str, float] | None:
+    """Free and total memory of the current CUDA device in MiB (cudaMemGetInfo), or None."""
+    lib = _cudart()
+    if lib is None:
+        return None
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+        return None
+    return {"free_mib": free.value / 2**20, "total_mib": total.value / 2**20}
+
+
+def gpu_info() -> dict[str, str]:
+    """The GPU's name, driver and memory as nvidia-smi reports them ({} without nvidia-smi)."""
+    if not shutil.which("nvidia-smi"):
+        return {}
+    fields = ["name", "driver_version", "memory.total", "compute_cap", "clocks.max.sm"]
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    return dict(zip(fields, (v.strip() for v in first.split(","))))
+
+
+def bench_runner(session, feeds: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+    """What `forgeml bench` times for a session: Session.run on the CPU; on a GPU, the model on
+    device-resident inputs with a synchronize after each call. Also GPU facts for the report: the drop in
+    free device memory across upload and three warm-up runs, and the in-runtime (CUDA event) time."""
+    if session.device == "cpu":
+        return (lambda: session.run(feeds)), {}
+    before = cuda_memory()
+    runner = DeviceRunner(session, feeds)
+    for _ in range(3):
+        runner()
+    after = cuda_memory()
+    extra: dict[str, Any] = {"timing": "device-resident inputs, host timer around call + synchronize",
+                             "gpu": gpu_info().get("name")}
+    if before and after:
+        extra["gpu_mem_mib"] = round(before["free_mib"] - after["free_mib"], 1)
+    try:
+        extra["device_timer_ms"] = float(np.median(time_evaluator(session, feeds, number=10, repeat=5))) * 1e3
+    except Exception as e:  # noqa: BLE001 (an extra figure; the host-timer samples stand)
+        extra["device_timer_error"] = str(e)[:200]
+    return runner, extra
+
+
+def onnxruntime_cuda_runner(model_path, feeds: dict[str, np.ndarray]):
+    """ONNX Runtime with the CUDA execution provider on device-resident inputs (io binding), or None
+    when this onnxruntime has no CUDAExecutionProvider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CUDAExecutionProvider"])
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda")
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run
