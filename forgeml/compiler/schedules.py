@@ -494,17 +494,23 @@ def _inline_epilogue(sch: s_tir.Schedule, main_rv) -> tuple[list, list]:
     return blocks[pos + 1:], blocks[:pos]
 
 
+def _reduction_schedule(func, target):
+    """(cpu, schedule, its main reduction block) for a PrimFunc with a reduction, else None."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    blk = _find_reduction_block(sch)
+    return None if blk is None else (_cpu_of(target), sch, blk)
+
+
 class MatmulRule(ScheduleRule):
     """Dense / matmul / batch matmul with a register micro tile."""
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc):
+        start = _reduction_schedule(func, target)
+        if start is None:
             return None
-        cpu = _cpu_of(target)
-        sch = s_tir.Schedule(func)
-        blk = _find_reduction_block(sch)
-        if blk is None:
-            return None
+        cpu, sch, blk = start
         info = _analyze_matmul(sch, blk)
         if info is None:
             return None
@@ -730,13 +736,10 @@ class Conv2DRule(ScheduleRule):
     """NCHW conv2d: vectorized output channels, a register tile of columns, packed weights."""
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc):
+        start = _reduction_schedule(func, target)
+        if start is None:
             return None
-        cpu = _cpu_of(target)
-        sch = s_tir.Schedule(func)
-        blk = _find_reduction_block(sch)
-        if blk is None:
-            return None
+        cpu, sch, blk = start
         name = sch.get(blk).name_hint
         _inline_copy_producers(sch, blk)
         blk = sch.get_sblock(name)
@@ -771,14 +774,11 @@ class DepthwiseConvRule(ScheduleRule):
     """NCHW depthwise conv2d through a channel-blocked copy of the (padded) input."""
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc):
+        start = _reduction_schedule(func, target)
+        if start is None:
             return None
-        cpu = _cpu_of(target)
+        cpu, sch, blk = start
         lanes = cpu.lanes
-        sch = s_tir.Schedule(func)
-        blk = _find_reduction_block(sch)
-        if blk is None:
-            return None
         name = sch.get(blk).name_hint
         info = _analyze_conv(sch, blk, func)
         if info is None or not info.depthwise or info.oc % lanes:
