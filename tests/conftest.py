@@ -101,22 +101,22 @@ def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, feeds)))
 
 
+def _compile_once(tmp_path_factory, name: str, model) -> tuple[Path, Path]:
+    import forgeml
+
+    d = tmp_path_factory.mktemp(name)
+    onnx_path = save(model, d / f"{name}.onnx")
+    forgeml.compile_model(onnx_path, d / f"{name}.fml")
+    return onnx_path, d / f"{name}.fml"
+
+
 @pytest.fixture(scope="session")
 def compiled_mlp(tmp_path_factory):
     """(onnx path, artifact path) of a small MLP compiled once for the whole test session."""
-    import forgeml
-
-    d = tmp_path_factory.mktemp("mlp")
-    onnx_path = save(mlp_model(), d / "mlp.onnx")
-    forgeml.compile_model(onnx_path, d / "mlp.fml")
-    return onnx_path, d / "mlp.fml"
+    return _compile_once(tmp_path_factory, "mlp", mlp_model())
 
 
 @pytest.fixture(scope="session")
 def compiled_cnn(tmp_path_factory):
-    import forgeml
-
-    d = tmp_path_factory.mktemp("cnn")
-    onnx_path = save(cnn_model(), d / "cnn.onnx")
-    forgeml.compile_model(onnx_path, d / "cnn.fml")
-    return onnx_path, d / "cnn.fml"
+    """(onnx path, artifact path) of a small CNN (conv, batch norm, pool, linear), compiled once."""
+    return _compile_once(tmp_path_factory, "cnn", cnn_model())
