@@ -29,7 +29,8 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def _aligned(array: np.ndarray) -> np.ndarray:
     """A C-contiguous, 64-byte aligned array with the same values (compiled kernels assume alignment)."""
-    if array.flags.c_contiguous and array.ctypes.data % _ALIGN == 0 and array.flags.writeable:
+    flags = array.flags
+    if flags.c_contiguous and flags.writeable and array.__array_interface__["data"][0] % _ALIGN == 0:
         return array
     out = _aligned_empty(array.shape, array.dtype)
     out[...] = array
@@ -114,24 +115,40 @@ class Session:
             return host
         return _copy_to_device(self._ffi, host, self._dev)
 
+    def _upload_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
+        """Inputs as the model's device sees them. On a GPU, into device buffers allocated once and reused
+        (calls are serialized; a fresh cudaMalloc/cudaFree per call would stall the device)."""
+        if self.device == "cpu":
+            return [self._to_device(a) for a in arrays]
+        if getattr(self, "_input_buffers", None) is None:
+            self._input_buffers = [self._to_device(a) for a in arrays]
+            return self._input_buffers
+        copy = self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        for array, buffer in zip(arrays, self._input_buffers):
+            copy(self._ffi.from_dlpack(array), buffer)
+        return self._input_buffers
+
+    def _expected(self) -> str:
+        return "; ".join(spec.describe() for spec in self.manifest.inputs)
+
     def _check_inputs(self, feeds: dict[str, Any]) -> list[np.ndarray]:
-        expected = {spec.name: spec for spec in self.manifest.inputs}
-        listing = "; ".join(spec.describe() for spec in self.manifest.inputs)
-        unknown = [name for name in feeds if name not in expected]
-        missing = [name for name in expected if name not in feeds]
-        if unknown or missing:
+        specs = self.manifest.inputs
+        if len(feeds) != len(specs) or any(spec.name not in feeds for spec in specs):
+            expected = {spec.name for spec in specs}
+            unknown = [name for name in feeds if name not in expected]
+            missing = [spec.name for spec in specs if spec.name not in feeds]
             problem = f"unknown input '{unknown[0]}'" if unknown else f"missing input '{missing[0]}'"
-            raise InvalidInput(f"{problem}; the model expects {listing}")
+            raise InvalidInput(f"{problem}; the model expects {self._expected()}")
         arrays = []
-        for spec in self.manifest.inputs:
+        for spec in specs:
             value = feeds[spec.name]
             array = value if isinstance(value, np.ndarray) else np.asarray(value)
-            if str(array.dtype) != spec.dtype:
+            if array.dtype.name != spec.dtype:
                 raise InvalidInput(f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}; "
-                                   f"the model expects {listing}")
-            if tuple(array.shape) != tuple(spec.shape):
+                                   f"the model expects {self._expected()}")
+            if array.shape != spec.shape:
                 raise InvalidInput(f"input '{spec.name}' has shape {list(array.shape)}, expected "
-                                   f"{list(spec.shape)}; the model expects {listing}")
+                                   f"{list(spec.shape)}; the model expects {self._expected()}")
             arrays.append(_aligned(array))
         return arrays
 
@@ -139,7 +156,7 @@ class Session:
         """Run the model on `feeds` (input name -> array); returns output name -> array."""
         arrays = self._check_inputs(feeds)
         with self._lock:
-            args = [self._to_device(a) for a in arrays]
+            args = self._upload_inputs(arrays)
             result = self._main(*args, *self._weights)
             tensors = list(result) if isinstance(result, self._ffi.Array) else [result]
             values = [self._to_host(t) for t in tensors]
