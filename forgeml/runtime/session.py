@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
@@ -21,9 +22,9 @@ _ALIGN = 64
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
+    start = (-raw.__array_interface__["data"][0]) % _ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
@@ -143,7 +144,7 @@ class Session:
         for spec in specs:
             value = feeds[spec.name]
             array = value if isinstance(value, np.ndarray) else np.asarray(value)
-            if array.dtype.name != spec.dtype:
+            if array.dtype != spec.dtype:
                 raise InvalidInput(f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}; "
                                    f"the model expects {self._expected()}")
             if array.shape != spec.shape:
