@@ -16,6 +16,8 @@ COLUMNS = ["case", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "min ms", 
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
+    if 0 < abs(value) < 10 ** -digits:
+        return f"{value:.2g}"  # slow cases (emulated devices): 0.027 runs/s, not 0.0
     return f"{value:.{digits}f}" if value < 100 else f"{value:.1f}"
 
 
