@@ -69,7 +69,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
               help="Fix an input's shape (needed for symbolic dimensions). Repeatable.")
 @click.option("-O", "--opt-level", default="O2", show_default=True, type=click.Choice(["O0", "O2"]),
-              help="O2: forgeml's CPU schedules; O0: TVM's naive loops (debugging).")
+              help="O2: forgeml's rule-based schedules (CPU, GPU: dlight + forgeml's); O0: naive loops (debug).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with ONNX Runtime.")
 @click.option("--tolerance", type=float,
               help="Max error relative to the output's scale [default: 1e-3 fp32, 2e-2 fp16].")

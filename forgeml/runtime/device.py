@@ -98,8 +98,9 @@ def gpu_info() -> dict[str, str]:
 
 def bench_runner(session, feeds: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
     """What `forgeml bench` times for a session: Session.run on the CPU; on a GPU, the model on
-    device-resident inputs with a synchronize after each call. Also GPU facts for the report: the drop in
-    free device memory across upload and three warm-up runs, and the in-runtime (CUDA event) time."""
+    device-resident inputs with a synchronize after each call. Also GPU facts for the report: weights plus
+    the drop in free device memory across input upload and three warm-up runs (granularity 2 MiB; the
+    CUDA context not included), and the in-runtime (CUDA event) time."""
     if session.device == "cpu":
         return (lambda: session.run(feeds)), {}
     before = cuda_memory()
@@ -109,8 +110,11 @@ def bench_runner(session, feeds: dict[str, np.ndarray]) -> tuple[Any, dict[str, 
     after = cuda_memory()
     extra: dict[str, Any] = {"timing": "device-resident inputs, host timer around call + synchronize",
                              "gpu": gpu_info().get("name")}
-    if before and after:
-        extra["gpu_mem_mib"] = round(before["free_mib"] - after["free_mib"], 1)
+    weights_mib = sum(w.nbytes for w in session.manifest.weights) / 2**20  # uploaded at load, before `before`
+    extra["gpu_weights_mib"] = round(weights_mib, 1)
+    if before and after:  # activations and workspace (TVM's pooled allocator), inputs, kernels
+        extra["gpu_workspace_mib"] = round(before["free_mib"] - after["free_mib"], 1)
+        extra["gpu_mem_mib"] = round(weights_mib + extra["gpu_workspace_mib"], 1)
     try:
         extra["device_timer_ms"] = float(np.median(time_evaluator(session, feeds, number=10, repeat=5))) * 1e3
     except Exception as e:  # noqa: BLE001 (an extra figure; the host-timer samples stand)

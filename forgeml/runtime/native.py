@@ -60,7 +60,13 @@ def load_runtime(device: str = "cpu") -> ModuleType:
     """Load the TVM runtime libraries for `device` once per process; returns tvm_ffi."""
     ffi = tvm_ffi()
     for name in _RUNTIME_LIBS.get(device, _RUNTIME_LIBS["cpu"]):
-        ctypes.CDLL(str(_find_library(name)), ctypes.RTLD_GLOBAL)
+        try:
+            ctypes.CDLL(str(_find_library(name)), ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            if device == "cuda":  # libtvm_runtime_cuda.so needs the NVIDIA driver (libcuda) and libcudart
+                raise ArtifactError(f"this artifact runs on a CUDA GPU, and the CUDA runtime could not be "
+                                    f"loaded here ({e}); run it on a machine with an NVIDIA GPU and driver") from None
+            raise
     return ffi
 
 

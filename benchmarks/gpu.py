@@ -1,0 +1,700 @@
+"""GPU speed, side by side: forgeml fp32, forgeml fp16 (mixed precision), ONNX Runtime's CUDA provider
+(when installed) and PyTorch eager on CUDA (fp32 and fp16), on the zoo models at batch 1 and 32,
+alternating in one run, each output checked against ONNX Runtime (CPU) reference outputs.
+
+    python benchmarks/gpu.py all                      # a machine with the compiler and a GPU
+    python benchmarks/gpu.py prepare --work build/gpu # no GPU needed: export, compile, reference outputs
+    python benchmarks/gpu.py pack --work build/gpu --bundle .gpubundle   # for a GPU machine without TVM
+    python benchmarks/gpu.py run --bundle .gpubundle  # on the GPU machine: check, measure, write results
+
+`prepare` compiles with `--target` (default cuda-sm90: H100/H200). `pack` writes what `run` needs
+when the GPU machine has no TVM compiler and little room: the artifacts split into members, each
+stored once (batch 1 and 32 share weights), fp16 weights rebuilt from the fp32 ones where a cast
+gives them exactly (every rebuilt member is checked against the manifest's sha256 before use),
+the TVM runtime libraries and the reference outputs. `run` needs numpy, tvm_ffi and the TVM runtime
+libraries (plus torch / onnxruntime for the baselines); results go to benchmarks/results/gpu.md and
+gpu.json unless --out says otherwise.
+
+Timing: every engine runs on inputs already on the GPU and synchronizes after each call (a host
+timer around call + synchronize, so launch overhead counts as a user sees it); engines alternate in
+blocks of 10. forgeml's time inside the TVM runtime (CUDA events, `runtime.RPCTimeEvaluator`) is
+reported beside it. GPU memory: the drop in the device's free memory (cudaMemGetInfo) from before
+an engine is created to after its warm-up runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+# tvm_ffi JIT-compiles a torch extension at import when torch is installed; nothing here needs it
+os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert_tiny")
+BATCHES = (1, 32)
+PRECISIONS = ("fp32", "fp16")
+
+
+def _say(msg: str) -> None:
+    print(f"[gpu-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _case_id(model: str, batch: int) -> str:
+    return f"{model}_b{batch}"
+
+
+def bench_inputs(model: str, batch: int) -> dict:
+    """Inputs made by integer hashing, bit-identical on any machine and numpy version (so only their
+    sha256 travels): floats uniform in [-2, 2), token ids in [0, vocabulary)."""
+    import numpy as np
+
+    from forgeml.zoo import BERT_VOCAB, get_model, input_shapes
+
+    feeds = {}
+    for i, (name, shape) in enumerate(input_shapes(model, batch).items()):
+        n = int(np.prod(shape))
+        h = (np.arange(n, dtype=np.uint64) + np.uint64(1 + 7919 * i)) * np.uint64(2654435761) % np.uint64(2**32)
+        dtype = np.dtype(get_model(model).inputs[name][1])
+        if dtype.kind in "iu":
+            feeds[name] = (h % np.uint64(BERT_VOCAB)).astype(dtype).reshape(shape)
+        else:
+            feeds[name] = ((h >> np.uint64(8)).astype(np.float64) / 2**24 * 4 - 2).astype(dtype).reshape(shape)
+    return feeds
+
+
+def _inputs_digest(feeds: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(feeds):
+        digest.update(name.encode() + feeds[name].tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare: export, compile, reference outputs (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+def prepare(work: Path, models: list[str], batches: list[int], target: str, reuse: bool = False) -> dict:
+    import numpy as np
+
+    from forgeml.compiler.build import CompileOptions, compile_model
+    from forgeml.compiler.verify import onnxruntime_session
+    from forgeml.zoo import export_zoo_model
+
+    for sub in ("onnx", "artifacts", "refs"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    plan = {"target": target, "cases": []}
+    for model in models:
+        for batch in batches:
+            cid = _case_id(model, batch)
+            onnx_path = work / "onnx" / f"{cid}.onnx"
+            if not onnx_path.exists():
+                _say(f"exporting {cid}")
+                export_zoo_model(model, onnx_path, batch=batch)
+            feeds = bench_inputs(model, batch)
+            ort = onnxruntime_session(onnx_path)
+            names = [o.name for o in ort.get_outputs()]
+            outputs = dict(zip(names, ort.run(names, feeds)))
+            np.savez(work / "refs" / f"{cid}.npz", inputs_sha256=np.array(_inputs_digest(feeds)),
+                     **{f"out.{k}": v for k, v in outputs.items()})
+            case = {"id": cid, "model": model, "batch": batch, "onnx": f"onnx/{cid}.onnx",
+                    "ref": f"refs/{cid}.npz", "artifacts": {}}
+            for precision in PRECISIONS:
+                out = work / "artifacts" / f"{cid}_{precision}.fml"
+                start = time.perf_counter()
+                if reuse and out.exists():
+                    from forgeml.runtime.artifact import open_artifact
+
+                    manifest = open_artifact(out).manifest
+                    compile_s = round(sum(manifest.compile_options.get("seconds", {}).values()), 1)
+                else:
+                    _say(f"compiling {cid} {precision} for {target}")
+                    manifest = compile_model(onnx_path, out, CompileOptions(target=target, precision=precision))
+                    compile_s = round(time.perf_counter() - start, 1)
+                case["artifacts"][precision] = {
+                    "path": f"artifacts/{out.name}", "compile_s": compile_s,
+                    "seconds": manifest.compile_options.get("seconds"),
+                    "cuda_kernels": manifest.compile_options.get("cuda_kernels"),
+                    "tolerance": manifest.verification.get("tolerance"), "mb": round(out.stat().st_size / 1e6, 2)}
+            plan["cases"].append(case)
+            (work / "plan.json").write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# pack / unpack: move artifacts to a GPU machine in as few bytes as can be checked
+# ------------------------------------------------------------------------------------------------
+
+def _shuffle(data: bytes, width: int) -> bytes:
+    """Byte-plane shuffle (all first bytes, all second bytes, ...): float tensors compress better."""
+    import numpy as np
+
+    if width <= 1 or len(data) % width:
+        return data
+    return np.frombuffer(data, np.uint8).reshape(-1, width).T.tobytes()
+
+
+def _unshuffle(data: bytes, width: int) -> bytes:
+    import numpy as np
+
+    if width <= 1 or len(data) % width:
+        return data
+    return np.frombuffer(data, np.uint8).reshape(width, -1).T.tobytes()
+
+
+def _weights_of(manifest: dict, blob: bytes) -> list:
+    import numpy as np
+
+    return [np.frombuffer(blob, dtype=w["dtype"], count=int(np.prod(w["shape"], dtype=np.int64)),
+                          offset=w["offset"]).reshape(w["shape"]) for w in manifest["weights"]]
+
+
+def pack(work: Path, bundle: Path, with_runtime: bool = True) -> dict:
+    """Write `bundle`: unique members (lzma, float bytes shuffled), fp16 weights as cast recipes."""
+    plan = json.loads((work / "plan.json").read_text())
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    (bundle / "blobs").mkdir(parents=True)
+    (bundle / "refs").mkdir()
+    stored: dict[str, int] = {}
+
+    def store(data: bytes, width: int = 1) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in stored:
+            packed = lzma.compress(_shuffle(data, width), preset=6)
+            (bundle / "blobs" / digest).write_bytes(packed)
+            stored[digest] = len(packed)
+        return digest
+
+    index = {}
+    for case in plan["cases"]:
+        shutil.copy(work / case["ref"], bundle / "refs" / Path(case["ref"]).name)
+        fp32_weights = None
+        for precision in PRECISIONS:
+            art = case["artifacts"][precision]
+            with tarfile.open(work / art["path"]) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            manifest = json.loads(members["manifest.json"])
+            entry = {"manifest": manifest, "members": {}}
+            for name, data in members.items():
+                if name == "manifest.json":
+                    continue
+                if name == "weights.bin" and precision == "fp16" and fp32_weights is not None:
+                    entry["members"][name] = _weight_recipe(manifest, data, fp32_weights, store)
+                else:
+                    entry["members"][name] = {"blob": store(data, 4 if name == "weights.bin" else 1),
+                                              "width": 4 if name == "weights.bin" else 1}
+            if precision == "fp32":
+                fp32_weights = (manifest, entry["members"]["weights.bin"]["blob"], members["weights.bin"])
+            index[Path(art["path"]).name] = entry
+    (bundle / "index.json").write_text(json.dumps({"plan": plan, "artifacts": index}, indent=1))
+    if with_runtime:
+        _copy_runtime(bundle)
+    total = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    _say(f"bundle {bundle}: {total / 2**20:.1f} MiB ({len(stored)} blobs)")
+    return {"bytes": total, "blobs": len(stored)}
+
+
+def _weight_recipe(manifest: dict, data: bytes, fp32, store) -> dict:
+    """fp16 weights.bin as: for each tensor, 'cast fp32 tensor j' when exact, else its own blob."""
+    import numpy as np
+
+    src_manifest, src_blob, src_data = fp32
+    sources = _weights_of(src_manifest, src_data)
+    targets = _weights_of(manifest, data)
+    steps = []
+    for value in targets:
+        step = None
+        for j, src in enumerate(sources):
+            if src.shape == value.shape and np.array_equal(src.astype(value.dtype).view(np.uint8),
+                                                             np.ascontiguousarray(value).view(np.uint8)):
+                step = {"cast_from": j}
+                break
+        if step is None:
+            step = {"blob": store(np.ascontiguousarray(value).tobytes(), value.dtype.itemsize)}
+        steps.append(step)
+    return {"weights_recipe": steps, "source_blob": src_blob, "source_width": 4,
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _copy_runtime(bundle: Path) -> None:
+    """libtvm_runtime.so + libtvm_runtime_cuda.so from the installed TVM, and libcudart if found (lzma)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tvm")
+    lib = Path(spec.submodule_search_locations[0]) / "lib"
+    (bundle / "lib").mkdir(exist_ok=True)
+    sources = [lib / "libtvm_runtime.so", lib / "libtvm_runtime_cuda.so"]
+    sources += [Path(c) for c in ("/usr/local/cuda/lib64/libcudart.so.13", "/usr/local/cuda/lib/libcudart.so.13")
+                if Path(c).exists()][:1]
+    for src in sources:
+        (bundle / "lib" / (src.name + ".xz")).write_bytes(lzma.compress(src.resolve().read_bytes(), preset=6))
+
+
+def _runtime_from_bundle(bundle: Path, base: Path) -> None:
+    """Unpack the bundle's runtime libraries and point forgeml at them."""
+    if not (bundle / "lib").exists():
+        return
+    (base / "lib").mkdir(parents=True, exist_ok=True)
+    for packed in (bundle / "lib").glob("*.xz"):
+        (base / "lib" / packed.stem).write_bytes(lzma.decompress(packed.read_bytes()))
+    os.environ["FORGEML_TVM_LIB"] = str(base / "lib")
+
+
+def _load_first(path: Path):
+    """Load one artifact (creates the CUDA context); if libcudart is not found, use the bundle's copy."""
+    import ctypes
+
+    import forgeml
+    from forgeml.errors import ArtifactError
+
+    try:
+        return forgeml.load(path)
+    except ArtifactError as e:
+        cudart = Path(os.environ.get("FORGEML_TVM_LIB", "")) / "libcudart.so.13"
+        if "libcudart" not in str(e) or not cudart.exists():
+            raise
+        _say(f"no libcudart.so.13 on the library path; loading {cudart}")
+        ctypes.CDLL(str(cudart), ctypes.RTLD_GLOBAL)
+        return forgeml.load(path)
+
+
+def unpack(bundle: Path, dest: Path) -> dict:
+    """Rebuild the artifacts of `bundle` under dest/artifacts; every member is checked by sha256."""
+    import numpy as np
+
+    from forgeml.runtime.artifact import Manifest, pack_weights, write_artifact
+
+    index = json.loads((bundle / "index.json").read_text())
+    cache: dict[str, bytes] = {}
+
+    def blob(digest: str, width: int) -> bytes:
+        if digest not in cache:
+            cache[digest] = _unshuffle(lzma.decompress((bundle / "blobs" / digest).read_bytes()), width)
+        return cache[digest]
+
+    (dest / "artifacts").mkdir(parents=True, exist_ok=True)
+    for fname, entry in index["artifacts"].items():
+        manifest = Manifest.from_json(entry["manifest"], fname)
+        files = {}
+        for name, how in entry["members"].items():
+            if "weights_recipe" in how:
+                src = blob(how["source_blob"], how["source_width"])
+                src_manifest = next(e["manifest"] for e in index["artifacts"].values()
+                                    if e["members"].get("weights.bin", {}).get("blob") == how["source_blob"])
+                sources = _weights_of(src_manifest, src)
+                tensors = []
+                for w, step in zip(entry["manifest"]["weights"], how["weights_recipe"]):
+                    if "cast_from" in step:
+                        tensors.append((w["name"], sources[step["cast_from"]].astype(w["dtype"])))
+                    else:
+                        raw = blob(step["blob"], np.dtype(w["dtype"]).itemsize)
+                        tensors.append((w["name"], np.frombuffer(raw, w["dtype"]).reshape(w["shape"])))
+                data, _ = pack_weights(tensors)
+            else:
+                data = blob(how["blob"], how["width"])
+            expected = entry["manifest"]["members"][name]
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise RuntimeError(f"{fname}: rebuilt member {name} does not match its sha256")
+            files[name] = data
+        write_artifact(dest / "artifacts" / fname, manifest, files)
+    return index["plan"]
+
+
+# ------------------------------------------------------------------------------------------------
+# run: on the GPU machine
+# ------------------------------------------------------------------------------------------------
+
+def _max_rel(actual: dict, expected: dict) -> tuple[float, float]:
+    from forgeml.compiler.verify import compare
+
+    return compare(actual, expected)
+
+
+def _load_ref(path: Path, model: str, batch: int) -> tuple[dict, dict]:
+    """(inputs, reference outputs); the inputs are remade here and checked against the stored digest."""
+    import numpy as np
+
+    data = np.load(path)
+    feeds = bench_inputs(model, batch)
+    if _inputs_digest(feeds) != str(data["inputs_sha256"]):
+        raise RuntimeError(f"{path}: the inputs made here differ from those the reference outputs came from")
+    outputs = {k[4:]: data[k] for k in data.files if k.startswith("out.")}
+    return feeds, outputs
+
+
+def _torch_case(model: str, feeds: dict, precision: str, device: str = "cuda"):
+    """PyTorch eager on CUDA: (runner, outputs as numpy dict keyed like the reference)."""
+    import torch
+
+    from forgeml.zoo import get_model
+
+    zoo = get_model(model)
+    module = zoo.build().eval().to(device)
+    args = [torch.from_numpy(feeds[k]).to(device) for k in zoo.inputs]
+    if precision == "fp16":
+        module = module.half()
+        args = [a.half() if a.is_floating_point() else a for a in args]
+
+    def run():
+        with torch.inference_mode():
+            out = module(*args)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    out = run()
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    values = {name: o.float().cpu().numpy() for name, o in zip(zoo.output_names, outs)}
+    return run, values
+
+
+def _ort_cuda_case(onnx_path: Path, feeds: dict):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider"])
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda")
+
+    def run():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    run()
+    values = dict(zip([o.name for o in session.get_outputs()], binding.copy_outputs_to_cpu()))
+    return run, values
+
+
+def _nvml_used_mib() -> float | None:
+    """Device-wide used memory as nvidia-smi reports it (NVML; needs no CUDA context)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def measure_memory(engine: str, model: str, batch: int, precision: str, artifact: str | None) -> dict:
+    """In a fresh process: GPU memory of one engine after creating it and running it 3 times.
+    process_mib: nvidia-smi's device-wide used memory, after minus before (CUDA context included);
+    beyond_context_mib: the drop in cudaMemGetInfo's free memory once the context exists."""
+    used0 = _nvml_used_mib()
+    feeds = bench_inputs(model, batch)
+    if engine == "forgeml":
+        from forgeml.runtime import device, native
+
+        native.load_runtime("cuda")
+        before = device.cuda_memory()  # creates the context
+        import forgeml
+
+        runner = device.DeviceRunner(forgeml.load(artifact), feeds)
+        for _ in range(3):
+            runner()
+        after = device.cuda_memory()
+        beyond = before["free_mib"] - after["free_mib"] if before and after else None
+    else:
+        import torch
+
+        free0, _ = torch.cuda.mem_get_info()  # creates the context
+        run, _ = _torch_case(model, feeds, precision)
+        for _ in range(3):
+            run()
+        free1, _ = torch.cuda.mem_get_info()
+        beyond = (free0 - free1) / 2**20
+    used1 = _nvml_used_mib()
+    return {"process_mib": None if used0 is None or used1 is None else round(used1 - used0, 1),
+            "beyond_context_mib": None if beyond is None else round(beyond, 1)}
+
+
+def _memory_in_subprocess(base: Path, engine: str, model: str, batch: int, precision: str,
+                          artifact: str | None) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "mem", "--engine", engine, "--models", model,
+           "--batches", str(batch), "--precision", precision] + (["--artifact", artifact] if artifact else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _mem_used(before: dict | None) -> float | None:
+    from forgeml.runtime.device import cuda_memory
+
+    after = cuda_memory()
+    if before is None or after is None:
+        return None
+    return round(before["free_mib"] - after["free_mib"], 1)
+
+
+def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: bool = True,
+        memory: bool = True) -> dict:
+    """Check every artifact against the reference outputs and measure all engines, alternating."""
+    import numpy as np
+
+    import forgeml
+    from forgeml.bench.harness import Stats, measure_alternating
+    from forgeml.runtime import device
+
+    plan = json.loads((base / "plan.json").read_text()) if (base / "plan.json").exists() else None
+    if plan is None:
+        raise SystemExit(f"{base}/plan.json not found: run `prepare` (or `unpack`) first")
+    info = {"gpu": device.gpu_info(), "python": platform.python_version(), "host": platform.node()}
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        info["onnxruntime_providers"] = []
+    torch = None
+    if torch_baseline:
+        try:
+            import torch
+
+            info["torch"] = torch.__version__
+            info["torch_cuda"] = bool(torch.cuda.is_available())
+            info["torch_tf32_conv"] = bool(torch.backends.cudnn.allow_tf32)
+            info["torch_tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        except ImportError:
+            torch = None
+    _say(f"GPU: {info['gpu']}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"machine": info, "settings": {"repeat": repeat, "budget_s_per_engine": budget_s, "block": 10},
+               "target": plan["target"], "cases": []}
+    # the CUDA context first, so that no engine's memory figure includes it
+    _load_first(base / plan["cases"][0]["artifacts"]["fp32"]["path"])
+    for case in plan["cases"]:
+        cid, model, batch = case["id"], case["model"], case["batch"]
+        feeds, expected = _load_ref(base / case["ref"], model, batch)
+        engines: dict[str, dict] = {}
+        runners = {}
+        for precision in PRECISIONS:
+            art = case["artifacts"][precision]
+            label = f"forgeml {precision}"
+            try:
+                before = device.cuda_memory()
+                session = forgeml.load(base / art["path"])
+                runner = device.DeviceRunner(session, feeds)
+                runner()
+                e2e = session.run(feeds)  # host -> device -> host, as Session.run is used
+                abs_err, rel_err = _max_rel(runner.outputs(), expected)
+                abs2, rel2 = _max_rel(e2e, expected)
+                engines[label] = {"max_abs_error": max(abs_err, abs2), "max_rel_error": max(rel_err, rel2),
+                                  "tolerance": art["tolerance"],
+                                  "passed": bool(max(rel_err, rel2) <= art["tolerance"]),
+                                  "compile_s": art.get("compile_s"), "artifact_mb": art.get("mb")}
+                start = time.perf_counter()
+                for _ in range(3):
+                    runner()
+                est = (time.perf_counter() - start) / 3
+                engines[label]["gpu_mem_inprocess_mib"] = _mem_used(before)
+                runners[label] = runner
+                try:  # about 0.25 s of device time at most
+                    number = max(1, min(10, int(0.05 / max(est, 1e-6))))
+                    per_run = device.time_evaluator(session, feeds, number=number, repeat=5)
+                    engines[label]["device_timer_ms"] = round(float(np.median(per_run)) * 1e3, 4)
+                except Exception as e:  # noqa: BLE001 (timing extra; the host-timer numbers stand)
+                    engines[label]["device_timer_error"] = f"{type(e).__name__}: {e}"[:200]
+                e2e_times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    session.run(feeds)
+                    e2e_times.append(time.perf_counter() - start)
+                engines[label]["with_copies_ms"] = round(float(np.median(e2e_times)) * 1e3, 4)
+            except Exception as e:  # noqa: BLE001 (report it and go on with the other engines)
+                engines[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                _say(f"{cid} {label}: {engines[label]['error']}")
+        if "CUDAExecutionProvider" in info["onnxruntime_providers"] and (base / case["onnx"]).exists():
+            label = "onnxruntime cuda"
+            try:
+                before = device.cuda_memory()
+                runner, values = _ort_cuda_case(base / case["onnx"], feeds)
+                abs_err, rel_err = _max_rel(values, expected)
+                engines[label] = {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": 1e-3,
+                                  "passed": bool(rel_err <= 1e-3), "gpu_mem_inprocess_mib": _mem_used(before)}
+                runners[label] = runner
+            except Exception as e:  # noqa: BLE001
+                engines[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if torch is not None and info.get("torch_cuda"):
+            for precision in PRECISIONS:
+                label = f"pytorch eager {precision}"
+                try:
+                    before = device.cuda_memory()
+                    runner, values = _torch_case(model, feeds, precision)
+                    tol = 1e-3 if precision == "fp32" else 2e-2
+                    abs_err, rel_err = _max_rel(values, expected)
+                    for _ in range(3):
+                        runner()
+                    engines[label] = {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": tol,
+                                      "passed": bool(rel_err <= tol), "gpu_mem_inprocess_mib": _mem_used(before)}
+                    runners[label] = runner
+                except Exception as e:  # noqa: BLE001
+                    engines[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    _say(f"{cid} {label}: {engines[label]['error']}")
+        # adaptive run count: about budget_s per engine, at least 20 runs
+        n = repeat
+        for runner in runners.values():
+            start = time.perf_counter()
+            for _ in range(3):
+                runner()
+            est = (time.perf_counter() - start) / 3
+            n = max(20, min(n, int(budget_s / max(est, 1e-6))))
+        n -= n % 10
+        _say(f"{cid}: measuring {', '.join(runners)} ({n} runs each)")
+        samples = measure_alternating(runners, warmup=5, repeat=n, block=10, pause_s=0.0)
+        for label, times in samples.items():
+            stats = Stats.of(times, batch=batch)
+            engines[label]["stats"] = {k: round(v, 4) for k, v in stats.__dict__.items()}
+            engines[label]["runs"] = len(times)
+        if memory:
+            for label, e in engines.items():
+                if "stats" not in e or label.startswith("onnxruntime"):
+                    continue
+                engine, precision = ("forgeml", label.split()[1]) if label.startswith("forgeml") else \
+                    ("torch", label.split()[-1])
+                artifact = str(base / case["artifacts"][precision]["path"]) if engine == "forgeml" else None
+                mem = _memory_in_subprocess(base, engine, model, batch, precision, artifact)
+                e["gpu_memory"] = mem
+                e["gpu_mem_mib"] = mem.get("process_mib")
+        results["cases"].append({"id": cid, "model": model, "batch": batch, "engines": engines})
+        _say(f"{cid}: " + ", ".join(f"{k} {v['stats']['p50_ms']:.3f} ms" for k, v in engines.items() if "stats" in v))
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))  # partial results survive a timeout
+        out.with_suffix(".md").write_text(markdown(results))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
+    return results
+
+
+def markdown(results: dict) -> str:
+    gpu = results["machine"].get("gpu", {})
+    m = results["machine"]
+    gpu_name = gpu.get("name", "unknown GPU")
+    lines = [
+        "# GPU latency: forgeml (fp32, fp16) vs ONNX Runtime CUDA vs PyTorch eager",
+        "",
+        f"GPU: **{gpu_name}** ({gpu.get('memory.total', '?')}, compute capability {gpu.get('compute_cap', '?')}, "
+        f"driver {gpu.get('driver_version', '?')}); Python {m.get('python')}, torch {m.get('torch', 'absent')}, "
+        f"onnxruntime {m.get('onnxruntime', 'absent')} (providers: {', '.join(m.get('onnxruntime_providers', []))})."
+        f" Artifacts compiled for `{results['target']}` with forgeml's default GPU schedules (dlight rules), "
+        "no tuning.",
+        "",
+        "Every engine runs on inputs already on the GPU, and is timed on the host around call + device "
+        "synchronize; engines alternate in blocks of 10 on the same seeded inputs, in one process. "
+        "`dev ms`: forgeml's time inside the TVM runtime (CUDA events, median of 5 means of up to 10 runs). "
+        "`+copies ms`: forgeml's `Session.run` with numpy in and out (host-device copies). "
+        "`vs torch`: p50 of PyTorch eager fp32 / p50 (above 1 is faster than PyTorch fp32). "
+        "`rel err`: max |out - ONNX Runtime CPU| / max |ONNX Runtime CPU| over every output element. "
+        "`GPU MiB`: GPU memory of the engine alone in a fresh process, after creating it and 3 runs "
+        "(nvidia-smi's used memory, after minus before: CUDA context, kernels, weights, workspace; "
+        "PyTorch's includes its caching allocator and cuBLAS/cuDNN; the JSON also has the part beyond "
+        "the CUDA context).",
+        "",
+    ]
+    if "CUDAExecutionProvider" not in m.get("onnxruntime_providers", []):
+        lines += ["ONNX Runtime CUDA: **not measured**: the GPU machine's onnxruntime "
+                  f"({m.get('onnxruntime', 'absent')}) has no CUDAExecutionProvider, and onnxruntime-gpu "
+                  "could not be installed there.", ""]
+    if m.get("torch"):
+        lines += [f"PyTorch fp32 runs with its defaults: TF32 convolutions {m.get('torch_tf32_conv')}, "
+                  f"TF32 matmuls {m.get('torch_tf32_matmul')}. PyTorch fp16 is `module.half()` (fp16 "
+                  "weights and activations).", ""]
+    header = ["model", "batch", "engine", "p50 ms", "p90 ms", "min ms", "items/s", "vs torch", "dev ms",
+              "+copies ms", "rel err", "ok", "GPU MiB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in results["cases"]:
+        ref = case["engines"].get("pytorch eager fp32", {}).get("stats", {}).get("p50_ms")
+        for label, e in case["engines"].items():
+            if "stats" not in e:
+                lines.append(f"| {case['model']} | {case['batch']} | {label} | error: {e.get('error', '?')[:80]} "
+                             + "| " * (len(header) - 4) + "|")
+                continue
+            s = e["stats"]
+            ratio = f"{ref / s['p50_ms']:.2f}x" if ref else "-"
+            lines.append(
+                f"| {case['model']} | {case['batch']} | {label} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
+                f"{s['min_ms']:.3f} | {s['throughput_per_s']:.0f} | {ratio} | "
+                f"{e.get('device_timer_ms', '-')} | {e.get('with_copies_ms', '-')} | "
+                f"{e.get('max_rel_error', float('nan')):.2g} | {'yes' if e.get('passed') else 'NO'} | "
+                f"{e.get('gpu_mem_mib') if e.get('gpu_mem_mib') is not None else '-'} |")
+    lines += ["", f"Settings: {json.dumps(results['settings'])}.", ""]
+    return "\n".join(lines)
+
+
+def _unpack_to(bundle: Path, base: Path) -> None:
+    """unpack() plus the reference outputs and plan.json, so that `run` finds everything under base."""
+    plan = unpack(bundle, base)
+    _runtime_from_bundle(bundle, base)
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    for case in plan["cases"]:
+        shutil.copy(bundle / "refs" / Path(case["ref"]).name, base / "refs")
+    (base / "plan.json").write_text(json.dumps(plan, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["all", "prepare", "pack", "unpack", "run", "report", "mem"])
+    parser.add_argument("--work", default=str(ROOT / "build" / "gpu"), help="prepare's output folder")
+    parser.add_argument("--bundle", help="pack's output / run's input when built elsewhere")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--target", default="cuda-sm90")
+    parser.add_argument("--repeat", type=int, default=200, help="most timed runs per engine")
+    parser.add_argument("--budget-s", type=float, default=1.5, help="about this many seconds per engine per case")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="prepare: keep artifacts already compiled")
+    parser.add_argument("--no-memory", action="store_true", help="run: skip the per-engine memory processes")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)  # mem: forgeml | torch
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--artifact", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS / "gpu"), help="results path without suffix")
+    args = parser.parse_args()
+    work = Path(args.work)
+    models = [m for m in args.models.split(",") if m]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    out = Path(args.out)
+    if args.command in ("prepare", "all"):
+        prepare(work, models, batches, args.target, reuse=args.reuse)
+    if args.command == "pack":
+        pack(work, Path(args.bundle))
+    if args.command == "unpack":
+        _unpack_to(Path(args.bundle), work)
+    if args.command in ("run", "all"):
+        base = work
+        if args.bundle and args.command == "run":
+            base = Path(os.environ.get("TMPDIR", "/tmp")) / "forgeml-gpu-bench"
+            _say(f"unpacking {args.bundle} into {base}")
+            _unpack_to(Path(args.bundle), base)
+        results = run(base, out, args.repeat, args.budget_s, torch_baseline=not args.no_torch,
+                      memory=not args.no_memory)
+        print(markdown(results))
+    if args.command == "mem":
+        print(json.dumps(measure_memory(args.engine, models[0], batches[0], args.precision, args.artifact)))
+    if args.command == "report":
+        print(markdown(json.loads(out.with_suffix(".json").read_text())))
+
+
+if __name__ == "__main__":
+    main()
