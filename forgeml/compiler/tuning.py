@@ -87,9 +87,6 @@ class Budget:
     def empty(self) -> bool:
         return not self.minutes and not self.trials
 
-    def max_trials(self, tasks: int) -> int:
-        return self.trials if self.trials else max(64, tasks * 1000)
-
 
 @dataclass
 class TuningSummary:
@@ -173,9 +170,26 @@ def extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[Any]:
     return ms.relax_integration.extract_tasks(mod, target)
 
 
+_TRIALS_PER_TASK = 32  # a first pass over every kernel before any kernel gets more
+_GROUP = 4  # kernels tuned together; the time budget is checked between groups
+
+
+def _flops(task: Any) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(task.dispatched[0])) * task.weight
+    except Exception:  # some kernels (reshape, gather) have no FLOP estimate
+        return 0.0
+
+
 def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
          progress: TuneProgress | None = None) -> TuningSummary:
-    """Tune every kernel of `mod` not already in the target's database, within `budget`."""
+    """Tune the kernels of `mod` not already in the target's database, within `budget`.
+
+    Kernels go heaviest first (FLOPs x uses), a few at a time, so a time budget is honoured between
+    groups and the kernels that matter most are tuned first.
+    """
     start = time.monotonic()
     quiet_logs()
     db = open_database(target)
@@ -183,25 +197,32 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
     pending = [] if budget.empty else [t for t in tasks if not _has_record(db, t, target)]
     cached = sum(1 for t in tasks if _has_record(db, t, target)) if budget.empty else len(tasks) - len(pending)
     summary = TuningSummary(database=str(database_dir(target)), tasks=len(tasks), tasks_from_cache=cached,
-                            tasks_tuned=len(pending), budget={"minutes": budget.minutes, "trials": budget.trials})
-    if pending:
-        work_dir = database_dir(target) / "logs"
-        with _without_tensor_intrinsics(target):
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                pending, work_dir=str(work_dir), num_threads=os.cpu_count() or 1, strategy=_search_strategy())
-        max_trials = budget.max_trials(len(pending))
-        deadline = start + budget.minutes * 60 if budget.minutes else None
-        callback = _Progress(deadline, progress, max_trials)
-        builder, runner = _builder_runner()
-        try:
+                            budget={"minutes": budget.minutes, "trials": budget.trials})
+    pending.sort(key=_flops, reverse=True)
+    deadline = start + budget.minutes * 60 if budget.minutes else None
+    planned = budget.trials or len(pending) * _TRIALS_PER_TASK
+    callback = _Progress(deadline, progress, planned)
+    work_dir = database_dir(target) / "logs"
+    try:
+        for i in range(0, len(pending), _GROUP):
+            left = planned - callback.trials
+            if left <= 0 or (deadline is not None and time.monotonic() >= deadline):
+                break
+            group = pending[i:i + _GROUP]
+            with _without_tensor_intrinsics(target):
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    group, work_dir=str(work_dir), num_threads=os.cpu_count() or 1, strategy=_search_strategy())
+            builder, runner = _builder_runner()
             ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=max_trials,
-                num_trials_per_iter=16, builder=builder, runner=runner, database=db,
+                tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                max_trials_global=min(left, len(group) * _TRIALS_PER_TASK), num_trials_per_iter=16,
+                builder=builder, runner=runner, database=db,
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
             )
-        except KeyboardInterrupt:
-            summary.interrupted = True  # every measured record is already in the database
-        summary.trials = callback.trials
+            summary.tasks_tuned += len(group)
+    except KeyboardInterrupt:
+        summary.interrupted = True  # every measured record is already in the database
+    summary.trials = callback.trials
     summary.seconds = round(time.monotonic() - start, 2)
     return summary
 
