@@ -83,7 +83,7 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
             ort_name = f"onnxruntime {source.name}"
             runners[ort_name] = (lambda s=ort, f=feeds: s.run(None, f))
             if manifest.target.get("device") == "cuda":  # GPU artifact: ONNX Runtime's CUDA provider if present
-                from forgeml.runtime.device import onnxruntime_cuda_runner
+                from forgeml.compiler.verify import onnxruntime_cuda_runner
 
                 cuda_run = onnxruntime_cuda_runner(source, feeds)
                 if cuda_run is not None:

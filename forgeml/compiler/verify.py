@@ -61,6 +61,29 @@ def onnxruntime_session(model_path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
+def onnxruntime_cuda_runner(model_path: str | Path, feeds: dict[str, np.ndarray]):
+    """ONNX Runtime with the CUDA execution provider on device-resident inputs (io binding), or None
+    when this onnxruntime has no CUDAExecutionProvider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CUDAExecutionProvider"])
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda")
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run
+
+
 def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> tuple[float, float]:
     """(max absolute error, max error relative to each output's largest magnitude)."""
     max_abs = max_rel = 0.0

@@ -120,26 +120,3 @@ def bench_runner(session, feeds: dict[str, np.ndarray]) -> tuple[Any, dict[str, 
     except Exception as e:  # noqa: BLE001 (an extra figure; the host-timer samples stand)
         extra["device_timer_error"] = str(e)[:200]
     return runner, extra
-
-
-def onnxruntime_cuda_runner(model_path, feeds: dict[str, np.ndarray]):
-    """ONNX Runtime with the CUDA execution provider on device-resident inputs (io binding), or None
-    when this onnxruntime has no CUDAExecutionProvider."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CUDAExecutionProvider"])
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-    for out in session.get_outputs():
-        binding.bind_output(out.name, "cuda")
-
-    def run() -> None:
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
-    return run
