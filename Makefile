@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.forgeml-installed
 DEMO_MODEL ?= resnet18
 THREADS ?= 2
 
-.PHONY: install demo test test-fast test-edge toolchains lint bench-cpu clean
+.PHONY: install demo test test-fast test-edge toolchains lint bench-cpu bench-suite clean
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ lint: $(STAMP)
 
 bench-cpu: $(STAMP)
 	$(BIN)/python benchmarks/cpu.py --threads $(THREADS)
+
+bench-suite: $(STAMP)
+	$(BIN)/python -m pytest benchmarks/test_latency.py --benchmark-group-by=param:name
 
 clean:
 	rm -rf demo .pytest_cache build *.egg-info
