@@ -360,24 +360,11 @@ def _torch_case(model: str, feeds: dict, precision: str, device: str = "cuda"):
 
 
 def _ort_cuda_case(onnx_path: Path, feeds: dict):
-    import onnxruntime as ort
+    from forgeml.compiler.verify import onnxruntime_cuda_runner
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider"])
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-    for out in session.get_outputs():
-        binding.bind_output(out.name, "cuda")
-
-    def run():
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
+    run, outputs = onnxruntime_cuda_runner(onnx_path, feeds)  # called only when the provider exists
     run()
-    values = dict(zip([o.name for o in session.get_outputs()], binding.copy_outputs_to_cpu()))
-    return run, values
+    return run, outputs()
 
 
 def _nvml_used_mib() -> float | None:

@@ -85,11 +85,11 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
             if manifest.target.get("device") == "cuda":  # GPU artifact: ONNX Runtime's CUDA provider if present
                 from forgeml.compiler.verify import onnxruntime_cuda_runner
 
-                cuda_run = onnxruntime_cuda_runner(source, feeds)
-                if cuda_run is not None:
+                cuda = onnxruntime_cuda_runner(source, feeds)
+                if cuda is not None:
                     del runners[ort_name]
                     ort_name = f"onnxruntime-cuda {source.name}"
-                    runners[ort_name] = cuda_run
+                    runners[ort_name] = cuda[0]
             cases_meta[ort_name] = cases_meta[f"onnxruntime:{model_key}"] = dict(
                 engine="onnxruntime", model=model_key, path=source, feeds=feeds,
                 artifact_mb=source.stat().st_size / 1e6)

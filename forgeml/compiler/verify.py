@@ -62,8 +62,9 @@ def onnxruntime_session(model_path: str | Path, threads: int | None = None):
 
 
 def onnxruntime_cuda_runner(model_path: str | Path, feeds: dict[str, np.ndarray]):
-    """ONNX Runtime with the CUDA execution provider on device-resident inputs (io binding), or None
-    when this onnxruntime has no CUDAExecutionProvider."""
+    """(run, outputs) for ONNX Runtime with the CUDA execution provider on device-resident inputs
+    (io binding), or None when this onnxruntime has no CUDAExecutionProvider. `run()` returns once
+    the GPU has finished; `outputs()` copies the last run's outputs to numpy, by name."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -81,7 +82,10 @@ def onnxruntime_cuda_runner(model_path: str | Path, feeds: dict[str, np.ndarray]
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
 
-    return run
+    def outputs() -> dict[str, np.ndarray]:
+        return dict(zip([o.name for o in session.get_outputs()], binding.copy_outputs_to_cpu()))
+
+    return run, outputs
 
 
 def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> tuple[float, float]:
