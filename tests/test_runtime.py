@@ -65,6 +65,25 @@ def test_non_contiguous_input_is_copied(compiled_mlp):
     np.testing.assert_array_equal(session.run({"x": strided})["y"], session.run({"x": strided.copy()})["y"])
 
 
+def test_outputs_stay_valid_and_unaligned_inputs_are_staged(compiled_mlp):
+    """run() returns views of the output tensors (no copy): a later run must not overwrite them; an
+    input that is not 64-byte aligned goes through the staging buffer and gives the same result."""
+    session = forgeml.load(compiled_mlp[1])
+    rng = np.random.default_rng(6)
+    x1, x2 = (rng.standard_normal((4, 16)).astype("float32") for _ in range(2))
+    first = session.run({"x": x1})["y"]
+    kept = first.copy()
+    second = session.run({"x": x2})["y"]
+    np.testing.assert_array_equal(first, kept)
+    assert not np.array_equal(first, second)
+    raw = np.empty(4 * 16 * 4 + 64 + 4, np.uint8)
+    start = (-raw.ctypes.data) % 64 + 4  # 4 bytes past a 64-byte boundary
+    unaligned = raw[start:start + 4 * 16 * 4].view("float32").reshape(4, 16)
+    unaligned[...] = x1
+    assert unaligned.ctypes.data % 64 == 4
+    np.testing.assert_array_equal(session.run({"x": unaligned})["y"], kept)
+
+
 def test_tampered_member_is_refused_before_loading(compiled_mlp, tmp_path):
     bad = _rewrite(compiled_mlp[1], tmp_path / "bad.fml",
                    edit_member=("model.so", lambda b: b[:-1] + bytes([b[-1] ^ 1])))

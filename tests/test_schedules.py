@@ -195,24 +195,27 @@ def test_conv_batchnorm_relu6_folds():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("m,k,n", [(4, 64, 10), (1, 512, 1000), (3, 257, 48), (128, 128, 128), (5, 33, 7)])
+@pytest.mark.parametrize("m,k,n", [(4, 64, 10), (1, 512, 1000), (3, 257, 48), (128, 128, 128), (5, 33, 7),
+                                   (1, 512, 10), (2, 64, 20)])
 def test_dense(m, k, n):
     rng = _rng(1)
     weights = {"W": (rng.standard_normal((k, n)) / np.sqrt(k)).astype("float32"),
                "B": rng.standard_normal(n).astype("float32")}
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])]
     model = _model(nodes, [_f("x", (m, k))], [_f("y", (m, n))], weights)
-    if n % 8 == 0:
+    if n % 8 == 0 or k % 8 == 0:  # N % 8 != 0 takes the dot-product schedule
         assert "MatmulRule" in set(_rules_used(model).values())
     _check(model, {"x": rng.standard_normal((m, k)).astype("float32")})
 
 
-def test_gemm_transposed_weight():
+@pytest.mark.parametrize("n", [24, 10])
+def test_gemm_transposed_weight(n):
     rng = _rng(2)
-    weights = {"W": (rng.standard_normal((24, 40)) * 0.2).astype("float32"),
-               "B": rng.standard_normal(24).astype("float32")}
+    weights = {"W": (rng.standard_normal((n, 40)) * 0.2).astype("float32"),
+               "B": rng.standard_normal(n).astype("float32")}
     nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)]
-    model = _model(nodes, [_f("x", (6, 40))], [_f("y", (6, 24))], weights)
+    model = _model(nodes, [_f("x", (6, 40))], [_f("y", (6, n))], weights)
+    assert "MatmulRule" in set(_rules_used(model).values())
     _check(model, {"x": rng.standard_normal((6, 40)).astype("float32")})
 
 

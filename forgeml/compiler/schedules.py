@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 _PREPROC = "meta_schedule.layout_rewrite_preproc"
 _MAX_ACC = 12  # accumulator vectors in a register tile (16 ymm registers on x86)
 _PAR_MIN = 16384  # elements below which a stage stays serial (a parallel launch costs more)
+# multiply-adds below which a matmul stays serial: measured on a 2-core EPYC, a 512x512 GEMV (262k MACs)
+# took 23.6 us on one thread and 27.4 us on two (the pool's wake-up costs more than the split saves)
+_PAR_MIN_MACS = 1 << 19
 _TUNE: dict = {}  # knobs for experiments (benchmarks/ops_cpu.py); empty means the defaults
 
 
@@ -527,6 +530,12 @@ class MatmulRule(ScheduleRule):
         m = exts[info.i] if info.i is not None else 1
         n = exts[info.j]
         lanes = cpu.lanes
+        macs = 1
+        for e in exts:
+            macs *= e
+        parallel = macs >= _PAR_MIN_MACS
+        if n % lanes and exts[info.k] % lanes == 0:
+            return _dot_schedule(sch, blk, info, func, lanes, n, parallel)
         mr, nv = _choose_gemm_tile(m, n, lanes)
         tw = nv * lanes
         b_buf = sch.get(blk).reads[info.b_idx].source
@@ -555,7 +564,7 @@ class MatmulRule(ScheduleRule):
             ([ii] if ii is not None else []) + [jv, jl]
         sch.reorder(*order)
         outer = batch + [jo] + ([io] if io is not None else [])
-        fused = _parallel(sch, outer)
+        fused = _parallel(sch, outer) if parallel else sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.reverse_compute_at(local, fused, preserve_unit_loops=True)
         if ii is not None:
             sch.unroll(ii)
@@ -572,6 +581,41 @@ class MatmulRule(ScheduleRule):
         for lp in wloops[:-1]:
             sch.unroll(lp)
         return sch
+
+
+def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int, n: int, parallel: bool):
+    """Matmul whose N is not a multiple of the vector width (a 10-class head): dot products along K.
+
+    B is packed to [N, K] so each output is a vectorized dot product: `lanes` partial sums per output
+    (rfactor over K's inner lanes), with the outputs of one row unrolled so their FMA chains overlap,
+    then a short sum of the lanes. Avoids the predicated, partly scalar column tile.
+    """
+    b_buf = sch.get(blk).reads[info.b_idx].source
+    if not info.b_trans:
+        b_param = _param_index(func, b_buf)
+        if b_param is None or b_param not in _layout_free(func) or len(b_buf.shape) != 2:
+            return None
+        _pack_weight(sch, blk, info.b_idx, lambda kk, jj: (jj, kk))
+    loops = sch.get_loops(blk)
+    n_out = len(loops) - 1
+    _, kl = sch.split(loops[info.k], [None, lanes])
+    rf = sch.rfactor(kl, n_out)  # partial sums [..., i, j, lane]
+    loops = sch.get_loops(rf)
+    batch = [loops[p] for p in info.batch]
+    i_loop = [loops[info.i]] if info.i is not None else []
+    j_loop, ko, kl = loops[info.j], loops[n_out], loops[n_out + 1]
+    if n <= _MAX_ACC:
+        sch.reorder(*batch, *i_loop, ko, j_loop, kl)
+        sch.unroll(j_loop)
+    else:
+        sch.reorder(*batch, *i_loop, j_loop, ko, kl)
+    sch.vectorize(kl)
+    outer = batch + i_loop
+    if parallel and outer:
+        _parallel(sch, outer)
+    init = sch.decompose_reduction(rf, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch
 
 
 # --------------------------------------------------------------------------------------------------
