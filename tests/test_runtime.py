@@ -156,6 +156,26 @@ print(mods, "libtvm_compiler" in maps, "libtvm_runtime" in maps, "libtorch" in m
     assert out.strip() == "[] False True False"
 
 
+def test_modules_skipped_at_runtime_import_stay_importable(compiled_mlp):
+    """The runtime keeps tvm_ffi's optional imports (torch, importlib.metadata, tvm_ffi.cpp, ...) out of
+    its cold start; afterwards the same process must still get the real modules, and the compiler."""
+    code = f"""
+import sys, numpy as np, forgeml
+s = forgeml.load({str(compiled_mlp[1])!r})
+y = s.run({{"x": np.ones((4, 16), "float32")}})["y"]
+stand_ins = [m for m in ("importlib.metadata", "tvm_ffi.cpp", "tvm_ffi._optional_torch_c_dlpack", "ml_dtypes")
+             if m in sys.modules]
+import importlib.metadata, tvm_ffi.cpp, tvm_ffi._optional_torch_c_dlpack
+assert importlib.metadata.version("numpy") == np.__version__
+assert callable(tvm_ffi.cpp.load_inline)
+import tvm
+assert tvm.target.Target("llvm").kind.name == "llvm"
+print(stand_ins, float(s.run({{"x": np.ones((4, 16), "float32")}})["y"].sum() - y.sum()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] 0.0"
+
+
 def test_ten_thousand_runs_do_not_grow_memory(compiled_cnn):
     code = f"""
 import resource, numpy as np, forgeml

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +129,8 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
     manifest.members = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     manifest_bytes = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # writing is the compiler's job: the runtime does not pay for this import
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

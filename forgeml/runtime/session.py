@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -98,15 +97,11 @@ class Session:
 
     def _load_vm(self, artifact: ArtifactFile) -> Any:
         library = artifact.read_member(self.manifest.library)
-        # dlopen needs a file: write the verified bytes to a private temp file, load, remove it.
-        with tempfile.TemporaryDirectory(prefix="forgeml-") as tmp:
-            lib_path = os.path.join(tmp, "model.so")
-            with open(lib_path, "wb") as f:
-                f.write(library)
-            try:
-                module = self._ffi.load_module(lib_path)
-            except Exception as e:
-                raise ArtifactError(f"{self.path}: the compiled library failed to load: {e}") from None
+        try:
+            module = _load_library(self._ffi, library)
+        except Exception as e:
+            raise ArtifactError(f"{self.path}: the compiled library failed to load: {e}") from None
+        self._module = module  # the VM's functions live in this library: keep it loaded
         vm = module["vm_load_executable"]()
         device_type = _DEVICE_TYPES[self.device]
         if device_type == 1:
@@ -212,6 +207,32 @@ class Session:
         if self._on_cpu:
             return np.from_dlpack(tensor)  # a view that owns the tensor (see run)
         return _copy_to_host(self._ffi, tensor)
+
+
+def _load_library(ffi: Any, library: bytes) -> Any:
+    """dlopen the verified library bytes. On Linux from an anonymous in-memory file (memfd): nothing
+    is written to disk, and it works where /tmp is mounted noexec, as on many devices. Elsewhere from
+    a private temp file, removed right after loading."""
+    if hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create("forgeml-model.so")
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                with open(fd, "wb", closefd=False) as f:
+                    f.write(library)
+                # the loader picks the format from the name's suffix, which /proc/self/fd/N lacks
+                return ffi.get_global_func("ffi.Module.load_from_file.so")(f"/proc/self/fd/{fd}", "so")
+            finally:
+                os.close(fd)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="forgeml-") as tmp:
+        lib_path = os.path.join(tmp, "model.so")
+        with open(lib_path, "wb") as f:
+            f.write(library)
+        return ffi.load_module(lib_path)
 
 
 def _copy_to_device(ffi: Any, host: Any, device: Any) -> Any:

@@ -37,7 +37,7 @@ class HostCPU:
 
 
 def _read_cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or "unknown", set()
+    model, flags = "unknown", set()  # not platform.processor(): it runs `uname -p` in a subprocess
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -49,6 +49,8 @@ def _read_cpuinfo() -> tuple[str, frozenset[str]]:
                     flags = set(value.split())
     except OSError:
         pass
+    if model == "unknown":
+        model = platform.processor() or "unknown"
     return model, frozenset(flags)
 
 
