@@ -156,6 +156,27 @@ print(mods, "libtvm_compiler" in maps, "libtvm_runtime" in maps, "libtorch" in m
     assert out.strip() == "[] False True False"
 
 
+def test_artifacts_loaded_one_after_another_keep_their_own_kernels(compiled_mlp, compiled_cnn):
+    """A fresh process loads one model, then another while the first stays loaded: each must run its own
+    library (the dynamic loader hands back an already loaded library when a path repeats)."""
+    code = f"""
+import sys, numpy as np, forgeml
+sessions = []
+for path, shape in [({str(compiled_mlp[1])!r}, (4, 16)), ({str(compiled_cnn[1])!r}, (1, 3, 32, 32))]:
+    sessions.append(forgeml.load(path))
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    np.save(sys.argv[1] + "/" + str(len(shape)) + ".npy", sessions[-1].run({{"x": x}})["y"])
+"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, check=True)
+        for (onnx_path, _), shape in [(compiled_mlp, (4, 16)), (compiled_cnn, (1, 3, 32, 32))]:
+            x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+            got = np.load(f"{tmp}/{len(shape)}.npy")
+            np.testing.assert_allclose(got, ort_run(onnx_path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
 def test_modules_skipped_at_runtime_import_stay_importable(compiled_mlp):
     """The runtime keeps tvm_ffi's optional imports (torch, importlib.metadata, tvm_ffi.cpp, ...) out of
     its cold start; afterwards the same process must still get the real modules, and the compiler."""

@@ -210,22 +210,10 @@ class Session:
 
 
 def _load_library(ffi: Any, library: bytes) -> Any:
-    """dlopen the verified library bytes. On Linux from an anonymous in-memory file (memfd): nothing
-    is written to disk, and it works where /tmp is mounted noexec, as on many devices. Elsewhere from
-    a private temp file, removed right after loading."""
-    if hasattr(os, "memfd_create"):
-        try:
-            fd = os.memfd_create("forgeml-model.so")
-        except OSError:
-            fd = None
-        if fd is not None:
-            try:
-                with open(fd, "wb", closefd=False) as f:
-                    f.write(library)
-                # the loader picks the format from the name's suffix, which /proc/self/fd/N lacks
-                return ffi.get_global_func("ffi.Module.load_from_file.so")(f"/proc/self/fd/{fd}", "so")
-            finally:
-                os.close(fd)
+    """dlopen the verified library bytes from a private temp file (under $TMPDIR), removed right after.
+
+    Each load gets a new directory: the dynamic loader returns an already loaded library when the path
+    repeats (a memfd's /proc/self/fd/N does repeat), which would run another model's kernels."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="forgeml-") as tmp:
