@@ -66,8 +66,8 @@ def test_non_contiguous_input_is_copied(compiled_mlp):
 
 
 def test_outputs_stay_valid_and_unaligned_inputs_are_staged(compiled_mlp):
-    """run() returns views of the output tensors (no copy): a later run must not overwrite them; an
-    input that is not 64-byte aligned goes through the staging buffer and gives the same result."""
+    """A later run must not overwrite earlier outputs; an input that is not 64-byte aligned goes through
+    the session's staging buffer and gives the same result."""
     session = forgeml.load(compiled_mlp[1])
     rng = np.random.default_rng(6)
     x1, x2 = (rng.standard_normal((4, 16)).astype("float32") for _ in range(2))
@@ -82,6 +82,30 @@ def test_outputs_stay_valid_and_unaligned_inputs_are_staged(compiled_mlp):
     unaligned[...] = x1
     assert unaligned.ctypes.data % 64 == 4
     np.testing.assert_array_equal(session.run({"x": unaligned})["y"], kept)
+
+
+def test_outputs_that_are_an_input_or_a_weight_are_copies(tmp_path):
+    """A model may return an input, a weight or a constant as is: writing to the output array must not
+    change the caller's array or the model."""
+    from conftest import _model, save
+    from onnx import TensorProto, helper
+
+    w = np.arange(8, dtype="float32").reshape(2, 4)
+    nodes = [helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Identity", ["W"], ["weight"]),
+             helper.make_node("Add", ["x", "W"], ["sum"])]
+    spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("same", "weight", "sum")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], spec, {"W": w})
+    onnx_path = save(model, tmp_path / "alias.onnx")
+    forgeml.compile_model(onnx_path, tmp_path / "alias.fml")
+    session = forgeml.load(tmp_path / "alias.fml")
+    x = np.ones((2, 4), "float32")
+    for _ in range(2):
+        out = session.run({"x": x})
+        np.testing.assert_array_equal(out["sum"], x + w)
+        for name in ("same", "weight"):
+            out[name][...] = -1.0
+        np.testing.assert_array_equal(x, np.ones((2, 4), "float32"))
+        np.testing.assert_array_equal(session.run({"x": x})["weight"], w)
 
 
 def test_tampered_member_is_refused_before_loading(compiled_mlp, tmp_path):

@@ -189,13 +189,8 @@ class Session:
             if args is None:
                 args = self._upload_inputs(self._check_inputs(feeds))
             result = self._main(*args, *self._weights)
-            if self._on_cpu and len(self._output_names) == 1:
-                # a view, no copy: through DLPack the array owns the output tensor, whose memory goes
-                # back to the VM's pool only when the array is freed
-                outputs = {self._output_names[0]: np.from_dlpack(result)}
-            else:
-                tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
-                outputs = dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
+            tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
+            outputs = dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
         if output_names is not None:
             unknown = [n for n in output_names if n not in outputs]
             if unknown:
@@ -205,7 +200,8 @@ class Session:
 
     def _to_host(self, tensor: Any) -> np.ndarray:
         if self._on_cpu:
-            return np.from_dlpack(tensor)  # a view that owns the tensor (see run)
+            # a copy: an output may be an input, a weight or a constant of the model returned as is
+            return np.from_dlpack(tensor).copy()
         return _copy_to_host(self._ffi, tensor)
 
 
