@@ -46,3 +46,39 @@ def test_tune_needs_a_budget(tmp_path):
     onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
     with pytest.raises(InvalidInput, match="budget"):
         tune_model(onnx_path, "x86-64")
+
+
+def _pool_model():
+    import numpy as np
+    from conftest import _model
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype("float32")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])], {"W": w})
+
+
+def test_tuning_input_has_no_unregistered_schedule_rules(tmp_path):
+    """Legalized pooling carries schedule_rule="meta_schedule.pool_max", which TVM registers for no CPU:
+    MetaSchedule warned "Unknown schedule rule" per pool kernel. The tuning input drops it."""
+    import tvm
+
+    from forgeml.compiler import frontend, pipeline
+    from forgeml.compiler.build import _import_onnx
+
+    loaded = frontend.load_onnx(save(_pool_model(), tmp_path / "pool.onnx"), {})
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    mod = pipeline.tuning_input(_import_onnx(loaded), target)
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any("pool" in name for name in kernels)
+    assert not [name for name, f in kernels.items() if f.attrs is not None and "schedule_rule" in f.attrs]
+
+
+@pytest.mark.slow
+def test_tuning_a_pool_prints_no_unknown_rule_warning(tmp_path, capfd):
+    onnx_path = save(_pool_model(), tmp_path / "pool.onnx")
+    summary = tune_model(onnx_path, "x86-64", trials=4)
+    assert summary.trials >= 1
+    assert "Unknown schedule rule" not in capfd.readouterr().err

@@ -60,7 +60,18 @@ def _o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The fused module whose kernels MetaSchedule tunes (weights marked layout-free for prepacking)."""
     with target:
-        return tvm.transform.Sequential([*_graph_passes(), relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
+        mod = tvm.transform.Sequential([*_graph_passes(), relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
+    return _without_schedule_rule_attrs(mod)
+
+
+def _without_schedule_rule_attrs(mod: tvm.IRModule) -> tvm.IRModule:
+    """Drop the `schedule_rule` attribute legalization puts on some kernels (pooling: "meta_schedule.
+    pool_max"). TVM registers no such rule for CPUs, so MetaSchedule printed an "Unknown schedule rule"
+    warning per pool kernel and then used its default rules, as it does without the attribute."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "schedule_rule" in func.attrs:
+            mod[gv] = func.without_attr("schedule_rule")
+    return mod
 
 
 def tuned_o2(mod: tvm.IRModule, target: tvm.target.Target, budget, progress=None):
