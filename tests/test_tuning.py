@@ -73,12 +73,20 @@ def test_tuning_input_has_no_unregistered_schedule_rules(tmp_path):
     mod = pipeline.tuning_input(_import_onnx(loaded), target)
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert any("pool" in name for name in kernels)
-    assert not [name for name, f in kernels.items() if f.attrs is not None and "schedule_rule" in f.attrs]
+    assert not [name for name, f in kernels.items() if "schedule_rule" in f.script()]
 
 
 @pytest.mark.slow
-def test_tuning_a_pool_prints_no_unknown_rule_warning(tmp_path, capfd):
+def test_tuning_a_pool_prints_no_unknown_rule_warning(tmp_path):
+    """`forgeml tune` on a model with a max pool, in a subprocess (TVM's C++ warnings go to fd 2)."""
+    import os
+    import subprocess
+    import sys
+
     onnx_path = save(_pool_model(), tmp_path / "pool.onnx")
-    summary = tune_model(onnx_path, "x86-64", trials=4)
-    assert summary.trials >= 1
-    assert "Unknown schedule rule" not in capfd.readouterr().err
+    code = f"from forgeml.cli import main; raise SystemExit(main(['tune', {str(onnx_path)!r}, '--trials', '4']))"
+    env = {**os.environ, "FORGEML_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "trials" in done.stderr + done.stdout
+    assert "Unknown schedule rule" not in done.stderr + done.stdout

@@ -147,12 +147,21 @@ def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def _without_schedule_rule_attrs(mod: tvm.IRModule) -> tvm.IRModule:
-    """Drop the `schedule_rule` attribute legalization puts on some kernels (pooling: "meta_schedule.
+    """Drop the `schedule_rule` block annotation legalization puts on some kernels (pooling: "meta_schedule.
     pool_max"). TVM registers no such rule for CPUs, so MetaSchedule printed an "Unknown schedule rule"
-    warning per pool kernel and then used its default rules, as it does without the attribute."""
+    warning per pool kernel and then used its default rules, as it does without the annotation."""
+    from tvm import s_tir
+
     for gv, func in list(mod.functions_items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "schedule_rule" in func.attrs:
-            mod[gv] = func.without_attr("schedule_rule")
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        marked = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                  if "schedule_rule" in sch.get(b).annotations]
+        for block in marked:
+            sch.unannotate(block, "schedule_rule")
+        if marked:
+            mod[gv] = sch.mod["main"]
     return mod
 
 
