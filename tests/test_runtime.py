@@ -108,6 +108,25 @@ def test_outputs_that_are_an_input_or_a_weight_are_copies(tmp_path):
         np.testing.assert_array_equal(session.run({"x": x})["weight"], w)
 
 
+def test_fast_tar_reader_agrees_with_tarfile(compiled_cnn, tmp_path):
+    """The runtime reads write_artifact's plain ustar headers itself (no tarfile import at load); any
+    other layout (here a pax header for a long name) falls back to tarfile."""
+    from forgeml.runtime.artifact import _plain_ustar_members, _tar_members
+
+    artifact = compiled_cnn[1]
+    assert _plain_ustar_members(artifact) == _tar_members(artifact)
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("manifest.json", "x" * 150):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    assert _plain_ustar_members(tmp_path / "pax.tar") is None
+    assert set(_tar_members(tmp_path / "pax.tar")) == {"manifest.json", "x" * 150}
+
+
 def test_tampered_member_is_refused_before_loading(compiled_mlp, tmp_path):
     bad = _rewrite(compiled_mlp[1], tmp_path / "bad.fml",
                    edit_member=("model.so", lambda b: b[:-1] + bytes([b[-1] ^ 1])))

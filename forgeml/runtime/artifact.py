@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +128,8 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
     manifest.members = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     manifest_bytes = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile  # writing is the compiler's job: the runtime does not pay for this import
+    import tarfile  # writing is the compiler's job: the runtime does not pay for these imports
+    import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -204,18 +204,55 @@ def open_artifact(path: str | Path) -> ArtifactFile:
         raise ArtifactError(f"artifact not found: {path}")
     if path.is_dir():
         raise ArtifactError(f"{path} is a directory, not a .fml artifact")
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            offsets = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
-            member = tar.extractfile(MANIFEST) if MANIFEST in offsets else None
-            if member is None:
-                raise ArtifactError(f"{path} is not a forgeml artifact (no {MANIFEST})")
-            raw = member.read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ArtifactError(f"{path} is not a readable forgeml artifact ({e})") from None
+    offsets = _plain_ustar_members(path)
+    if offsets is None:  # not the plain ustar layout write_artifact produces: let tarfile read it
+        offsets = _tar_members(path)
+    if MANIFEST not in offsets:
+        raise ArtifactError(f"{path} is not a forgeml artifact (no {MANIFEST})")
+    offset, size = offsets[MANIFEST]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(size)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: manifest.json is not valid JSON ({e})") from None
     manifest = Manifest.from_json(data, where=str(path))
     return ArtifactFile(path, manifest, offsets)
+
+
+def _tar_members(path: Path) -> dict[str, tuple[int, int]]:
+    import tarfile  # 8 ms of imports the usual artifact does not need (see _plain_ustar_members)
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ArtifactError(f"{path} is not a readable forgeml artifact ({e})") from None
+
+
+def _plain_ustar_members(path: Path) -> dict[str, tuple[int, int]] | None:
+    """member -> (data offset, size) of a tar made only of regular files with plain ustar headers (what
+    write_artifact writes), read from the 512-byte headers; None for anything else (pax or GNU
+    headers, links, bad checksums, truncation): tarfile then reads it and reports what is wrong."""
+    offsets: dict[str, tuple[int, int]] = {}
+    try:
+        with open(path, "rb") as f:
+            pos = 0
+            while True:
+                f.seek(pos)
+                header = f.read(512)
+                if len(header) < 512:
+                    return None
+                if header == bytes(512):
+                    return offsets  # end-of-archive block
+                if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0") or header[345:346] != b"\0":
+                    return None
+                checksum = int(header[148:156].split(b"\0")[0].strip() or b"-1", 8)
+                if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                    return None
+                size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+                offsets[header[:100].split(b"\0")[0].decode("utf-8")] = (pos + 512, size)
+                pos += 512 + (size + 511) // 512 * 512
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None

@@ -206,17 +206,24 @@ class Session:
 
 
 def _load_library(ffi: Any, library: bytes) -> Any:
-    """dlopen the verified library bytes from a private temp file (under $TMPDIR), removed right after.
+    """dlopen the verified library bytes from a private file under $TMPDIR, removed right after loading.
 
-    Each load gets a new directory: the dynamic loader returns an already loaded library when the path
-    repeats (a memfd's /proc/self/fd/N does repeat), which would run another model's kernels."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="forgeml-") as tmp:
-        lib_path = os.path.join(tmp, "model.so")
-        with open(lib_path, "wb") as f:
+    Every load gets a new random name: the dynamic loader hands back an already loaded library when a
+    path repeats, which would run another model's kernels. (Not the tempfile module: importing it
+    costs ~12 ms of cold start.)"""
+    tmpdir = next((os.environ[k] for k in ("TMPDIR", "TEMP", "TMP") if os.environ.get(k)), "/tmp")
+    lib_path = os.path.join(tmpdir, f"forgeml-{os.getpid()}-{os.urandom(8).hex()}.so")
+    try:
+        fd = os.open(lib_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the model library to {tmpdir} ({e.strerror}); "
+                            "set TMPDIR to a writable directory") from None
+    try:
+        with open(fd, "wb") as f:
             f.write(library)
         return ffi.load_module(lib_path)
+    finally:
+        os.unlink(lib_path)
 
 
 def _copy_to_device(ffi: Any, host: Any, device: Any) -> Any:
