@@ -173,9 +173,8 @@ def test_grouped_conv():
     _check(model, feeds)
 
 
-def test_conv_batchnorm_relu6_folds():
-    rng = _rng(3)
-    c, oc = 8, 16
+def _conv_bn_relu6_model(rng, c: int = 8, oc: int = 16):
+    """Conv 3x3 -> BatchNormalization -> Clip(0, 6): MobileNet's block, input (1, c, 12, 12)."""
     weights = {
         "W": (rng.standard_normal((oc, c, 3, 3)) * 0.2).astype("float32"),
         "s": rng.uniform(0.5, 1.5, oc).astype("float32"), "b": rng.standard_normal(oc).astype("float32"),
@@ -185,26 +184,20 @@ def test_conv_batchnorm_relu6_folds():
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"]),
              helper.make_node("Clip", ["bn", "lo", "hi"], ["y"])]
-    model = _model(nodes, [_f("x", (1, c, 12, 12))], [_f("y", (1, oc, 12, 12))], weights)
+    return _model(nodes, [_f("x", (1, c, 12, 12))], [_f("y", (1, oc, 12, 12))], weights)
+
+
+def test_conv_batchnorm_relu6_folds():
+    rng = _rng(3)
+    model = _conv_bn_relu6_model(rng)
     assert "Conv2DRule" in set(_rules_used(model).values())
-    _check(model, {"x": rng.standard_normal((1, c, 12, 12)).astype("float32")})
+    _check(model, {"x": rng.standard_normal((1, 8, 12, 12)).astype("float32")})
 
 
 def test_numpy_constant_folding_matches_tvm_folding():
     """forgeml folds batch norm and Clip constants in numpy (TVM's FoldConstant compiles a kernel per
     op: 40 s of a MobileNetV2 compile); the result must equal TVM's own folding, constants included."""
-    rng = _rng(4)
-    c, oc = 8, 16
-    weights = {
-        "W": (rng.standard_normal((oc, c, 3, 3)) * 0.2).astype("float32"),
-        "s": rng.uniform(0.5, 1.5, oc).astype("float32"), "b": rng.standard_normal(oc).astype("float32"),
-        "m": rng.standard_normal(oc).astype("float32") * 0.1, "v": rng.uniform(0.5, 1.5, oc).astype("float32"),
-        "lo": np.array(0.0, "float32"), "hi": np.array(6.0, "float32"),
-    }
-    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"]),
-             helper.make_node("Clip", ["bn", "lo", "hi"], ["y"])]
-    mod = _import(_model(nodes, [_f("x", (1, c, 12, 12))], [_f("y", (1, oc, 12, 12))], weights))
+    mod = _import(_conv_bn_relu6_model(_rng(4)))
     fold = relax.transform.FoldConstant
     with _target():
         tvm_only = tvm.transform.Sequential([fold(), relax.transform.FoldBatchnormToConv2D(), fold()])(mod)
