@@ -143,10 +143,10 @@ def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The fused module whose kernels MetaSchedule tunes (weights marked layout-free for prepacking)."""
     with target:
         mod = tvm.transform.Sequential([*_graph_passes(), relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
-    return _without_schedule_rule_attrs(mod)
+    return _without_schedule_rule_annotations(mod)
 
 
-def _without_schedule_rule_attrs(mod: tvm.IRModule) -> tvm.IRModule:
+def _without_schedule_rule_annotations(mod: tvm.IRModule) -> tvm.IRModule:
     """Drop the `schedule_rule` block annotation legalization puts on some kernels (pooling: "meta_schedule.
     pool_max"). TVM registers no such rule for CPUs, so MetaSchedule printed an "Unknown schedule rule"
     warning per pool kernel and then used its default rules, as it does without the annotation."""

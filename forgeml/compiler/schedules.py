@@ -22,6 +22,7 @@ A rule that cannot handle a function returns None (errors are caught), so the ne
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import tvm
@@ -164,13 +165,14 @@ def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int, unroll_outer: bool =
         sch.unroll(loop)
 
 
-def _parallel(sch: s_tir.Schedule, loops):
-    """Fuse and parallelize `loops` (all spatial, outermost first); returns the fused loop."""
+def _parallel(sch: s_tir.Schedule, loops, parallel: bool = True):
+    """Fuse `loops` (all spatial, outermost first) and, when `parallel`, parallelize the fused loop;
+    returns it."""
     loops = list(loops)
     if not loops:
         return None
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if _int(sch.get(fused).extent) != 1:
+    if parallel and _int(sch.get(fused).extent) != 1:
         sch.parallel(fused)
     return fused
 
@@ -530,10 +532,7 @@ class MatmulRule(ScheduleRule):
         m = exts[info.i] if info.i is not None else 1
         n = exts[info.j]
         lanes = cpu.lanes
-        macs = 1
-        for e in exts:
-            macs *= e
-        parallel = macs >= _PAR_MIN_MACS
+        parallel = math.prod(exts) >= _PAR_MIN_MACS
         if n % lanes and exts[info.k] % lanes == 0:
             return _dot_schedule(sch, blk, info, func, lanes, n, parallel)
         mr, nv = _choose_gemm_tile(m, n, lanes)
@@ -564,7 +563,7 @@ class MatmulRule(ScheduleRule):
             ([ii] if ii is not None else []) + [jv, jl]
         sch.reorder(*order)
         outer = batch + [jo] + ([io] if io is not None else [])
-        fused = _parallel(sch, outer) if parallel else sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        fused = _parallel(sch, outer, parallel)
         sch.reverse_compute_at(local, fused, preserve_unit_loops=True)
         if ii is not None:
             sch.unroll(ii)

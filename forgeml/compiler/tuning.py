@@ -212,7 +212,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
                 now = time.monotonic()
                 rate = (now - start) / callback.trials if callback.trials else _SECONDS_PER_TRIAL_GUESS
                 trials = min(trials, int((deadline - now) / rate) // _TRIALS_PER_ITER * _TRIALS_PER_ITER)
-            if trials < min(_TRIALS_PER_ITER, planned - callback.trials) or trials <= 0:
+            if trials <= 0:  # trial budget spent, or not one search round fits in the time left
                 break
             with _without_tensor_intrinsics(target):
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(

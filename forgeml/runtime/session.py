@@ -119,7 +119,7 @@ class Session:
     def _upload_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
         """Inputs as the model's device sees them. On a GPU, into device buffers allocated once and reused
         (calls are serialized; a fresh cudaMalloc/cudaFree per call would stall the device)."""
-        if self.device == "cpu":
+        if self._on_cpu:
             return [self._to_device(a) for a in arrays]
         if getattr(self, "_input_buffers", None) is None:
             self._input_buffers = [self._to_device(a) for a in arrays]
