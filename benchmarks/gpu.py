@@ -44,6 +44,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert_tiny")
 BATCHES = (1, 32)
 PRECISIONS = ("fp32", "fp16")
+# forgeml builds per case: name -> (precision, CUDA graph)
+VARIANTS = {"fp32": ("fp32", False), "fp16": ("fp16", False), "fp32 graph": ("fp32", True),
+            "fp16 graph": ("fp16", True)}
 
 
 def _say(msg: str) -> None:
@@ -109,8 +112,8 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
                      **{f"out.{k}": v for k, v in outputs.items()})
             case = {"id": cid, "model": model, "batch": batch, "onnx": f"onnx/{cid}.onnx",
                     "ref": f"refs/{cid}.npz", "artifacts": {}}
-            for precision in PRECISIONS:
-                out = work / "artifacts" / f"{cid}_{precision}.fml"
+            for variant, (precision, cuda_graph) in VARIANTS.items():
+                out = work / "artifacts" / f"{cid}_{variant.replace(' ', '_')}.fml"
                 start = time.perf_counter()
                 if reuse and out.exists():
                     from forgeml.runtime.artifact import open_artifact
@@ -118,10 +121,11 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
                     manifest = open_artifact(out).manifest
                     compile_s = round(sum(manifest.compile_options.get("seconds", {}).values()), 1)
                 else:
-                    _say(f"compiling {cid} {precision} for {target}")
-                    manifest = compile_model(onnx_path, out, CompileOptions(target=target, precision=precision))
+                    _say(f"compiling {cid} {variant} for {target}")
+                    manifest = compile_model(onnx_path, out, CompileOptions(target=target, precision=precision,
+                                                                            cuda_graph=cuda_graph))
                     compile_s = round(time.perf_counter() - start, 1)
-                case["artifacts"][precision] = {
+                case["artifacts"][variant] = {
                     "path": f"artifacts/{out.name}", "compile_s": compile_s,
                     "seconds": manifest.compile_options.get("seconds"),
                     "cuda_kernels": manifest.compile_options.get("cuda_kernels"),
@@ -180,8 +184,8 @@ def pack(work: Path, bundle: Path, with_runtime: bool = True) -> dict:
     for case in plan["cases"]:
         shutil.copy(work / case["ref"], bundle / "refs" / Path(case["ref"]).name)
         fp32_weights = None
-        for precision in PRECISIONS:
-            art = case["artifacts"][precision]
+        for variant, art in case["artifacts"].items():
+            precision = VARIANTS[variant][0]
             with tarfile.open(work / art["path"]) as tar:
                 members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
             manifest = json.loads(members["manifest.json"])
@@ -194,7 +198,7 @@ def pack(work: Path, bundle: Path, with_runtime: bool = True) -> dict:
                 else:
                     entry["members"][name] = {"blob": store(data, 4 if name == "weights.bin" else 1),
                                               "width": 4 if name == "weights.bin" else 1}
-            if precision == "fp32":
+            if variant == "fp32":
                 fp32_weights = (manifest, entry["members"]["weights.bin"]["blob"], members["weights.bin"])
             index[Path(art["path"]).name] = entry
     (bundle / "index.json").write_text(json.dumps({"plan": plan, "artifacts": index}, indent=1))
@@ -367,6 +371,14 @@ def _ort_cuda_case(onnx_path: Path, feeds: dict):
     return run, outputs()
 
 
+def _ort_cuda_options(onnx_path: Path) -> dict:
+    """The CUDA provider's settings as ONNX Runtime reports them (use_tf32, cudnn_conv_algo_search...)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])
+    return session.get_provider_options().get("CUDAExecutionProvider", {})
+
+
 def _nvml_used_mib() -> float | None:
     """Device-wide used memory as nvidia-smi reports it (NVML; needs no CUDA context)."""
     import subprocess
@@ -435,8 +447,29 @@ def _mem_used(before: dict | None) -> float | None:
     return round(before["free_mib"] - after["free_mib"], 1)
 
 
+def _onnx_of(base: Path, case: dict, onnx_dir: Path | None) -> Path | None:
+    """The case's ONNX model: prepare's copy, else one exported on this machine (`export-onnx`)."""
+    for path in (base / case["onnx"], onnx_dir / Path(case["onnx"]).name if onnx_dir else None):
+        if path is not None and path.exists():
+            return path
+    return None
+
+
+def export_onnx(plan: dict, dest: Path) -> None:
+    """Export the plan's zoo models here (torch only, no TVM): the bundle carries no ONNX files, and
+    the seeded zoo weights are the same on any machine (the outputs are checked against the references)."""
+    from forgeml.zoo import export_zoo_model
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for case in plan["cases"]:
+        path = dest / Path(case["onnx"]).name
+        if not path.exists():
+            _say(f"exporting {case['id']} -> {path}")
+            export_zoo_model(case["model"], path, batch=case["batch"])
+
+
 def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: bool = True,
-        memory: bool = True) -> dict:
+        memory: bool = True, onnx_dir: Path | None = None) -> dict:
     """Check every artifact against the reference outputs and measure all engines, alternating."""
     import numpy as np
 
@@ -477,9 +510,8 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
         feeds, expected = _load_ref(base / case["ref"], model, batch)
         engines: dict[str, dict] = {}
         runners = {}
-        for precision in PRECISIONS:
-            art = case["artifacts"][precision]
-            label = f"forgeml {precision}"
+        for variant, art in case["artifacts"].items():
+            label = f"forgeml {variant}"
             try:
                 before = device.cuda_memory()
                 session = forgeml.load(base / art["path"])
@@ -513,11 +545,14 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
             except Exception as e:  # noqa: BLE001 (report it and go on with the other engines)
                 engines[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 _say(f"{cid} {label}: {engines[label]['error']}")
-        if "CUDAExecutionProvider" in info["onnxruntime_providers"] and (base / case["onnx"]).exists():
+        onnx_path = _onnx_of(base, case, onnx_dir)
+        if "CUDAExecutionProvider" in info["onnxruntime_providers"] and onnx_path is not None:
             label = "onnxruntime cuda"
             try:
+                if "onnxruntime_cuda_options" not in info:
+                    info["onnxruntime_cuda_options"] = _ort_cuda_options(onnx_path)
                 before = device.cuda_memory()
-                runner, values = _ort_cuda_case(base / case["onnx"], feeds)
+                runner, values = _ort_cuda_case(onnx_path, feeds)
                 abs_err, rel_err = _max_rel(values, expected)
                 engines[label] = {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": 1e-3,
                                   "passed": bool(rel_err <= 1e-3), "gpu_mem_inprocess_mib": _mem_used(before)}
@@ -559,9 +594,10 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
             for label, e in engines.items():
                 if "stats" not in e or label.startswith("onnxruntime"):
                     continue
-                engine, precision = ("forgeml", label.split()[1]) if label.startswith("forgeml") else \
+                variant = label.removeprefix("forgeml ")
+                engine, precision = ("forgeml", VARIANTS[variant][0]) if label.startswith("forgeml") else \
                     ("torch", label.split()[-1])
-                artifact = str(base / case["artifacts"][precision]["path"]) if engine == "forgeml" else None
+                artifact = str(base / case["artifacts"][variant]["path"]) if engine == "forgeml" else None
                 mem = _memory_in_subprocess(base, engine, model, batch, precision, artifact)
                 e["gpu_memory"] = mem
                 e["gpu_mem_mib"] = mem.get("process_mib")
@@ -604,6 +640,12 @@ def markdown(results: dict) -> str:
         lines += ["ONNX Runtime CUDA: **not measured**: the GPU machine's onnxruntime "
                   f"({m.get('onnxruntime', 'absent')}) has no CUDAExecutionProvider, and onnxruntime-gpu "
                   "could not be installed there.", ""]
+    cuda_options = m.get("onnxruntime_cuda_options")
+    if cuda_options:
+        keys = ("use_tf32", "cudnn_conv_algo_search", "cudnn_conv_use_max_workspace", "enable_cuda_graph",
+                "prefer_nhwc")
+        lines += ["ONNX Runtime CUDA runs with its defaults (io binding, inputs and outputs on the GPU): "
+                  + ", ".join(f"{k}={cuda_options[k]}" for k in keys if k in cuda_options) + ".", ""]
     if m.get("torch"):
         lines += [f"PyTorch fp32 runs with its defaults: TF32 convolutions {m.get('torch_tf32_conv')}, "
                   f"TF32 matmuls {m.get('torch_tf32_matmul')}. PyTorch fp16 is `module.half()` (fp16 "
@@ -642,7 +684,7 @@ def _unpack_to(bundle: Path, base: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["all", "prepare", "pack", "unpack", "run", "report", "mem"])
+    parser.add_argument("command", choices=["all", "prepare", "pack", "unpack", "export-onnx", "run", "report", "mem"])
     parser.add_argument("--work", default=str(ROOT / "build" / "gpu"), help="prepare's output folder")
     parser.add_argument("--bundle", help="pack's output / run's input when built elsewhere")
     parser.add_argument("--models", default=",".join(MODELS))
@@ -656,6 +698,7 @@ def main() -> None:
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # mem: forgeml | torch
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-dir", help="export-onnx's output / run's ONNX models when the bundle has none")
     parser.add_argument("--out", default=str(RESULTS / "gpu"), help="results path without suffix")
     args = parser.parse_args()
     work = Path(args.work)
@@ -668,6 +711,10 @@ def main() -> None:
         pack(work, Path(args.bundle))
     if args.command == "unpack":
         _unpack_to(Path(args.bundle), work)
+    if args.command == "export-onnx":
+        plan = json.loads((Path(args.bundle) / "index.json").read_text())["plan"] if args.bundle else \
+            json.loads((work / "plan.json").read_text())
+        export_onnx(plan, Path(args.onnx_dir or work / "onnx"))
     if args.command in ("run", "all"):
         base = work
         if args.bundle and args.command == "run":
@@ -675,7 +722,7 @@ def main() -> None:
             _say(f"unpacking {args.bundle} into {base}")
             _unpack_to(Path(args.bundle), base)
         results = run(base, out, args.repeat, args.budget_s, torch_baseline=not args.no_torch,
-                      memory=not args.no_memory)
+                      memory=not args.no_memory, onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None)
         print(markdown(results))
     if args.command == "mem":
         print(json.dumps(measure_memory(args.engine, models[0], batches[0], args.precision, args.artifact)))

@@ -75,18 +75,22 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Max error relative to the output's scale [default: 1e-3 fp32, 2e-2 fp16].")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="fp16: mixed precision on GPU targets (fp16 compute, fp32 accumulation; float32 inputs/outputs).")
+@click.option("--cuda-graph", is_flag=True,
+              help="GPU targets: replay each call's kernel launches as one CUDA graph (fewer launches; pays off "
+                   "on small batches).")
 @click.option("--tune-minutes", type=float, help="Tune with MetaSchedule for up to this long first (results persist).")
 @click.option("--tune-trials", type=int, help="Tuning budget in trials (with or without --tune-minutes).")
 @click.option("--no-tuning-db", is_flag=True, help="Ignore tuning records; rule-based schedules only.")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
-                no_tuning_db: bool, precision: str) -> None:
+                no_tuning_db: bool, precision: str, cuda_graph: bool) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
     options = CompileOptions(target=target, input_shapes=_parse_shapes(input_shapes), opt_level=opt_level,
                              verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
-                             tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision)
+                             tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision,
+                             cuda_graph=cuda_graph)
     output = output or model.with_suffix(".fml")
     with TuningProgress() as tuning_bar, console.status("compiling") as status:
         manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),

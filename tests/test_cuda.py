@@ -53,6 +53,28 @@ def cuda_cnn_fp16(tmp_path_factory):
     return onnx_path, d / "cnn16.fml", manifest
 
 
+@pytest.fixture(scope="module")
+def cuda_cnn_graph(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cuda_cnn_graph")
+    onnx_path = save(cnn_model(), d / "cnn.onnx")
+    manifest = compile_model(onnx_path, d / "cnn_graph.fml", CompileOptions(target="cuda-sm90", cuda_graph=True))
+    return onnx_path, d / "cnn_graph.fml", manifest
+
+
+def test_cuda_graph_captures_the_static_launches(cuda_cnn_graph, cuda_mlp):
+    _, artifact, manifest = cuda_cnn_graph
+    assert manifest.compile_options["cuda_graph"] is True
+    assert b"vm.builtin.cuda_graph.run_or_capture" in _library(artifact)
+    assert b"vm.builtin.cuda_graph" not in _library(cuda_mlp[1]), "CUDA graphs are opt-in"
+
+
+def test_cuda_graph_needs_a_gpu_target(tmp_path):
+    path = save(mlp_model(), tmp_path / "m.onnx")
+    with pytest.raises(InvalidInput, match="--cuda-graph needs a GPU target"):
+        compile_model(path, tmp_path / "m.fml", CompileOptions(target="x86-64", cuda_graph=True))
+    assert not (tmp_path / "m.fml").exists()
+
+
 def test_cuda_artifact_embeds_prebuilt_kernels(cuda_mlp):
     from forgeml.compiler.gpu import FATBIN_MAGIC, embedded_cuda_kernels
 
@@ -162,14 +184,14 @@ def test_loading_without_gpu_is_a_clear_error(cuda_mlp):
     assert "runs on a CUDA GPU" in out
 
 
-@pytest.mark.parametrize("which", ["mlp_fp32", "cnn_fp16"])
+@pytest.mark.parametrize("which", ["cuda_mlp", "cuda_cnn_fp16", "cuda_cnn_graph"])
 def test_cuda_artifact_runs_on_gpu(which, request):
     if not _has_gpu():
         pytest.skip(NO_GPU)
     import forgeml
     from forgeml.runtime.device import DeviceRunner
 
-    onnx_path, artifact, manifest = request.getfixturevalue("cuda_mlp" if which == "mlp_fp32" else "cuda_cnn_fp16")
+    onnx_path, artifact, manifest = request.getfixturevalue(which)
     session = forgeml.load(artifact)
     x = np.random.default_rng(1).standard_normal(session.inputs[0].shape).astype("float32")
     expected = ort_run(onnx_path, {"x": x})
@@ -177,6 +199,9 @@ def test_cuda_artifact_runs_on_gpu(which, request):
     tol = manifest.verification["tolerance"]
     for name, ref in expected.items():
         assert np.max(np.abs(got[name] - ref)) <= tol * max(np.max(np.abs(ref)), 1e-12)
+    again = session.run({"x": 2 * x})  # a CUDA graph replays with the new input
+    for name, ref in ort_run(onnx_path, {"x": 2 * x}).items():
+        assert np.max(np.abs(again[name] - ref)) <= tol * max(np.max(np.abs(ref)), 1e-12)
     runner = DeviceRunner(session, {"x": x})
     runner()
     np.testing.assert_allclose(runner.outputs()["y"], got["y"], rtol=1e-6, atol=1e-6)

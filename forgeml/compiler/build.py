@@ -31,6 +31,7 @@ class CompileOptions:
     tune_trials: int | None = None
     use_tuning_db: bool = True  # apply records already in the target's tuning database
     precision: str = "fp32"  # "fp16": mixed precision (fp16 compute, fp32 accumulation), cuda targets only
+    cuda_graph: bool = False  # cuda targets: replay the static part of each call as one CUDA graph
 
 
 def _versions() -> dict[str, str]:
@@ -94,6 +95,19 @@ def _export_library(executable, spec: TargetSpec, out: Path) -> dict | None:
     return None
 
 
+def _codegen(mod, target, cuda_graph: bool):
+    """Relax build; with cuda_graph, RewriteCUDAGraph (in relax's build pipeline, off unless configured)
+    captures the launches that touch only weights and planned buffers into a CUDA graph, replayed after
+    the first call."""
+    import tvm
+
+    if not cuda_graph:
+        return tvm.compile(mod, target=target)
+    current = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(opt_level=current.opt_level, config={"relax.backend.use_cuda_graph": True}):
+        return tvm.compile(mod, target=target)
+
+
 def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions | None = None,
                   progress: Progress | None = None, tune_progress: Callable[[dict], None] | None = None) -> Manifest:
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
@@ -111,6 +125,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     if options.precision != "fp32" and spec.device != "cuda":
         raise InvalidInput(f"--precision {options.precision} needs a GPU target (cuda, jetson-orin); "
                            f"'{spec.name}' runs on the CPU in fp32")
+    if options.cuda_graph and spec.device != "cuda":
+        raise InvalidInput(f"--cuda-graph needs a GPU target (cuda, jetson-orin); '{spec.name}' runs on the CPU")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -141,7 +157,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
     say("generating code")
-    executable = tvm.compile(mod, target=target)
+    executable = _codegen(mod, target, options.cuda_graph)
     with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
         lib_path = Path(tmp) / "model.so"
         kernels = _export_library(executable, spec, lib_path)
@@ -160,6 +176,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                 "opset": max((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")),
                              default=0)},
         compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
+                         "cuda_graph": options.cuda_graph,
                          "input_shapes": {k: list(v) for k, v in options.input_shapes.items()}},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},

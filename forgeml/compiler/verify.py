@@ -72,6 +72,9 @@ def onnxruntime_cuda_runner(model_path: str | Path, feeds: dict[str, np.ndarray]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model_path), options, providers=["CUDAExecutionProvider"])
+    if "CUDAExecutionProvider" not in session.get_providers():  # ORT falls back to the CPU silently
+        raise RuntimeError("ONNX Runtime's CUDA provider did not load (missing CUDA or cuDNN libraries?); "
+                           f"the session runs on {session.get_providers()}")
     binding = session.io_binding()
     for name, value in feeds.items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
