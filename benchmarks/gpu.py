@@ -616,19 +616,20 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     gpu_name = gpu.get("name", "unknown GPU")
     lines = [
-        "# GPU latency: forgeml (fp32, fp16) vs ONNX Runtime CUDA vs PyTorch eager",
+        "# GPU latency: forgeml (fp32, fp16; with and without CUDA graphs) vs ONNX Runtime CUDA vs PyTorch eager",
         "",
         f"GPU: **{gpu_name}** ({gpu.get('memory.total', '?')}, compute capability {gpu.get('compute_cap', '?')}, "
         f"driver {gpu.get('driver_version', '?')}); Python {m.get('python')}, torch {m.get('torch', 'absent')}, "
         f"onnxruntime {m.get('onnxruntime', 'absent')} (providers: {', '.join(m.get('onnxruntime_providers', []))})."
         f" Artifacts compiled for `{results['target']}` with forgeml's default GPU schedules (dlight rules), "
-        "no tuning.",
+        "no tuning. `graph`: the launches replayed as one CUDA graph (forgeml's default for CUDA targets "
+        "since this run; the rows without it are `--no-cuda-graph`).",
         "",
         "Every engine runs on inputs already on the GPU, and is timed on the host around call + device "
         "synchronize; engines alternate in blocks of 10 on the same seeded inputs, in one process. "
         "`dev ms`: forgeml's time inside the TVM runtime (CUDA events, median of 5 means of up to 10 runs). "
         "`+copies ms`: forgeml's `Session.run` with numpy in and out (host-device copies). "
-        "`vs torch`: p50 of PyTorch eager fp32 / p50 (above 1 is faster than PyTorch fp32). "
+        "`vs torch`, `vs ORT`: p50 of PyTorch eager fp32 (of ONNX Runtime CUDA) / p50: above 1 is faster. "
         "`rel err`: max |out - ONNX Runtime CPU| / max |ONNX Runtime CPU| over every output element. "
         "`GPU MiB`: GPU memory of the engine alone in a fresh process, after creating it and 3 runs "
         "(nvidia-smi's used memory, after minus before: CUDA context, kernels, weights, workspace; "
@@ -650,11 +651,12 @@ def markdown(results: dict) -> str:
         lines += [f"PyTorch fp32 runs with its defaults: TF32 convolutions {m.get('torch_tf32_conv')}, "
                   f"TF32 matmuls {m.get('torch_tf32_matmul')}. PyTorch fp16 is `module.half()` (fp16 "
                   "weights and activations).", ""]
-    header = ["model", "batch", "engine", "p50 ms", "p90 ms", "min ms", "items/s", "vs torch", "dev ms",
+    header = ["model", "batch", "engine", "p50 ms", "p90 ms", "min ms", "items/s", "vs torch", "vs ORT", "dev ms",
               "+copies ms", "rel err", "ok", "GPU MiB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in results["cases"]:
         ref = case["engines"].get("pytorch eager fp32", {}).get("stats", {}).get("p50_ms")
+        ort_ref = case["engines"].get("onnxruntime cuda", {}).get("stats", {}).get("p50_ms")
         for label, e in case["engines"].items():
             if "stats" not in e:
                 lines.append(f"| {case['model']} | {case['batch']} | {label} | error: {e.get('error', '?')[:80]} "
@@ -662,9 +664,10 @@ def markdown(results: dict) -> str:
                 continue
             s = e["stats"]
             ratio = f"{ref / s['p50_ms']:.2f}x" if ref else "-"
+            ort_ratio = f"{ort_ref / s['p50_ms']:.2f}x" if ort_ref else "-"
             lines.append(
                 f"| {case['model']} | {case['batch']} | {label} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
-                f"{s['min_ms']:.3f} | {s['throughput_per_s']:.0f} | {ratio} | "
+                f"{s['min_ms']:.3f} | {s['throughput_per_s']:.0f} | {ratio} | {ort_ratio} | "
                 f"{e.get('device_timer_ms', '-')} | {e.get('with_copies_ms', '-')} | "
                 f"{e.get('max_rel_error', float('nan')):.2g} | {'yes' if e.get('passed') else 'NO'} | "
                 f"{e.get('gpu_mem_mib') if e.get('gpu_mem_mib') is not None else '-'} |")

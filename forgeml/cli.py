@@ -75,15 +75,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Max error relative to the output's scale [default: 1e-3 fp32, 2e-2 fp16].")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="fp16: mixed precision on GPU targets (fp16 compute, fp32 accumulation; float32 inputs/outputs).")
-@click.option("--cuda-graph", is_flag=True,
-              help="GPU targets: replay each call's kernel launches as one CUDA graph (fewer launches; pays off "
-                   "on small batches).")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="GPU targets: replay each call's kernel launches as one CUDA graph (fewer launches) "
+                   "[default: on for GPU targets].")
 @click.option("--tune-minutes", type=float, help="Tune with MetaSchedule for up to this long first (results persist).")
 @click.option("--tune-trials", type=int, help="Tuning budget in trials (with or without --tune-minutes).")
 @click.option("--no-tuning-db", is_flag=True, help="Ignore tuning records; rule-based schedules only.")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
-                no_tuning_db: bool, precision: str, cuda_graph: bool) -> None:
+                no_tuning_db: bool, precision: str, cuda_graph: bool | None) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 

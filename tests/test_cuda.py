@@ -57,15 +57,18 @@ def cuda_cnn_fp16(tmp_path_factory):
 def cuda_cnn_graph(tmp_path_factory):
     d = tmp_path_factory.mktemp("cuda_cnn_graph")
     onnx_path = save(cnn_model(), d / "cnn.onnx")
-    manifest = compile_model(onnx_path, d / "cnn_graph.fml", CompileOptions(target="cuda-sm90", cuda_graph=True))
+    manifest = compile_model(onnx_path, d / "cnn_graph.fml", CompileOptions(target="cuda-sm90"))
     return onnx_path, d / "cnn_graph.fml", manifest
 
 
-def test_cuda_graph_captures_the_static_launches(cuda_cnn_graph, cuda_mlp):
+def test_cuda_graph_captures_the_static_launches(cuda_cnn_graph, tmp_path):
     _, artifact, manifest = cuda_cnn_graph
-    assert manifest.compile_options["cuda_graph"] is True
+    assert manifest.compile_options["cuda_graph"] is True, "on by default for CUDA targets"
     assert b"vm.builtin.cuda_graph.run_or_capture" in _library(artifact)
-    assert b"vm.builtin.cuda_graph" not in _library(cuda_mlp[1]), "CUDA graphs are opt-in"
+    path = save(mlp_model(), tmp_path / "m.onnx")
+    plain = compile_model(path, tmp_path / "m.fml", CompileOptions(target="cuda-sm90", cuda_graph=False))
+    assert plain.compile_options["cuda_graph"] is False
+    assert b"vm.builtin.cuda_graph" not in _library(tmp_path / "m.fml")
 
 
 def test_cuda_graph_needs_a_gpu_target(tmp_path):

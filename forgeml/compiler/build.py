@@ -31,7 +31,8 @@ class CompileOptions:
     tune_trials: int | None = None
     use_tuning_db: bool = True  # apply records already in the target's tuning database
     precision: str = "fp32"  # "fp16": mixed precision (fp16 compute, fp32 accumulation), cuda targets only
-    cuda_graph: bool = False  # cuda targets: replay the static part of each call as one CUDA graph
+    cuda_graph: bool | None = None  # cuda targets: replay each call's static launches as one CUDA graph
+    # (None: on for cuda targets; measured faster on every zoo model, benchmarks/results/gpu.md)
 
 
 def _versions() -> dict[str, str]:
@@ -127,6 +128,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                            f"'{spec.name}' runs on the CPU in fp32")
     if options.cuda_graph and spec.device != "cuda":
         raise InvalidInput(f"--cuda-graph needs a GPU target (cuda, jetson-orin); '{spec.name}' runs on the CPU")
+    cuda_graph = spec.device == "cuda" and options.cuda_graph is not False
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -157,7 +159,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
     say("generating code")
-    executable = _codegen(mod, target, options.cuda_graph)
+    executable = _codegen(mod, target, cuda_graph)
     with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
         lib_path = Path(tmp) / "model.so"
         kernels = _export_library(executable, spec, lib_path)
@@ -176,7 +178,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                 "opset": max((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")),
                              default=0)},
         compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
-                         "cuda_graph": options.cuda_graph,
+                         "cuda_graph": cuda_graph,
                          "input_shapes": {k: list(v) for k, v in options.input_shapes.items()}},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},
