@@ -15,7 +15,7 @@ from conftest import ort_run
 
 import forgeml
 from forgeml.errors import ArtifactError, InvalidInput
-from forgeml.runtime.artifact import MANIFEST, open_artifact, write_artifact
+from forgeml.runtime.artifact import MANIFEST, Manifest, open_artifact, write_artifact
 
 
 def _rewrite(src: Path, dst: Path, edit_manifest=None, edit_member=None) -> Path:
@@ -134,6 +134,22 @@ def test_tampered_member_is_refused_before_loading(compiled_mlp, tmp_path):
         forgeml.load(bad)
 
 
+def test_weight_outside_weights_bin_is_refused(compiled_mlp, tmp_path):
+    bad = _rewrite(compiled_mlp[1], tmp_path / "bad.fml",
+                   edit_manifest=lambda m: m["weights"][0].update(offset=1 << 30))
+    with pytest.raises(ArtifactError, match="weight 'w0' lies outside weights.bin"):
+        forgeml.load(bad)
+
+
+def test_manifest_round_trips_through_json(compiled_mlp):
+    manifest = open_artifact(compiled_mlp[1]).manifest
+    data = manifest.to_json()
+    assert Manifest.from_json(json.loads(json.dumps(data))) == manifest
+    data["target"]["arch"] = "edited"  # a copy: the manifest keeps its own
+    assert manifest.target["arch"] != "edited"
+    assert manifest.inputs[0].describe() == "x: float32[4, 16]"
+
+
 def test_newer_format_and_other_arch_are_refused(compiled_mlp, tmp_path):
     newer = _rewrite(compiled_mlp[1], tmp_path / "newer.fml", edit_manifest=lambda m: m.update(format_version=99))
     with pytest.raises(ArtifactError, match="format 99, newer than this runtime understands"):
@@ -227,11 +243,14 @@ def test_modules_skipped_at_runtime_import_stay_importable(compiled_mlp):
 import sys, numpy as np, forgeml
 s = forgeml.load({str(compiled_mlp[1])!r})
 y = s.run({{"x": np.ones((4, 16), "float32")}})["y"]
-stand_ins = [m for m in ("importlib.metadata", "tvm_ffi.cpp", "tvm_ffi._optional_torch_c_dlpack", "ml_dtypes")
-             if m in sys.modules]
+stand_ins = [m for m in ("importlib.metadata", "tvm_ffi.cpp", "tvm_ffi._optional_torch_c_dlpack", "ml_dtypes",
+                         "tvm_ffi.dataclasses.gen_abi_cpp") if m in sys.modules]
 import importlib.metadata, tvm_ffi.cpp, tvm_ffi._optional_torch_c_dlpack
 assert importlib.metadata.version("numpy") == np.__version__
 assert callable(tvm_ffi.cpp.load_inline)
+from tvm_ffi.dataclasses import gen_abi_cpp
+assert "static_assert(sizeof(::tvm::ffi::Object)" in gen_abi_cpp("ffi.Object")
+assert tvm_ffi.dataclasses.gen_abi_cpp is sys.modules["tvm_ffi.dataclasses.gen_abi_cpp"].gen_abi_cpp
 import tvm
 assert tvm.target.Target("llvm").kind.name == "llvm"
 print(stand_ins, float(s.run({{"x": np.ones((4, 16), "float32")}})["y"].sum() - y.sum()))

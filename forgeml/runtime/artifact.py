@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import mmap
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,9 +26,13 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 _ALIGN = 64
 
+# NamedTuples and plain classes, not dataclasses: each dataclass costs ~1.5 ms to create at import,
+# which every process that loads a model pays.
 
-@dataclass(frozen=True)
-class TensorSpec:
+
+class TensorSpec(NamedTuple):
+    """A model input or output: name, static shape and numpy dtype name."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -43,8 +48,9 @@ class TensorSpec:
         return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
 
 
-@dataclass(frozen=True)
-class WeightEntry:
+class WeightEntry(NamedTuple):
+    """One weight tensor inside weights.bin."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -52,29 +58,52 @@ class WeightEntry:
     nbytes: int
 
 
-@dataclass
 class Manifest:
     """What an artifact holds and how it was made. Stored as manifest.json."""
 
-    target: dict[str, Any]  # {"name", "target", "arch", "device"}
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    library: str  # member name of the compiled shared library
-    weights: list[WeightEntry] = field(default_factory=list)
-    members: dict[str, str] = field(default_factory=dict)  # member -> sha256
-    source: dict[str, Any] = field(default_factory=dict)
-    compile_options: dict[str, Any] = field(default_factory=dict)
-    tuning: dict[str, Any] = field(default_factory=dict)
-    verification: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    def __init__(
+        self,
+        target: dict[str, Any],  # {"name", "target", "arch", "device"}
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        library: str,  # member name of the compiled shared library
+        weights: list[WeightEntry] | None = None,
+        members: dict[str, str] | None = None,  # member -> sha256
+        source: dict[str, Any] | None = None,
+        compile_options: dict[str, Any] | None = None,
+        tuning: dict[str, Any] | None = None,
+        verification: dict[str, Any] | None = None,
+        versions: dict[str, str] | None = None,
+        format_version: int = FORMAT_VERSION,
+    ) -> None:
+        self.target = target
+        self.inputs = inputs
+        self.outputs = outputs
+        self.library = library
+        self.weights = [] if weights is None else weights
+        self.members = {} if members is None else members
+        self.source = {} if source is None else source
+        self.compile_options = {} if compile_options is None else compile_options
+        self.tuning = {} if tuning is None else tuning
+        self.verification = {} if verification is None else verification
+        self.versions = {} if versions is None else versions
+        self.format_version = format_version
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"Manifest({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["inputs"] = [t.to_json() for t in self.inputs]
-        d["outputs"] = [t.to_json() for t in self.outputs]
-        d["weights"] = [asdict(w) | {"shape": list(w.shape)} for w in self.weights]
-        return d
+        """JSON-ready data, a deep copy: editing it leaves the manifest as it was."""
+        import copy
+
+        return copy.deepcopy({**vars(self), "inputs": [t.to_json() for t in self.inputs],
+                              "outputs": [t.to_json() for t in self.outputs],
+                              "weights": [w._asdict() | {"shape": list(w.shape)} for w in self.weights]})
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = "artifact") -> Manifest:
@@ -146,37 +175,37 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
     return path
 
 
-@dataclass
 class ArtifactFile:
-    """An opened artifact: manifest parsed, members located (not yet verified)."""
+    """An opened artifact: manifest parsed, members located (not yet verified).
 
-    path: Path
-    manifest: Manifest
-    offsets: dict[str, tuple[int, int]]  # member -> (data offset in the file, size)
+    The file is mapped once, private and copy-on-write: members are hashed from the mapping without a
+    copy, and the weights are arrays into it."""
+
+    def __init__(self, path: Path, manifest: Manifest, offsets: dict[str, tuple[int, int]]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.offsets = offsets  # member -> (data offset in the file, size)
+        self._mapping: mmap.mmap | None = None
+
+    def _member(self, name: str) -> memoryview:
+        if self._mapping is None:
+            with open(self.path, "rb") as f:
+                self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        offset, size = self.offsets[name]
+        view = memoryview(self._mapping)[offset:offset + size]
+        if len(view) != size:
+            raise ArtifactError(f"{self.path}: member '{name}' is truncated")
+        return view
 
     def read_member(self, name: str) -> bytes:
-        offset, size = self.offsets[name]
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        return bytes(self._member(name))
 
     def verify_checksums(self) -> None:
         """Hash every member against the manifest; raise on any mismatch or missing member."""
         for name, expected in self.manifest.members.items():
             if name not in self.offsets:
                 raise ArtifactError(f"{self.path}: member '{name}' listed in the manifest is missing")
-            digest = hashlib.sha256()
-            offset, size = self.offsets[name]
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                remaining = size
-                while remaining:
-                    chunk = f.read(min(remaining, 1 << 22))
-                    if not chunk:
-                        raise ArtifactError(f"{self.path}: member '{name}' is truncated")
-                    digest.update(chunk)
-                    remaining -= len(chunk)
-            if digest.hexdigest() != expected:
+            if hashlib.sha256(self._member(name)).hexdigest() != expected:
                 raise ArtifactError(
                     f"{self.path}: checksum mismatch in '{name}' (tampered or damaged); refusing to load it"
                 )
@@ -188,12 +217,17 @@ class ArtifactFile:
         """Weights as copy-on-write memory maps into the artifact file (64-byte aligned)."""
         if not self.manifest.weights:
             return []
-        base, _ = self.offsets[WEIGHTS]
+        blob = self._member(WEIGHTS)
         arrays = []
         for w in self.manifest.weights:
-            count = int(np.prod(w.shape, dtype=np.int64))
-            arr = np.memmap(self.path, dtype=np.dtype(w.dtype), mode="c", offset=base + w.offset, shape=(count,))
-            arrays.append(np.asarray(arr).reshape(w.shape) if count else np.zeros(w.shape, w.dtype))
+            count = math.prod(w.shape)
+            if not count:
+                arrays.append(np.zeros(w.shape, w.dtype))
+                continue
+            try:
+                arrays.append(np.frombuffer(blob, w.dtype, count, w.offset).reshape(w.shape))
+            except ValueError:
+                raise ArtifactError(f"{self.path}: weight '{w.name}' lies outside {WEIGHTS}") from None
         return arrays
 
 
