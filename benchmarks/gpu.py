@@ -7,6 +7,11 @@ alternating in one run, each output checked against ONNX Runtime (CPU) reference
     python benchmarks/gpu.py pack --work build/gpu --bundle .gpubundle   # for a GPU machine without TVM
     python benchmarks/gpu.py run --bundle .gpubundle  # on the GPU machine: check, measure, write results
 
+On this project's GPU machines (no TVM, CPU-only onnxruntime, 64 MiB per call): put the cp312
+apache-tvm-ffi wheel in .gpubundle/wheels, build .ortgpu/site.tar.xz with benchmarks/ort_cuda_pack.py
+and copy prepare's plan.json beside it, then run benchmarks/gpu_device_ort.sh (carry .ortgpu) and,
+on the same warm machine, benchmarks/gpu_device_run.sh (carry .gpubundle).
+
 `prepare` compiles with `--target` (default cuda-sm90: H100/H200). `pack` writes what `run` needs
 when the GPU machine has no TVM compiler and little room: the artifacts split into members, each
 stored once (batch 1 and 32 share weights), fp16 weights rebuilt from the fp32 ones where a cast
@@ -44,9 +49,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert_tiny")
 BATCHES = (1, 32)
 PRECISIONS = ("fp32", "fp16")
-# forgeml builds per case: name -> (precision, CUDA graph)
-VARIANTS = {"fp32": ("fp32", False), "fp16": ("fp16", False), "fp32 graph": ("fp32", True),
-            "fp16 graph": ("fp16", True)}
+# forgeml builds per case: name -> (precision, CUDA graph; None: the compiler's default, on)
+VARIANTS = {"fp32": ("fp32", None), "fp16": ("fp16", None), "fp32 no-graph": ("fp32", False),
+            "fp16 no-graph": ("fp16", False),
+            "fp32 graph": ("fp32", True), "fp16 graph": ("fp16", True)}  # names in earlier results
 
 
 def _say(msg: str) -> None:
@@ -87,7 +93,8 @@ def _inputs_digest(feeds: dict) -> str:
 # prepare: export, compile, reference outputs (no GPU needed)
 # ------------------------------------------------------------------------------------------------
 
-def prepare(work: Path, models: list[str], batches: list[int], target: str, reuse: bool = False) -> dict:
+def prepare(work: Path, models: list[str], batches: list[int], target: str, reuse: bool = False,
+            variants: tuple[str, ...] = ("fp32", "fp16")) -> dict:
     import numpy as np
 
     from forgeml.compiler.build import CompileOptions, compile_model
@@ -112,7 +119,8 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
                      **{f"out.{k}": v for k, v in outputs.items()})
             case = {"id": cid, "model": model, "batch": batch, "onnx": f"onnx/{cid}.onnx",
                     "ref": f"refs/{cid}.npz", "artifacts": {}}
-            for variant, (precision, cuda_graph) in VARIANTS.items():
+            for variant in variants:
+                precision, cuda_graph = VARIANTS[variant]
                 out = work / "artifacts" / f"{cid}_{variant.replace(' ', '_')}.fml"
                 start = time.perf_counter()
                 if reuse and out.exists():
@@ -697,6 +705,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=1.5, help="about this many seconds per engine per case")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="prepare: keep artifacts already compiled")
+    parser.add_argument("--variants", default="fp32,fp16",
+                        help=f"prepare: forgeml builds per case, of {', '.join(VARIANTS)}")
     parser.add_argument("--no-memory", action="store_true", help="run: skip the per-engine memory processes")
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # mem: forgeml | torch
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -709,7 +719,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     out = Path(args.out)
     if args.command in ("prepare", "all"):
-        prepare(work, models, batches, args.target, reuse=args.reuse)
+        prepare(work, models, batches, args.target, reuse=args.reuse,
+                variants=tuple(v.strip() for v in args.variants.split(",")))
     if args.command == "pack":
         pack(work, Path(args.bundle))
     if args.command == "unpack":

@@ -2,11 +2,14 @@
 
 `pipeline.get_pipeline` dispatches here when the target's kind is "cuda". The pipelines are the
 CPU graph passes (constant folding, batch norm folded into convolutions, inference decompositions),
+split-K for convolutions that would leave most SMs idle (`gpu_splitk`: batch-1 deep layers),
 optional fp16 mixed precision, TVM's legalize + fuse, then `dlight.gpu` rules on every kernel:
 
+- TensorCoreMatmul (forgeml's): fp16 GEMMs and convolutions with every dimension at least 64 and
+  16M+ multiply-adds on tensor cores (dlight's wmma schedule, fp32 accumulators); dlight's own rule
+  asks for more than 64, which left 64-channel convolutions on FMA.
 - Matmul: matmuls, dense layers and convolutions (dlight re-indexes a convolution into an implicit
-  im2col GEMM, staged through shared memory); with fp16 inputs on sm_70+ and every GEMM dimension
-  over 64 it uses tensor cores (wmma, fp32 accumulators).
+  im2col GEMM, staged through shared memory; 32 x 64 output tiles, one thread block each).
 - GEMV / LowBatchGEMV: matrix-vector products (batch-1 dense layers with [N, K] weights).
 - ShortReduction (forgeml's): kernels whose reduction is at most 49 long, i.e. depthwise convolutions
   and 7x7 pools: one thread per output element (dlight's row reductions wasted most threads on them).
@@ -27,6 +30,7 @@ import functools
 import tvm
 from tvm import relax
 
+from forgeml.compiler.gpu_splitk import split_k_convolutions
 from forgeml.errors import InvalidInput
 
 PRECISION_ATTR = "forgeml_precision"
@@ -64,6 +68,8 @@ def _graph_passes(precision: str) -> list[tvm.transform.Pass]:
             relax.transform.InlinePrivateFunctions(),
             relax.transform.FoldConstant(),  # the weights become fp16 constants
         ]
+    # after the precision passes, so that the im2col it adds moves fp16 data in fp16 builds
+    passes.append(split_k_convolutions(fp16=precision == "fp16"))  # few output tiles and a long K
     return passes
 
 
@@ -192,6 +198,59 @@ def _short_reduction_rule(max_extent: int = 49):
     return ShortReduction()
 
 
+def gemm_extents(func) -> tuple[str, tuple[int, ...]] | None:
+    """(input dtype, (M, N, K)) of a GEMM-shaped kernel (convolutions as implicit GEMMs) after dlight's
+    normalization to C[S, I, J] += A[S, I, K] * B[S, J, K]; None for other kernels or symbolic shapes."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm.s_tir.dlight.gpu.matmul import get_in_out_dtypes, get_index_map, get_reduction_blocks
+
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+        if not blocks or not get_index_map(sch.get(blocks[0])):
+            return None
+        main = blocks[0]
+        for buffer, index in (("read", 0), ("read", 1), ("write", 0)):
+            sch.reindex(main, (buffer, index))
+        matmul_map = get_index_map(sch.get(main))[0]
+        sch.transform_block_layout(main, matmul_map)
+        extents = [iv.dom.extent for iv in sch.get(main).iter_vars[1:]]
+        if not all(isinstance(e, tirx.IntImm) for e in extents):
+            return None
+        return get_in_out_dtypes(sch.get(main))[0], tuple(int(e) for e in extents)
+    except Exception:  # noqa: BLE001 (not a GEMM this analysis understands: leave it to the other rules)
+        return None
+
+
+def _tensor_core_rule(min_extent: int = 64, min_macs: int = 1 << 24):
+    """fp16 GEMMs on tensor cores (dlight's wmma schedule) when every extent is at least `min_extent`.
+
+    dlight's Matmul rule tensorizes only when every extent exceeds 64, so ResNet-18's 64-channel
+    convolutions (N = 64) ran on FP32 FMA in fp16 builds: the four layer1 convolutions took 790 us each
+    at batch 32 on an H200, the 4.6x larger layer4 ones 234 us on tensor cores. The wmma tiles are
+    128 x 128 x 64 (padded), so small GEMMs (under `min_macs` multiply-adds) stay with Matmul.
+    """
+    from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+    from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization, check_sm_version
+
+    class TensorCoreMatmul(GPUScheduleRule):
+        def apply(self, func, target, tunable):
+            if not self.is_target_available(target) or target.kind.name != "cuda":
+                return None
+            if check_sm_version(str(target.attrs.get("arch", ""))) < 70:
+                return None
+            found = gemm_extents(func)
+            if found is None or str(found[0]) != "float16":
+                return None
+            m, n, k = found[1]
+            if min(m, n, k) < min_extent or m * n * k < min_macs:
+                return None
+            return MatmulTensorization().apply(func, target, tunable)
+
+    return TensorCoreMatmul()
+
+
 def default_rules() -> list:
     """The dlight GPU rules, most specific first; Fallback catches every remaining kernel."""
     from tvm.s_tir import dlight as dl
@@ -199,6 +258,7 @@ def default_rules() -> list:
     _import_tensor_intrinsics()
 
     return [
+        _tensor_core_rule(),
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),
         dl.gpu.LowBatchGEMV(),
@@ -241,7 +301,8 @@ GPU_PIPELINES = {"O0": gpu_o0, "O2": gpu_o2}
 
 def schedule_summary(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
     """Which dlight rule schedules each kernel of a legalized, fused module (for tests and reports)."""
-    names = ["Matmul", "GEMV", "LowBatchGEMV", "ShortReduction", "Reduction", "GeneralReduction", "Transpose",
+    names = ["TensorCoreMatmul", "Matmul", "GEMV", "LowBatchGEMV", "ShortReduction", "Reduction", "GeneralReduction",
+             "Transpose",
              "Fallback"]
     summary = {}
     with target:

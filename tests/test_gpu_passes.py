@@ -1,0 +1,84 @@
+"""GPU graph rewrites and rule choices that need neither nvcc nor a GPU: split-K convolutions
+(checked numerically on the CPU) and which dlight rule takes which GEMM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from forgeml.compiler import gpu
+from forgeml.compiler.gpu_splitk import split_factor, split_k_convolutions
+
+CUDA = {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
+
+
+def _conv_module(batch: int, cin: int, cout: int, hw: int, stride: int, kernel: int = 3, pad: int = 1,
+                 dtype: str = "float32", out_dtype: str = "") -> tvm.IRModule:
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, cin, hw, hw), dtype))
+    w = relax.const((rng.standard_normal((cout, cin, kernel, kernel)) * 0.05).astype(dtype))
+    b = relax.const(rng.standard_normal((1, cout, 1, 1)).astype(out_dtype or dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=pad, out_dtype=out_dtype or None))
+            out = bb.emit_output(relax.op.nn.relu(relax.op.add(y, b)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run_cpu(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_split_factor_fills_the_gpu_only_where_needed():
+    assert split_factor(49, 512, 4608) == 16  # ResNet-18 layer4 at batch 1: 16 tiles -> 256 blocks
+    assert split_factor(3136, 64, 576) == 4
+    assert split_factor(100352, 64, 576) == 1  # batch 32: thousands of tiles already
+    assert split_factor(49, 512, 256) == 1  # short K: nothing to split
+    assert split_factor(12544, 64, 147) == 1
+    # fp16 at batch 32: tensor-core tiles are 128 x 128, so layer4 (52 tiles) is split, layer1 is not
+    assert split_factor(1568, 512, 4608) == 1 and split_factor(1568, 512, 4608, fp16=True) == 8
+    assert split_factor(100352, 64, 576, fp16=True) == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 128, 7, 1), (1, 64, 128, 14, 2), (2, 64, 64, 8, 1)])
+def test_split_k_convolution_matches_the_convolution(shape):
+    batch, cin, cout, hw, stride = shape
+    mod = _conv_module(batch, cin, cout, hw, stride)
+    rewritten = split_k_convolutions()(mod)
+    assert "R.matmul" in rewritten.script() and "R.nn.conv2d" not in rewritten.script()
+    x = np.random.default_rng(1).standard_normal((batch, cin, hw, hw)).astype("float32")
+    expected, got = _run_cpu(mod, x), _run_cpu(rewritten, x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_split_k_fp16_convolution_accumulates_in_fp32():
+    """After ToMixedPrecision a convolution reads fp16 and writes fp32: the slices' matmul does too."""
+    mod = _conv_module(1, 128, 128, 7, 1, dtype="float16", out_dtype="float32")
+    rewritten = split_k_convolutions(fp16=True)(mod)
+    assert 'out_dtype="float32"' in rewritten.script() and "R.nn.conv2d" not in rewritten.script()
+    x = np.random.default_rng(1).standard_normal((1, 128, 7, 7)).astype("float16")
+    expected, got = _run_cpu(mod, x), _run_cpu(rewritten, x)
+    assert got.dtype == expected.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_split_k_leaves_busy_convolutions_alone():
+    mod = _conv_module(8, 64, 64, 56, 1)  # 8 x 56 x 56 outputs per channel: plenty of tiles
+    assert "R.nn.conv2d" in split_k_convolutions()(mod).script()
+
+
+def test_fp16_64_channel_convolution_uses_tensor_cores():
+    """dlight's Matmul rule wants every GEMM extent above 64; forgeml's takes N = 64 too."""
+    mod = gpu.with_precision(_conv_module(32, 64, 64, 56, 1), "fp16")
+    target = tvm.target.Target(CUDA)
+    with target:
+        mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
+    summary = gpu.schedule_summary(mod, target)
+    convs = {name: rule for name, rule in summary.items() if "conv2d" in name}
+    assert convs and set(convs.values()) == {"TensorCoreMatmul"}, summary
