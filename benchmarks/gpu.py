@@ -512,7 +512,7 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
     results = {"machine": info, "settings": {"repeat": repeat, "budget_s_per_engine": budget_s, "block": 10},
                "target": plan["target"], "cases": []}
     # the CUDA context first, so that no engine's memory figure includes it
-    _load_first(base / plan["cases"][0]["artifacts"]["fp32"]["path"])
+    _load_first(base / next(iter(plan["cases"][0]["artifacts"].values()))["path"])
     for case in plan["cases"]:
         cid, model, batch = case["id"], case["model"], case["batch"]
         feeds, expected = _load_ref(base / case["ref"], model, batch)

@@ -69,7 +69,7 @@ def _graph_passes(precision: str) -> list[tvm.transform.Pass]:
             relax.transform.FoldConstant(),  # the weights become fp16 constants
         ]
     # after the precision passes, so that the im2col it adds moves fp16 data in fp16 builds
-    passes.append(split_k_convolutions(fp16=precision == "fp16"))  # few output tiles and a long K
+    passes.append(split_k_convolutions())  # few output tiles and a long K (batch-1 deep layers)
     return passes
 
 

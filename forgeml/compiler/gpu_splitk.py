@@ -22,32 +22,22 @@ import tvm
 from tvm import relax
 
 TILE_M, TILE_N = 32, 64  # dlight Matmul's CUDA output tile (block 8x16 threads, 4x4 each)
-TC_TILE = 128  # dlight's fp16 tensor-core (wmma) tile is 128 x 128
-TC_MIN_EXTENT, TC_MIN_MACS = 64, 1 << 24  # what gpu._tensor_core_rule takes
 TARGET_BLOCKS = 256  # about two blocks per SM on an H100/H200 (132 SMs)
 MIN_K_SLICE = 128  # shorter slices spend more on the partial sums than they save
 MIN_K = 512
 
 
-def split_factor(m: int, n: int, k: int, fp16: bool = False) -> int:
+def split_factor(m: int, n: int, k: int) -> int:
     """How many K slices for an M x N x K GEMM: a power of two, 1 when it already fills the GPU.
 
-    fp16 GEMMs that go to tensor cores have 128 x 128 tiles, 8x fewer blocks than FMA's: at batch 32,
-    ResNet-18's layer4 convolutions were 52 blocks (235 us each on an H200). They are split too, as
-    long as each slice still takes the tensor-core rule."""
-    splits = _splits(math.ceil(m / TILE_M) * math.ceil(n / TILE_N), k, lambda s: True)
-    if splits == 1 and fp16 and min(m, n) >= TC_MIN_EXTENT and m * n * k >= TC_MIN_MACS:
-        tiles = math.ceil(m / TC_TILE) * math.ceil(n / TC_TILE)
-        splits = _splits(tiles, k, lambda s: k // s >= TC_MIN_EXTENT and m * n * (k // s) >= TC_MIN_MACS)
-    return splits
-
-
-def _splits(tiles: int, k: int, slice_ok) -> int:
+    Counted in FMA tiles for fp16 builds too. Splitting by tensor-core tiles (128 x 128) was measured
+    at batch 32 in fp16 on an H200: ResNet-18's layer4 GEMMs went 235 -> 132 us, but the im2col
+    copies (29-58 MB each) cost more than that saved (kernels 2.86 -> 2.96 ms in all)."""
+    tiles = math.ceil(m / TILE_M) * math.ceil(n / TILE_N)
     if k < MIN_K or tiles >= TARGET_BLOCKS // 2:
         return 1
     splits = 1
-    while (tiles * splits < TARGET_BLOCKS and k % (splits * 2) == 0 and k // (splits * 2) >= MIN_K_SLICE
-           and slice_ok(splits * 2)):
+    while tiles * splits < TARGET_BLOCKS and k % (splits * 2) == 0 and k // (splits * 2) >= MIN_K_SLICE:
         splits *= 2
     return splits
 
@@ -94,10 +84,6 @@ def _constant(expr, lookup):
 
 @relax.expr_functor.mutator
 class _SplitKRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, fp16: bool):
-        super().__init__(mod)
-        self.fp16 = fp16
-
     def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
         call = self.visit_expr_post_order(call)
         if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
@@ -119,7 +105,7 @@ class _SplitKRewriter(relax.PyExprMutator):
         cout, _, kh, kw = weight.shape
         _, _, oh, ow = out_shape
         m, k = batch * oh * ow, channels * kh * kw
-        splits = split_factor(m, cout, k, self.fp16)
+        splits = split_factor(m, cout, k)
         if splits == 1:
             return None
         dtype = str(x.ty.dtype)
@@ -138,13 +124,12 @@ class _SplitKRewriter(relax.PyExprMutator):
         return relax.op.permute_dims(total, [0, 3, 1, 2])
 
 
-def split_k_convolutions(fp16: bool = False) -> tvm.transform.Pass:
-    """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring);
-    fp16: the model is compiled in fp16, so large GEMMs will run on tensor cores (bigger tiles)."""
+def split_k_convolutions() -> tvm.transform.Pass:
+    """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring)."""
 
     @tvm.transform.module_pass(opt_level=0, name="ForgemlSplitKConv2D")
     def rewrite(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _SplitKRewriter(mod, fp16)
+        rewriter = _SplitKRewriter(mod)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
