@@ -37,38 +37,36 @@ def _library(artifact: Path) -> bytes:
         return tar.extractfile("model.so").read()
 
 
+def _compiled(tmp_path_factory, model, name: str, **options):
+    """(onnx path, artifact path, manifest) of `model` compiled with CompileOptions(**options)."""
+    d = tmp_path_factory.mktemp(name)
+    onnx_path = save(model, d / f"{name}.onnx")
+    manifest = compile_model(onnx_path, d / f"{name}.fml", CompileOptions(**options))
+    return onnx_path, d / f"{name}.fml", manifest
+
+
 @pytest.fixture(scope="module")
 def cuda_mlp(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda_mlp")
-    onnx_path = save(mlp_model(), d / "mlp.onnx")
-    manifest = compile_model(onnx_path, d / "mlp.fml", CompileOptions(target="cuda-sm90"))
-    return onnx_path, d / "mlp.fml", manifest
+    return _compiled(tmp_path_factory, mlp_model(), "mlp", target="cuda-sm90", cuda_graph=False)
 
 
 @pytest.fixture(scope="module")
 def cuda_cnn_fp16(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda_cnn")
-    onnx_path = save(cnn_model(), d / "cnn.onnx")
-    manifest = compile_model(onnx_path, d / "cnn16.fml", CompileOptions(target="cuda", precision="fp16"))
-    return onnx_path, d / "cnn16.fml", manifest
+    return _compiled(tmp_path_factory, cnn_model(), "cnn16", target="cuda", precision="fp16")
 
 
 @pytest.fixture(scope="module")
 def cuda_cnn_graph(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda_cnn_graph")
-    onnx_path = save(cnn_model(), d / "cnn.onnx")
-    manifest = compile_model(onnx_path, d / "cnn_graph.fml", CompileOptions(target="cuda-sm90"))
-    return onnx_path, d / "cnn_graph.fml", manifest
+    return _compiled(tmp_path_factory, cnn_model(), "cnn_graph", target="cuda-sm90")
 
 
-def test_cuda_graph_captures_the_static_launches(cuda_cnn_graph, tmp_path):
+def test_cuda_graph_captures_the_static_launches(cuda_cnn_graph, cuda_mlp):
     _, artifact, manifest = cuda_cnn_graph
     assert manifest.compile_options["cuda_graph"] is True, "on by default for CUDA targets"
     assert b"vm.builtin.cuda_graph.run_or_capture" in _library(artifact)
-    path = save(mlp_model(), tmp_path / "m.onnx")
-    plain = compile_model(path, tmp_path / "m.fml", CompileOptions(target="cuda-sm90", cuda_graph=False))
-    assert plain.compile_options["cuda_graph"] is False
-    assert b"vm.builtin.cuda_graph" not in _library(tmp_path / "m.fml")
+    _, plain, manifest = cuda_mlp  # --no-cuda-graph
+    assert manifest.compile_options["cuda_graph"] is False
+    assert b"vm.builtin.cuda_graph" not in _library(plain)
 
 
 def test_cuda_graph_needs_a_gpu_target(tmp_path):
