@@ -274,3 +274,44 @@ print(after_100, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     after_100, after_10k = int(out[0]), int(out[1])
     assert after_10k <= after_100 * 1.05, (after_100, after_10k)
+
+
+def _embedding_model(vocab: int = 50):
+    """ids [2, 3] (through Unsqueeze/Squeeze, shape-only) -> Gather rows of a [vocab, 8] table."""
+    from conftest import _model
+    from onnx import TensorProto, helper
+
+    weights = {"table": np.random.default_rng(0).standard_normal((vocab, 8)).astype("float32"),
+               "axes": np.array([0], "int64")}
+    nodes = [helper.make_node("Unsqueeze", ["ids", "axes"], ["ids1"]),
+             helper.make_node("Squeeze", ["ids1", "axes"], ["ids2"]),
+             helper.make_node("Gather", ["table", "ids2"], ["y"], axis=0)]
+    return _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])], weights)
+
+
+@pytest.fixture(scope="module")
+def compiled_embedding(tmp_path_factory):
+    from conftest import _compile_once
+
+    return _compile_once(tmp_path_factory, "embedding", _embedding_model())
+
+
+def test_gather_indices_get_a_valid_range(compiled_embedding):
+    onnx_path, artifact = compiled_embedding
+    session = forgeml.load(artifact)
+    assert session.inputs[0].valid_range == (-50, 49)
+    ids = np.array([[0, 49, -50], [-1, 7, 3]], dtype="int64")  # negative indices count from the end (ONNX)
+    np.testing.assert_array_equal(session.run({"ids": ids})["y"], ort_run(onnx_path, {"ids": ids})["y"])
+
+
+@pytest.mark.parametrize("bad", [50, -51, 10**9])
+def test_out_of_range_indices_are_refused_not_a_crash(compiled_embedding, bad):
+    """A compiled gather does not check bounds (it read out of bounds and crashed the process)."""
+    session = forgeml.load(compiled_embedding[1])
+    ids = np.array([[1, 2, 3], [4, bad, 6]], dtype="int64")
+    with pytest.raises(InvalidInput, match=f"input 'ids' holds {bad}, outside \\[-50, 49\\]"):
+        session.run({"ids": ids})  # the fast path (contiguous int64)
+    with pytest.raises(InvalidInput, match="outside"):
+        session.run({"ids": ids.tolist()})  # the general path
+    assert session.run({"ids": np.zeros((2, 3), "int64")})["y"].shape == (2, 3, 8)

@@ -124,4 +124,44 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     except Exception as e:
         raise InvalidInput(f"{path}: ONNX shape inference failed: {str(e).strip().splitlines()[0]}") from None
     outputs = _tensor_specs(model.graph.output)
-    return LoadedModel(model, _tensor_specs(_graph_inputs(model)), outputs, sha, path)
+    ranges = index_ranges(model)
+    inputs = tuple(spec._replace(valid_range=ranges.get(spec.name)) if "int" in spec.dtype else spec
+                   for spec in _tensor_specs(_graph_inputs(model)))
+    return LoadedModel(model, inputs, outputs, sha, path)
+
+
+_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Graph input -> the values it may hold, for integer inputs used (directly or through shape-only
+    ops) as Gather indices into a tensor of known size: [-size, size - 1] along the gathered axis,
+    intersected over every such use."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inputs = {v.name for v in model.graph.input}
+    sizes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    for v in list(model.graph.value_info) + list(model.graph.input):
+        dims = v.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            sizes.setdefault(v.name, tuple(d.dim_value for d in dims))
+
+    def source(name: str) -> str | None:
+        while name not in inputs:
+            node = producers.get(name)
+            if node is None or node.op_type not in _PASS_THROUGH:
+                return None
+            name = node.input[0]
+        return name
+
+    ranges: dict[str, tuple[int, int]] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        origin, shape = source(node.input[1]), sizes.get(node.input[0])
+        if origin is None or shape is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        size = shape[axis]
+        low, high = ranges.get(origin, (-size, size - 1))
+        ranges[origin] = (max(low, -size), min(high, size - 1))
+    return ranges

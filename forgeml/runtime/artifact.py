@@ -31,21 +31,30 @@ _ALIGN = 64
 
 
 class TensorSpec(NamedTuple):
-    """A model input or output: name, static shape and numpy dtype name."""
+    """A model input or output: name, static shape and numpy dtype name; for an integer input that
+    indexes a tensor (Gather's indices), the values it may take (`valid_range`, inclusive): the
+    runtime refuses others, since compiled gathers do not check bounds."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    valid_range: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.valid_range is not None:
+            d["range"] = list(self.valid_range)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], tuple(int(s) for s in d["shape"]), d["dtype"])
+        bounds = d.get("range")
+        return cls(d["name"], tuple(int(s) for s in d["shape"]), d["dtype"],
+                   (int(bounds[0]), int(bounds[1])) if bounds is not None else None)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
+        bounds = f" in [{self.valid_range[0]}, {self.valid_range[1]}]" if self.valid_range else ""
+        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]{bounds}"
 
 
 class WeightEntry(NamedTuple):

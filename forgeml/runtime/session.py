@@ -84,6 +84,7 @@ class Session:
         self._lock = threading.Lock()
         # what run() compares each input against, precomputed: its per-call cost is part of the latency
         self._input_checks = [(spec.name, np.dtype(spec.dtype), tuple(spec.shape)) for spec in self.manifest.inputs]
+        self._ranges = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.valid_range is not None]
         self._output_names = [spec.name for spec in self.manifest.outputs]
         self._stages: list[tuple[np.ndarray, Any] | None] = [None] * len(self._input_checks)
 
@@ -180,7 +181,19 @@ class Session:
                 raise InvalidInput(f"input '{spec.name}' has shape {list(array.shape)}, expected "
                                    f"{list(spec.shape)}; the model expects {self._expected()}")
             arrays.append(_aligned(array))
+        self._check_ranges(arrays)
         return arrays
+
+    def _check_ranges(self, arrays: list[np.ndarray]) -> None:
+        """Refuse index inputs outside the tensor they index (the compiled gather would read out of
+        bounds: a crash or garbage, where ONNX Runtime reports an error)."""
+        for n, spec in self._ranges:
+            array = arrays[n]
+            low, high = spec.valid_range
+            if array.size and (array.min() < low or array.max() > high):
+                bad = array[(array < low) | (array > high)].flat[0]
+                raise InvalidInput(f"input '{spec.name}' holds {bad}, outside [{low}, {high}]: it indexes a "
+                                   f"tensor with {high + 1} entries along the gathered axis")
 
     def run(self, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model on `feeds` (input name -> array); returns output name -> array."""
@@ -188,6 +201,8 @@ class Session:
             args = self._fast_inputs(feeds) if self._on_cpu else None
             if args is None:
                 args = self._upload_inputs(self._check_inputs(feeds))
+            elif self._ranges:
+                self._check_ranges([feeds[name] for name, _, _ in self._input_checks])
             result = self._main(*args, *self._weights)
             tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
             outputs = dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
