@@ -315,3 +315,12 @@ def test_out_of_range_indices_are_refused_not_a_crash(compiled_embedding, bad):
     with pytest.raises(InvalidInput, match="outside"):
         session.run({"ids": ids.tolist()})  # the general path
     assert session.run({"ids": np.zeros((2, 3), "int64")})["y"].shape == (2, 3, 8)
+
+
+def test_small_tables_verify_with_indices_inside_them(tmp_path):
+    """Seeded verification inputs stay inside an index input's range (ids up to 9 into a 5-row table
+    made ONNX Runtime itself fail)."""
+    from conftest import save
+
+    manifest = forgeml.compile_model(save(_embedding_model(vocab=5), tmp_path / "e.onnx"), tmp_path / "e.fml")
+    assert manifest.verification["passed"] and manifest.inputs[0].valid_range == (-5, 4)

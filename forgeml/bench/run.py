@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,7 +86,11 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
             if manifest.target.get("device") == "cuda":  # GPU artifact: ONNX Runtime's CUDA provider if present
                 from forgeml.compiler.verify import onnxruntime_cuda_runner
 
-                cuda = onnxruntime_cuda_runner(source, feeds)
+                try:
+                    cuda = onnxruntime_cuda_runner(source, feeds)
+                except RuntimeError as e:  # the provider did not load: keep the CPU baseline, say so
+                    warnings.warn(f"baseline on the CPU: {e}", stacklevel=1)
+                    cuda = None
                 if cuda is not None:
                     del runners[ort_name]
                     ort_name = f"onnxruntime-cuda {source.name}"

@@ -33,7 +33,8 @@ class VerifyResult:
 
 
 def seeded_inputs(specs: list[TensorSpec] | tuple[TensorSpec, ...], seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic random inputs: normal floats, small non-negative integers (valid as indices)."""
+    """Deterministic random inputs: normal floats; integers in [0, 10), or over the whole table for an
+    input used as Gather indices (its `valid_range`)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
@@ -41,7 +42,8 @@ def seeded_inputs(specs: list[TensorSpec] | tuple[TensorSpec, ...], seed: int = 
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
         elif dtype.kind in "iu":
-            feeds[spec.name] = rng.integers(0, 10, size=spec.shape).astype(dtype)
+            high = spec.valid_range[1] + 1 if spec.valid_range else 10
+            feeds[spec.name] = rng.integers(0, high, size=spec.shape).astype(dtype)
         elif dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, size=spec.shape).astype(dtype)
         else:
