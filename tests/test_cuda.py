@@ -232,3 +232,28 @@ def test_depthwise_conv_gets_one_thread_per_output():
         mod = tvm.transform.Sequential(gpu._graph_passes("fp32") + gpu._lower_passes())(mod)
     summary = gpu.schedule_summary(mod, target)
     assert [rule for name, rule in summary.items() if "conv2d" in name] == ["ShortReduction"], summary
+
+
+def test_fp16_64_channel_convolution_builds_with_64_wide_tensor_core_tiles(tmp_path):
+    """N = 64 GEMMs get 128 x 64 wmma tiles (forgeml's copy of dlight's schedule); their fp32
+    staging tile must live in static shared memory, else TVM's lowering rejects the build."""
+    from conftest import _model
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w": (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype("float32"),
+               "b": rng.standard_normal(64).astype("float32")}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64, 32, 32])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64, 32, 32])], weights)
+    path = save(model, tmp_path / "conv64.onnx")
+    manifest = compile_model(path, tmp_path / "conv64.fml", CompileOptions(target="cuda-sm90", precision="fp16"))
+    assert manifest.compile_options["precision"] == "fp16"
+    if _has_gpu():
+        x = rng.standard_normal((8, 64, 32, 32)).astype("float32")
+        import forgeml
+
+        got = forgeml.load(tmp_path / "conv64.fml").run({"x": x})["y"]
+        ref = ort_run(path, {"x": x})["y"]
+        assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))

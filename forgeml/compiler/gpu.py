@@ -6,8 +6,9 @@ split-K for convolutions that would leave most SMs idle (`gpu_splitk`: batch-1 d
 optional fp16 mixed precision, TVM's legalize + fuse, then `dlight.gpu` rules on every kernel:
 
 - TensorCoreMatmul (forgeml's): fp16 GEMMs and convolutions with every dimension at least 64 and
-  16M+ multiply-adds on tensor cores (dlight's wmma schedule, fp32 accumulators); dlight's own rule
-  asks for more than 64, which left 64-channel convolutions on FMA.
+  16M+ multiply-adds on tensor cores (dlight's wmma schedule, fp32 accumulators; 128 x 64 tiles when
+  N is 64, `gpu_wmma.py`); dlight's own rule asks for more than 64, which left 64-channel
+  convolutions on FMA.
 - Matmul: matmuls, dense layers and convolutions (dlight re-indexes a convolution into an implicit
   im2col GEMM, staged through shared memory; 32 x 64 output tiles, one thread block each).
 - GEMV / LowBatchGEMV: matrix-vector products (batch-1 dense layers with [N, K] weights).
@@ -246,6 +247,10 @@ def _tensor_core_rule(min_extent: int = 64, min_macs: int = 1 << 24):
             m, n, k = found[1]
             if min(m, n, k) < min_extent or m * n * k < min_macs:
                 return None
+            if n <= 64:  # dlight's 128-wide N tile would be half padding
+                from forgeml.compiler.gpu_wmma import wmma_matmul
+
+                return wmma_matmul(func, target, j_fragments=1)
             return MatmulTensorization().apply(func, target, tunable)
 
     return TensorCoreMatmul()
