@@ -324,3 +324,12 @@ def test_small_tables_verify_with_indices_inside_them(tmp_path):
 
     manifest = forgeml.compile_model(save(_embedding_model(vocab=5), tmp_path / "e.onnx"), tmp_path / "e.fml")
     assert manifest.verification["passed"] and manifest.inputs[0].valid_range == (-5, 4)
+
+
+def test_unwritable_tmpdir_is_one_clear_error(compiled_mlp, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    with pytest.raises(ArtifactError) as info:
+        forgeml.load(compiled_mlp[1])
+    message = str(info.value)
+    assert "cannot write the model library" in message and "set TMPDIR" in message
+    assert "failed to load" not in message  # not wrapped a second time

@@ -100,6 +100,8 @@ class Session:
         library = artifact.read_member(self.manifest.library)
         try:
             module = _load_library(self._ffi, library)
+        except ArtifactError:  # already says what to do (an unwritable $TMPDIR)
+            raise
         except Exception as e:
             raise ArtifactError(f"{self.path}: the compiled library failed to load: {e}") from None
         self._module = module  # the VM's functions live in this library: keep it loaded
