@@ -51,8 +51,7 @@ BATCHES = (1, 32)
 PRECISIONS = ("fp32", "fp16")
 # forgeml builds per case: name -> (precision, CUDA graph; None: the compiler's default, on)
 VARIANTS = {"fp32": ("fp32", None), "fp16": ("fp16", None), "fp32 no-graph": ("fp32", False),
-            "fp16 no-graph": ("fp16", False),
-            "fp32 graph": ("fp32", True), "fp16 graph": ("fp16", True)}  # names in earlier results
+            "fp16 no-graph": ("fp16", False)}
 
 
 def _say(msg: str) -> None:

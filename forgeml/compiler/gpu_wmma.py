@@ -6,8 +6,8 @@
 
 dlight's tile is 128 x 128 (4 warps along M and 4 along N, each 2 x 2 fragments of 16 x 16): a GEMM
 with N = 64 (ResNet's 64-channel convolutions) is padded to 128 and does twice its work. On an H200
-at batch 32 in fp16, each of ResNet-18's layer1 convolutions (N = 64) took 330 us, where layer4's,
-with as many multiply-adds (N = 512), took 235 us.
+at batch 32 in fp16, each of ResNet-18's layer1 convolutions (N = 64) took 169 us with 128 x 128
+tiles and 143 us with 128 x 64 tiles.
 """
 
 # ruff: noqa: E722

@@ -54,6 +54,15 @@ class _Unknown:
     pass
 
 
+def constant_array(expr, lookup_binding=None) -> np.ndarray | None:
+    """The value of a Relax constant (through a bound variable when `lookup_binding` is given), else None."""
+    if lookup_binding is not None and isinstance(expr, relax.Var):
+        expr = lookup_binding(expr)
+    if type(expr).__name__ in ("GenericConst", "Constant"):
+        return expr.value.numpy()
+    return None
+
+
 @relax.expr_functor.mutator
 class _NumpyConstantFolder(relax.PyExprMutator):
     """Fold calls of `_NUMPY_OPS` whose arguments are all constants, in numpy."""
@@ -83,9 +92,10 @@ class _NumpyConstantFolder(relax.PyExprMutator):
     def _value(self, arg):
         if isinstance(arg, relax.Var):
             arg = self.lookup_binding(arg)
+        array = constant_array(arg)
+        if array is not None:
+            return array
         name = type(arg).__name__
-        if name in ("GenericConst", "Constant"):
-            return arg.value.numpy()
         if name in ("FloatImm", "IntImm"):  # a scalar operand, e.g. batch norm's epsilon
             return arg.value
         if name == "PrimValue" and hasattr(arg.value, "value"):
