@@ -144,24 +144,80 @@ def _print_tuning(t: dict) -> None:
 
 @cli.command("tune")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-t", "--target", default="x86-64", show_default=True, help="Target preset (CPU).")
+@click.option("-t", "--target", default="x86-64", show_default=True, help="Target preset (CPU or CUDA).")
 @click.option("--minutes", type=float, help="Time budget.")
-@click.option("--trials", type=int, help="Trial budget (with or without --minutes).")
+@click.option("--trials", type=int, help="Trial budget (with or without --minutes); with --measure-elsewhere, "
+                                         "how many candidates to write.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...")
-def tune_cmd(model: Path, target: str, minutes: float | None, trials: int | None,
-             input_shapes: tuple[str, ...]) -> None:
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="GPU targets: tune the kernels of this precision (as `forgeml compile --precision`).")
+@click.option("--refine", is_flag=True, help="Also search kernels that already have records, starting from them.")
+@click.option("--measure-elsewhere", "measure_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="Measure nothing here: write candidates to DIR for `python -m forgeml.runtime.measure DIR` "
+                   "on a machine that runs the target's kernels (no compiler needed there), then "
+                   "`forgeml tune-import DIR`.")
+def tune_cmd(model: Path, target: str, minutes: float | None, trials: int | None, input_shapes: tuple[str, ...],
+             precision: str, refine: bool, measure_dir: Path | None) -> None:
     """Tune MODEL's kernels into the target's persistent database ($FORGEML_CACHE, default
     ~/.cache/forgeml). Kernels already tuned (by any model) are skipped; Ctrl-C keeps progress.
     Later `forgeml compile` runs for this target use the records automatically."""
     from forgeml.compiler.build import tune_model
 
-    with TuningProgress() as bar:
-        summary = tune_model(model, target, minutes=minutes, trials=trials,
-                             input_shapes=_parse_shapes(input_shapes), progress=bar.update)
+    with TuningProgress() as bar, console.status("tuning") as status:
+        summary = tune_model(model, target, minutes=minutes, trials=trials, input_shapes=_parse_shapes(input_shapes),
+                             progress=bar.update, precision=precision, refine=refine, measure_elsewhere=measure_dir,
+                             say=lambda msg: status.update(msg))
+    if measure_dir is not None:
+        s = summary
+        console.print(f"[green]wrote[/] {s.directory}: {s.candidates} candidates for {s.kernels_in_batch} of "
+                      f"{s.kernels} kernels, {s.rule_candidates} rule-based schedules to compare "
+                      f"({s.megabytes:.1f} MB, {s.seconds:.0f} s" + (f", {s.build_errors} failed to build" if
+                                                                   s.build_errors else "") + ")")
+        console.print(f"next, where the kernels run: python -m forgeml.runtime.measure {s.directory}\n"
+                      f"then here: forgeml tune-import {s.directory}")
+        return
     console.print(f"tuning: {summary.tasks} kernels, {summary.tasks_from_cache} already tuned, "
                   f"{summary.trials} trials in {summary.seconds:.0f} s"
                   + (" [interrupted: progress kept]" if summary.interrupted else ""))
     console.print(f"database: {summary.database}")
+
+
+@cli.command("tune-import")
+@click.argument("batch_dir", type=click.Path(path_type=Path))
+def tune_import_cmd(batch_dir: Path) -> None:
+    """Commit a measured batch (`forgeml tune --measure-elsewhere DIR`, then `python -m
+    forgeml.runtime.measure DIR` where the kernels run) to the target's tuning database."""
+    from rich.table import Table
+
+    from forgeml.compiler.build import import_measurements
+
+    summary = import_measurements(batch_dir)
+    table = Table("kernel", "rules (us)", "best tuned (us)", "speedup", title=f"measured on {summary.device}")
+    for k in summary.kernels:
+        rules, best = k["rules_us"], k["best_us"]
+        ratio = f"{rules / best:.2f}x" if rules and best else "-"
+        table.add_row(k["kernel"], "-" if rules is None else f"{rules:g}", "-" if best is None else f"{best:g}", ratio)
+    console.print(table)
+    console.print(f"[green]imported[/] {summary.records} tuned records ({summary.failed} candidates failed there), "
+                  f"{summary.rule_latencies} rule latencies into {summary.database}")
+
+
+@cli.command("measure")
+@click.argument("batch_dir", type=click.Path(path_type=Path))
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds one candidate may take.")
+def measure_cmd(batch_dir: Path, timeout: float) -> None:
+    """Time a tuning batch's kernels on this machine (the same as `python -m forgeml.runtime.measure`,
+    which needs only forgeml's runtime); resumes an interrupted run."""
+    from rich.progress import Progress
+
+    from forgeml.runtime.measure import measure_batch
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("measuring", total=None)
+        doc = measure_batch(batch_dir, timeout, lambda n, total: bar.update(task, completed=n, total=total))
+    failed = sum(1 for r in doc["results"].values() if "error" in r)
+    console.print(f"[green]measured[/] {len(doc['results'])} candidates on {doc['device']['name']} ({failed} failed): "
+                  f"{batch_dir / 'results.json'}")
 
 
 @cli.command("run")

@@ -91,7 +91,7 @@ def _export_library(executable, spec: TargetSpec, out: Path) -> dict | None:
     if spec.device == "cuda":
         from forgeml.compiler.gpu import export_cuda_library
 
-        return export_cuda_library(executable, out, str(spec.target.get("arch")), fcompile=fcompile)
+        return export_cuda_library(executable.mod, out, str(spec.target.get("arch")), fcompile=fcompile)
     executable.export_library(str(out), fcompile=fcompile)
     return None
 
@@ -204,7 +204,9 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
 def _uses_tuning(options: CompileOptions, spec: TargetSpec, target) -> bool:
     """Tune when asked; otherwise consult the target's database when it has records."""
-    if spec.device != "cpu" or options.opt_level != "O2":
+    if options.opt_level != "O2":
+        if options.tune_minutes or options.tune_trials:
+            raise InvalidInput(f"tuning needs -O O2 (tuned kernels replace its rules), not {options.opt_level}")
         return False
     if options.tune_minutes or options.tune_trials:
         return True
@@ -215,21 +217,58 @@ def _uses_tuning(options: CompileOptions, spec: TargetSpec, target) -> bool:
 
 def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: float | None = None,
                trials: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
-               progress: Callable[[dict], None] | None = None):
-    """Tune a model's kernels into the target's persistent database (no artifact). Returns the summary."""
+               progress: Callable[[dict], None] | None = None, precision: str = "fp32", refine: bool = False,
+               measure_elsewhere: str | Path | None = None, say: Progress | None = None):
+    """Tune a model's kernels into the target's persistent database (no artifact). Returns the summary.
+
+    With `measure_elsewhere`, nothing is measured here: a batch of candidates (about `trials`) is
+    written to that directory for `python -m forgeml.runtime.measure` on a machine that runs the
+    target's kernels (tuning_batch.py); `import_measurements` brings the results back."""
     import tvm
 
     from forgeml.compiler import frontend, pipeline, tuning
 
     spec = resolve_target(target_name)
-    if spec.device != "cpu":
-        raise InvalidInput(f"tuning supports CPU targets; '{spec.name}' is a {spec.device} target")
+    if precision != "fp32" and spec.device != "cuda":
+        raise InvalidInput(f"--precision {precision} needs a GPU target (cuda, jetson-orin)")
+    if measure_elsewhere is not None and not trials:
+        raise InvalidInput("--measure-elsewhere needs --trials: how many candidates to write")
     if not minutes and not trials:
         raise InvalidInput("give a tuning budget: --minutes and/or --trials")
     loaded = frontend.load_onnx(model_path, input_shapes or {})
     target = tvm.target.Target(spec.tvm_target())
-    mod = pipeline.tuning_input(_import_onnx(loaded), target)
-    return tuning.tune(mod, target, tuning.Budget(minutes, trials), progress)
+    mod = _import_onnx(loaded)
+    if spec.device == "cuda":
+        from forgeml.compiler.gpu import with_precision
+
+        mod = with_precision(mod, precision)
+    mod = pipeline.tuning_input(mod, target)
+    if measure_elsewhere is not None:
+        from forgeml.compiler.tuning_batch import export_batch
+
+        cross = spec.cross_compiler if spec.cross_compiler and spec.arch != _machine() else None
+        if cross and not shutil.which(cross):
+            raise ToolchainMissing(f"target '{spec.name}' needs the cross compiler {cross}: "
+                                   f"apt-get install {' '.join(spec.needs)}")
+        return export_batch(mod, target, measure_elsewhere, trials, refine=refine, cross_compiler=cross,
+                            arch=spec.arch, progress=say)
+    if spec.arch != _machine():
+        raise InvalidInput(f"'{spec.name}' kernels run on {spec.arch}, this machine is {_machine()}: "
+                           "tune with --measure-elsewhere DIR and measure the batch on the device")
+    return tuning.tune(mod, target, tuning.Budget(minutes, trials), progress, refine=refine)
+
+
+def import_measurements(batch_dir: str | Path):
+    """Commit a measured batch (`tune_model(..., measure_elsewhere=DIR)`) to its target's tuning database."""
+    from forgeml.compiler.tuning_batch import import_results
+
+    return import_results(batch_dir)
+
+
+def _machine() -> str:
+    import platform
+
+    return platform.machine()
 
 
 def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_path: Path, spec: TargetSpec,
@@ -267,4 +306,6 @@ def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_pat
 
 
 def _has_cuda_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+    from forgeml.targets.host import has_cuda_gpu
+
+    return has_cuda_gpu()

@@ -291,15 +291,25 @@ def gpu_o0(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
 
 
-def gpu_o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Fused graph plus dlight's GPU rules (tensor cores for fp16 GEMMs and convolutions)."""
-    from tvm.s_tir import dlight as dl
-
+def gpu_tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The fused, legalized module before any schedule: what MetaSchedule tunes (precision included)."""
     _check_target(target)
     with target:
-        mod = tvm.transform.Sequential(_graph_passes(precision_of(mod)) + _lower_passes())(mod)
+        return tvm.transform.Sequential(_graph_passes(precision_of(mod)) + _lower_passes())(mod)
+
+
+def schedule_rest(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """dlight's rules on every kernel not scheduled yet (tuned kernels are marked scheduled)."""
+    from tvm.s_tir import dlight as dl
+
+    with target:
         mod = dl.ApplyDefaultSchedule(*default_rules())(mod)
         return relax.transform.DeadCodeElimination()(mod)
+
+
+def gpu_o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Fused graph plus dlight's GPU rules (tensor cores for fp16 GEMMs and convolutions)."""
+    return schedule_rest(gpu_tuning_input(mod, target), target)
 
 
 GPU_PIPELINES = {"O0": gpu_o0, "O2": gpu_o2}
@@ -451,8 +461,9 @@ def _compile_cuda_modules(blob: bytes, arch: str) -> tuple[bytes, dict]:
     return pack_module_blob(row_ptr, children, out), info
 
 
-def export_cuda_library(executable, out_path, arch: str, fcompile=None) -> dict:
-    """Export a CUDA-target executable to a shared library whose CUDA kernels are a prebuilt fatbin.
+def export_cuda_library(module, out_path, arch: str, fcompile=None) -> dict:
+    """Export a CUDA-target runtime module (a Relax executable's `.mod`, or a single kernel built
+    for tuning) to a shared library whose CUDA kernels are a prebuilt fatbin.
 
     Returns a summary (kernel format, fatbin size, arch) for the manifest.
     """
@@ -485,7 +496,7 @@ def export_cuda_library(executable, out_path, arch: str, fcompile=None) -> dict:
             )
         return asm_path
 
-    executable.mod.export_library(str(out_path), fcompile=fcompile, fpack_imports=fpack_imports)
+    module.export_library(str(out_path), fcompile=fcompile, fpack_imports=fpack_imports)
     return summary
 
 

@@ -150,7 +150,11 @@ def _o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The fused module whose kernels MetaSchedule tunes (weights marked layout-free for prepacking)."""
+    """The fused module whose kernels MetaSchedule tunes (CPU: weights marked layout-free for prepacking)."""
+    if target.kind.name == "cuda":
+        from forgeml.compiler.gpu import gpu_tuning_input
+
+        return gpu_tuning_input(mod, target)
     with target:
         mod = tvm.transform.Sequential([*_graph_passes(), relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
     return _without_schedule_rule_annotations(mod)
@@ -179,27 +183,22 @@ def tuned_o2(mod: tvm.IRModule, target: tvm.target.Target, budget, progress=None
     """O2 with the tuning database: tune kernels missing from it (within `budget`, possibly none),
     then use each tuned schedule only where it beats the rules. Returns (module, TuningSummary)."""
     from forgeml.compiler import tuning
-    from forgeml.compiler.schedules import apply_cpu_schedules
 
     mod = tuning_input(mod, target)
     summary = tuning.tune(mod, target, budget, progress)
+    winners = tuning.winning_database(mod, target, summary)
+    with tuning.tuning_target(target), winners:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    if target.kind.name == "cuda":
+        from forgeml.compiler.gpu import schedule_rest
+
+        return schedule_rest(mod, target), summary
+    from forgeml.compiler.schedules import apply_cpu_schedules
+
     with target:
-        winners = tuning.winning_database(mod, target, summary, rules_version=_rules_version())
-        with winners:
-            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         mod = apply_cpu_schedules(mod, target)  # every kernel the database did not schedule
         mod = _fold_prepacked_weights()(mod)
     return mod, summary
-
-
-def _rules_version() -> str:
-    """Changes whenever the rule-based schedules change, so cached rule latencies are remeasured."""
-    import hashlib
-    from pathlib import Path
-
-    from forgeml.compiler import schedules
-
-    return hashlib.sha256(Path(schedules.__file__).read_bytes()).hexdigest()[:12]
 
 
 PIPELINES: dict[str, Pipeline] = {"O0": _o0, "O2": _o2}

@@ -9,6 +9,9 @@
   no progress on 2 cores).
 - The rule-based schedule is measured with the same runner, and a tuned schedule is used only where
   it beats the rules.
+- CPU and CUDA targets alike. Candidates are measured here when this machine can run them (the
+  target's CPU, or a CUDA GPU); otherwise `tuning_batch` writes them out for a machine that has only
+  forgeml's runtime (`python -m forgeml.runtime.measure`) and imports what it measured.
 """
 
 from __future__ import annotations
@@ -44,8 +47,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FORGEML_CACHE", "~/.cache/forgeml")).expanduser()
 
 
+# Limits MetaSchedule's GPU rules read from the target (TVM's own "nvidia/..." tags carry them; a bare
+# {"kind": "cuda", "arch": ...} does not, and AutoBind then refuses to start).
+_CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+                "registers_per_block": 65536, "thread_warp_size": 32}
+
+
+def tuning_target(target: tvm.target.Target) -> tvm.target.Target:
+    """The target as tuning sees it: CUDA targets get the GPU limits MetaSchedule needs (idempotent)."""
+    if target.kind.name != "cuda" or all(k in target.attrs for k in _CUDA_LIMITS):
+        return target
+    config = dict(target.export())
+    for key, value in _CUDA_LIMITS.items():
+        config.setdefault(key, value)
+    if target.host is not None:
+        config["host"] = dict(target.host.export())
+    return tvm.target.Target(config)
+
+
+def device_of(target: tvm.target.Target) -> str:
+    """Where the target's kernels run: "cuda" or "cpu" (MetaSchedule's device type names)."""
+    return "cuda" if target.kind.name == "cuda" else "cpu"
+
+
 def target_key(target: tvm.target.Target) -> str:
     """A readable, stable key for a target: kind-mcpu-cores-hash."""
+    target = tuning_target(target)
     config = {k: str(v) for k, v in sorted(dict(target.export()).items())}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     mcpu = str(target.attrs.get("mcpu", target.attrs.get("arch", "generic")))
@@ -76,6 +103,46 @@ def fast_build(mod: tvm.IRModule, target: tvm.target.Target, _params: Any) -> An
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm.driver.build(mod, target=target)
+
+
+def export_kernel(module: Any, cuda_arch: str | None = None, cross_compiler: str | None = None) -> str:
+    """A built candidate as a shared library that forgeml's runtime loads without the compiler (CUDA
+    kernels prebuilt into a fatbin, as in artifacts); returns its path in a fresh temporary directory."""
+    import tempfile
+
+    fcompile = None
+    if cross_compiler:
+        from tvm.support import cc
+
+        fcompile = cc.cross_compiler(cross_compiler)
+    path = os.path.join(tempfile.mkdtemp(prefix="forgeml-kernel-"), "kernel.so")
+    if cuda_arch:
+        from forgeml.compiler.gpu import export_cuda_library
+
+        export_cuda_library(module, path, cuda_arch, fcompile=fcompile)
+    else:
+        module.export_library(path, fcompile=fcompile)
+    return path
+
+
+def builder(target: tvm.target.Target, cross_compiler: str | None = None) -> ms.builder.Builder:
+    """The fast builder, exporting libraries the runtime alone can load (see `export_kernel`)."""
+    import functools
+
+    arch = str(target.attrs["arch"]) if target.kind.name == "cuda" else None
+    return ms.builder.LocalBuilder(
+        f_build=fast_build, f_export=functools.partial(export_kernel, cuda_arch=arch, cross_compiler=cross_compiler),
+        max_workers=os.cpu_count() or 1, timeout_sec=120 if arch else 60)
+
+
+def cannot_measure_here(target: tvm.target.Target) -> str | None:
+    """Why this machine cannot time the target's kernels itself, or None when it can."""
+    if device_of(target) == "cuda":
+        from forgeml.targets.host import has_cuda_gpu
+
+        if not has_cuda_gpu():
+            return "there is no CUDA GPU on this machine"
+    return None
 
 
 @dataclass
@@ -132,13 +199,12 @@ def _has_record(db: ms.database.Database, task: Any, target: tvm.target.Target) 
     return db.has_workload(mod) and bool(db.get_top_k(db.commit_workload(mod), 1))
 
 
-def _builder_runner() -> tuple[ms.builder.Builder, ms.runner.Runner]:
-    builder = ms.builder.LocalBuilder(f_build=fast_build, max_workers=os.cpu_count() or 1, timeout_sec=60)
+def _builder_runner(target: tvm.target.Target) -> tuple[ms.builder.Builder, ms.runner.Runner]:
     runner = ms.runner.LocalRunner(
         evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False),
         timeout_sec=30,
     )
-    return builder, runner
+    return builder(target), runner
 
 
 @contextlib.contextmanager
@@ -157,6 +223,36 @@ def _without_tensor_intrinsics(target: tvm.target.Target):
         del sys.modules[name]
 
 
+def space_generator(target: tvm.target.Target) -> ms.space_generator.SpaceGenerator | str:
+    """MetaSchedule's design space for the target. CUDA (sm_70+): TVM's tensor-core rules, except that
+    the wmma accumulators are staged in static shared memory: TVM 0.27 merges the fp32 staging buffer
+    into the fp16 dynamic shared memory of the operands, and every such candidate failed to build
+    ("tvm_access_ptr element type must match the source buffer", the same fix as gpu_wmma.py)."""
+    if target.kind.name != "cuda":
+        return "post-order-apply"
+    from forgeml.compiler.gpu import _import_tensor_intrinsics
+
+    _import_tensor_intrinsics()
+    arch = str(target.attrs.get("arch", "sm_50"))
+    if not arch.startswith("sm_") or int(arch[3:5]) < 70:  # no tensor cores (sm_XY, maybe "sm_90a")
+        return ms.space_generator.PostOrderApply(sch_rules="cuda", postprocs="cuda", mutator_probs="cuda")
+    groups = [{"init": f"wmma_fill_16x16x16_{acc}",
+               "load_a": "wmma_load_16x16x16_f16_a_shared_dyn",
+               "load_b": f"wmma_load_16x16x16_f16_b{trans}_shared_dyn",
+               "compute": f"wmma_sync_16x16x16_f16f16{acc}{trans}",
+               "store": f"wmma_store_16x16x16_{acc}_shared"}
+              for acc in ("f32", "f16") for trans in ("", "_trans")]
+    tensor_cores = ms.schedule_rule.MultiLevelTilingTensorCore(
+        intrin_groups=groups, structure="SSSRRSRS", tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
+        max_innermost_factor=4, vector_load_lens=[1, 2, 3, 4, 8, 16],
+        reuse_read=ms.schedule_rule.ReuseType(req="must", levels=[4], scope="shared.dyn"),
+        reuse_write=ms.schedule_rule.ReuseType(req="must", levels=[2], scope="shared"),
+        use_software_pipeline=False)
+    custom, *rest = ms.schedule_rule.ScheduleRule.create("cuda")
+    return ms.space_generator.PostOrderApply(sch_rules=[custom, tensor_cores, *rest],
+                                             postprocs="cuda-tensorcore", mutator_probs="cuda-tensorcore")
+
+
 def _search_strategy() -> ms.search_strategy.EvolutionarySearch:
     """A smaller evolutionary search than TVM's default (population 512): on a 2-core machine the
     default spends minutes between trial batches."""
@@ -165,7 +261,7 @@ def _search_strategy() -> ms.search_strategy.EvolutionarySearch:
 
 def extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[Any]:
     """Tunable kernels of a fused module (weights bound as constants)."""
-    return ms.relax_integration.extract_tasks(mod, target)
+    return ms.relax_integration.extract_tasks(mod, tuning_target(target))
 
 
 _TRIALS_PER_TASK = 32  # a first pass over every kernel before any kernel gets more
@@ -183,23 +279,36 @@ def _flops(task: Any) -> float:
         return 0.0
 
 
+def pending_tasks(tasks: list[Any], db: ms.database.Database, target: tvm.target.Target,
+                  refine: bool = False) -> list[Any]:
+    """The kernels to tune, heaviest first: those without a record (all of them with `refine`)."""
+    pending = tasks if refine else [t for t in tasks if not _has_record(db, t, target)]
+    return sorted(pending, key=_flops, reverse=True)
+
+
 def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
-         progress: TuneProgress | None = None) -> TuningSummary:
-    """Tune the kernels of `mod` not already in the target's database, within `budget`.
+         progress: TuneProgress | None = None, refine: bool = False) -> TuningSummary:
+    """Tune the kernels of `mod` not already in the target's database (all of them with `refine`:
+    the search then starts from the records), within `budget`, measuring on this machine.
 
     Kernels go heaviest first (FLOPs x uses), a few at a time. Before each group the time left is
     turned into a trial count at the rate measured so far, so the budget holds to within the error of
     that estimate (TVM's task scheduler cannot be stopped mid-group).
     """
+    from forgeml.errors import InvalidInput
+
     start = time.monotonic()
     quiet_logs()
+    target = tuning_target(target)
     db = open_database(target)
     tasks = extract(mod, target)
-    pending = [] if budget.empty else [t for t in tasks if not _has_record(db, t, target)]
-    cached = sum(1 for t in tasks if _has_record(db, t, target)) if budget.empty else len(tasks) - len(pending)
+    pending = [] if budget.empty else pending_tasks(tasks, db, target, refine)
+    if pending and (why := cannot_measure_here(target)):
+        raise InvalidInput(f"cannot tune for '{target.kind.name}' here: {why}. Write the candidates out for a "
+                           "machine that can run them: `forgeml tune MODEL --measure-elsewhere DIR`")
+    cached = sum(1 for t in tasks if _has_record(db, t, target))
     summary = TuningSummary(database=str(database_dir(target)), tasks=len(tasks), tasks_from_cache=cached,
                             budget={"minutes": budget.minutes, "trials": budget.trials})
-    pending.sort(key=_flops, reverse=True)
     deadline = start + budget.minutes * 60 if budget.minutes else None
     planned = budget.trials or len(pending) * _TRIALS_PER_TASK
     callback = _Progress(deadline, progress, planned)
@@ -216,12 +325,13 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
                 break
             with _without_tensor_intrinsics(target):
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                    group, work_dir=str(work_dir), num_threads=os.cpu_count() or 1, strategy=_search_strategy())
-            builder, runner = _builder_runner()
+                    group, work_dir=str(work_dir), space=space_generator(target),
+                    num_threads=os.cpu_count() or 1, strategy=_search_strategy())
+            builder_, runner = _builder_runner(target)
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                 max_trials_global=trials, num_trials_per_iter=_TRIALS_PER_ITER,
-                builder=builder, runner=runner, database=db,
+                builder=builder_, runner=runner, database=db,
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
             )
             summary.tasks_tuned += len(group)
@@ -234,25 +344,64 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
 
 # -- choosing between tuned and rule-based schedules -------------------------------------------------
 
-def _rules_file(target: tvm.target.Target) -> Path:
-    return database_dir(target) / "rule_latency.json"
+def rule_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """A kernel scheduled by forgeml's rules, as the untuned pipeline schedules it."""
+    with target:
+        if target.kind.name == "cuda":
+            from tvm.s_tir import dlight as dl
+
+            from forgeml.compiler.gpu import default_rules
+
+            return dl.ApplyDefaultSchedule(*default_rules())(kernel)
+        from forgeml.compiler.schedules import apply_cpu_schedules
+
+        return apply_cpu_schedules(kernel, target)
+
+
+def rules_version(target: tvm.target.Target) -> str:
+    """Changes whenever the target's rule-based schedules change, so cached rule latencies are remeasured."""
+    from forgeml.compiler import gpu, gpu_wmma, schedules
+
+    sources = [gpu, gpu_wmma] if target.kind.name == "cuda" else [schedules]
+    digest = hashlib.sha256()
+    for module in sources:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def rule_key(kernel: tvm.IRModule, target: tvm.target.Target) -> str:
+    """The key of a kernel's rule-schedule latency in `rule_latency.json`."""
+    import tvm_ffi
+
+    return f"{rules_version(target)}:{tvm_ffi.structural_hash(kernel)}"
+
+
+def read_rule_latencies(target: tvm.target.Target) -> dict[str, float | None]:
+    path = database_dir(target) / "rule_latency.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_rule_latencies(target: tvm.target.Target, latencies: dict[str, float | None]) -> None:
+    """Merge `latencies` into the target's cached rule latencies (atomically)."""
+    path = database_dir(target) / "rule_latency.json"
+    merged = {**read_rule_latencies(target), **latencies}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, path)
 
 
 def _measure_rule_latencies(kernels: list[tvm.IRModule], target: tvm.target.Target) -> list[float | None]:
     """Seconds per call of each kernel's rule-based schedule, measured like tuning candidates (one batch)."""
-    from forgeml.compiler.schedules import apply_cpu_schedules
-
     if not kernels:
         return []
-    with target:
-        scheduled = [apply_cpu_schedules(k, target) for k in kernels]
-    builder, runner = _builder_runner()
-    built = builder.build([ms.builder.BuilderInput(m, target) for m in scheduled])
+    scheduled = [rule_schedule(k, target) for k in kernels]
+    builder_, runner = _builder_runner(target)
+    built = builder_.build([ms.builder.BuilderInput(m, target) for m in scheduled])
     inputs, where = [], []
     for i, (mod, result) in enumerate(zip(scheduled, built)):
         if not result.error_msg:
             args = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
-            inputs.append(ms.runner.RunnerInput(result.artifact_path, "cpu", args))
+            inputs.append(ms.runner.RunnerInput(result.artifact_path, device_of(target), args))
             where.append(i)
     latencies: list[float | None] = [None] * len(kernels)
     for i, future in zip(where, runner.run(inputs)):
@@ -262,15 +411,17 @@ def _measure_rule_latencies(kernels: list[tvm.IRModule], target: tvm.target.Targ
     return latencies
 
 
-def winning_database(mod: tvm.IRModule, target: tvm.target.Target, summary: TuningSummary | None = None,
-                     rules_version: str = "") -> ms.database.MemoryDatabase:
+def winning_database(mod: tvm.IRModule, target: tvm.target.Target,
+                     summary: TuningSummary | None = None) -> ms.database.MemoryDatabase:
     """A database holding only the tuned records that beat the rule-based schedule of the same kernel.
 
-    Rule latencies are measured once per kernel and cached beside the tuning database.
+    Rule latencies are measured once per kernel and cached beside the tuning database (measured here,
+    or imported with a measurement batch). Where this machine cannot measure a missing one, the rules
+    are kept: a tuned schedule is used only where it is known to be faster.
     """
+    target = tuning_target(target)
     db = open_database(target)
-    rules_path = _rules_file(target)
-    cached = json.loads(rules_path.read_text()) if rules_path.exists() else {}
+    cached = read_rule_latencies(target)
     candidates = []  # (kernel, best tuned record, tuned seconds, cache key)
     for task in extract(mod, target):
         kernel = task.dispatched[0]
@@ -279,28 +430,20 @@ def winning_database(mod: tvm.IRModule, target: tvm.target.Target, summary: Tuni
         top = db.get_top_k(db.commit_workload(kernel), 1)
         if top and top[0].run_secs:
             tuned = sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
-            candidates.append((kernel, top[0], tuned, f"{rules_version}:{_shash(kernel)}"))
+            candidates.append((kernel, top[0], tuned, rule_key(kernel, target)))
     unmeasured = [c for c in candidates if c[3] not in cached]
-    for (_, _, _, key), secs in zip(unmeasured, _measure_rule_latencies([c[0] for c in unmeasured], target)):
-        cached[key] = secs
+    if unmeasured and not cannot_measure_here(target):
+        latencies = _measure_rule_latencies([c[0] for c in unmeasured], target)
+        measured = {key: secs for (_, _, _, key), secs in zip(unmeasured, latencies)}
+        save_rule_latencies(target, measured)
+        cached.update(measured)
     winners = ms.database.MemoryDatabase()
     for kernel, record, tuned, key in candidates:
-        rule = cached[key]
-        if rule is None or tuned < rule:
+        if key in cached and (cached[key] is None or tuned < cached[key]):
             winners.commit_tuning_record(ms.database.TuningRecord(
                 record.trace, winners.commit_workload(kernel), record.run_secs, target, record.args_info))
             if summary:
                 summary.tuned_kernels_used += 1
         elif summary:
             summary.rule_kernels_kept += 1
-    if unmeasured:
-        tmp = rules_path.with_name(rules_path.name + ".tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, rules_path)
     return winners
-
-
-def _shash(mod: tvm.IRModule) -> int:
-    import tvm_ffi
-
-    return tvm_ffi.structural_hash(mod)

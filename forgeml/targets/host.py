@@ -59,3 +59,10 @@ def detect_host() -> HostCPU:
     model, flags = _read_cpuinfo()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return HostCPU(arch=platform.machine(), model=model, features=flags, cores=cores)
+
+
+def has_cuda_gpu() -> bool:
+    """Whether this machine has an NVIDIA GPU with its driver (CUDA kernels can run here)."""
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidia0")

@@ -1,0 +1,193 @@
+"""Time a tuning batch's kernels where they run: `python -m forgeml.runtime.measure DIR`.
+
+The measuring side of `forgeml tune --measure-elsewhere` (see forgeml/compiler/tuning_batch.py): it
+needs numpy and forgeml's runtime only (tvm_ffi + libtvm_runtime, no compiler), so it runs on a GPU
+server or an edge device that cannot build anything. Each candidate library is loaded and timed with
+TVM's in-runtime timer (CUDA events on a GPU) on arguments filled once (floats random, integers zero:
+always a valid index). Results go to DIR/results.json after every candidate, so an interrupted run
+resumes where it stopped. Candidates run in a worker process: one that crashes it (an illegal memory
+access poisons a CUDA context for good) is recorded as failed and a fresh worker takes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from forgeml.errors import ArtifactError, InvalidInput
+
+BATCH_FORMAT = 1
+_DEVICE_TYPE = {"cpu": 1, "cuda": 2}
+_NUMBER, _REPEAT, _MIN_REPEAT_MS = 3, 3, 40  # as MetaSchedule's runner: >= 40 ms per sample
+
+
+def read_batch(batch_dir: Path) -> dict[str, Any]:
+    path = batch_dir / "batch.json"
+    try:
+        batch = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"{batch_dir}: no batch.json (write one with `forgeml tune MODEL --measure-elsewhere "
+                           f"{batch_dir}`)") from None
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"{path}: unreadable ({e})") from None
+    if batch.get("format") != BATCH_FORMAT:
+        raise InvalidInput(f"{path}: batch format {batch.get('format')}, this forgeml reads {BATCH_FORMAT}")
+    if batch.get("arch") and batch["arch"] != platform.machine():
+        raise InvalidInput(f"{path}: the kernels are for {batch['arch']}, this machine is {platform.machine()}")
+    return batch
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        from forgeml.runtime.device import gpu_info
+
+        return gpu_info().get("name", "CUDA GPU")
+    from forgeml.targets.host import detect_host
+
+    return detect_host().model
+
+
+def _time_one(ffi: Any, batch_dir: Path, candidate: dict[str, Any], device: str) -> list[float]:
+    """Seconds per call of one candidate library's `main`, _REPEAT samples."""
+    import numpy as np
+
+    from forgeml.runtime.session import _aligned, _copy_to_device
+
+    module = ffi.load_module(str(batch_dir / candidate["library"]))
+    dev = ffi.device(device, 0)
+    rng = np.random.default_rng(0)
+    args = []
+    for arg in candidate["args"]:
+        dtype = np.dtype(arg["dtype"])
+        shape = tuple(arg["shape"])
+        host = (rng.uniform(-1, 1, shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
+        tensor = ffi.from_dlpack(_aligned(host))  # compiled kernels assume 64-byte aligned buffers
+        args.append(tensor if device == "cpu" else _copy_to_device(ffi, tensor, dev))
+    evaluator = ffi.get_global_func("runtime.RPCTimeEvaluator")
+    timer = evaluator(module, "main", _DEVICE_TYPE[device], 0, _NUMBER, _REPEAT, _MIN_REPEAT_MS, 0, 0, 1, 0, "")
+    return list(struct.unpack("@" + "d" * _REPEAT, bytes(timer(*args))))
+
+
+def _worker(batch_dir: Path, ids: list[str]) -> None:
+    """Time the given candidates, one JSON line each on stdout."""
+    from forgeml.runtime.native import load_runtime
+
+    batch = read_batch(batch_dir)
+    ffi = load_runtime(batch["device"])
+    by_id = {c["id"]: c for c in batch["candidates"]}
+    for cid in ids:
+        try:
+            line = {"id": cid, "run_secs": _time_one(ffi, batch_dir, by_id[cid], batch["device"])}
+        except Exception as e:  # noqa: BLE001 (a candidate that fails is a result, not the end)
+            message = str(e).strip().splitlines()
+            line = {"id": cid, "error": message[-1][:300] if message else type(e).__name__}
+        print(json.dumps(line), flush=True)
+
+
+def measure_batch(batch_dir: str | Path, timeout_s: float = 60.0,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Time every candidate of the batch not yet in DIR/results.json; returns the results document."""
+    batch_dir = Path(batch_dir)
+    batch = read_batch(batch_dir)
+    if batch["device"] not in _DEVICE_TYPE:
+        raise InvalidInput(f"{batch_dir}: unknown device '{batch['device']}'")
+    if batch["device"] == "cuda":
+        from forgeml.targets.host import has_cuda_gpu
+
+        if not has_cuda_gpu():
+            raise InvalidInput(f"{batch_dir}: its kernels run on a CUDA GPU, and this machine has none")
+    results_path = batch_dir / "results.json"
+    doc = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if doc.get("format") != BATCH_FORMAT:
+        doc = {"format": BATCH_FORMAT, "results": {}}
+    doc["device"] = {"kind": batch["device"], "name": _device_name(batch["device"]), "machine": platform.node()}
+    done = doc["results"]
+    todo = [c["id"] for c in batch["candidates"] if c["id"] not in done]
+    total = len(batch["candidates"])
+    while todo:
+        todo = _run_worker(batch_dir, todo, done, timeout_s, lambda: _save(results_path, doc, progress, total))
+    _save(results_path, doc, progress, total)
+    return doc
+
+
+def _run_worker(batch_dir: Path, todo: list[str], done: dict[str, Any], timeout_s: float,
+                saved: Callable[[], None]) -> list[str]:
+    """Run one worker over `todo`; returns what is left when it dies (its current candidate marked failed)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "forgeml.runtime.measure", "--worker", str(batch_dir), *todo],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    left, hung = list(todo), False
+    try:
+        while left:
+            ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+            hung = not ready
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                break
+            result = json.loads(line)
+            cid = result.pop("id")
+            done[cid] = result
+            left.remove(cid)
+            saved()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        stderr = proc.stderr.read().strip().splitlines() if proc.stderr else []
+    if left:  # the worker died or hung on left[0]
+        why = f"took over {timeout_s:g} s" if hung else f"crashed the measuring process (exit {proc.returncode})"
+        detail = "" if hung or not stderr else f": {stderr[-1][:200]}"
+        done[left[0]] = {"error": f"{why}{detail}"}
+        saved()
+        return left[1:]
+    return []
+
+
+def _save(path: Path, doc: dict[str, Any], progress: Callable[[int, int], None] | None, total: int) -> None:
+    doc["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    if progress:
+        progress(len(doc["results"]), total)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forgeml.runtime.measure",
+                                     description="Time a forgeml tuning batch's kernels on this machine "
+                                                 "(writes DIR/results.json; resumes an interrupted run).")
+    parser.add_argument("dir", type=Path, help="the directory `forgeml tune --measure-elsewhere` wrote")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds one candidate may take [60]")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("ids", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.dir, args.ids)
+        return 0
+
+    def report(n: int, total: int) -> None:
+        print(f"\rmeasured {n}/{total}", end="", file=sys.stderr, flush=True)
+
+    try:
+        doc = measure_batch(args.dir, args.timeout, report)
+    except (InvalidInput, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = sum(1 for r in doc["results"].values() if "error" in r)
+    print(f"\n{len(doc['results'])} candidates measured on {doc['device']['name']} ({failed} failed): "
+          f"{args.dir / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Tuning measured elsewhere: candidates built here, timed by the runtime alone, records imported back.
+
+Here the "elsewhere" is this machine's CPU (the same code path a GPU server or a device takes);
+tests/test_cuda.py writes a CUDA batch. Budgets are tiny; speed is proven by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import mlp_model, save
+
+from forgeml.cli import main as cli_main
+from forgeml.compiler.build import CompileOptions, compile_model, import_measurements, tune_model
+from forgeml.errors import InvalidInput
+from forgeml.runtime.measure import measure_batch
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A tuning database of this test's own (the session's is shared with other tests)."""
+    monkeypatch.setenv("FORGEML_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _measure_in_runtime_only_process(batch_dir) -> str:
+    """Run the measuring worker in a fresh process; returns what it imported/mapped of the compiler."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from forgeml.runtime.measure import _worker
+batch = json.loads(Path({str(batch_dir)!r}, "batch.json").read_text())
+_worker(Path({str(batch_dir)!r}), [c["id"] for c in batch["candidates"]][:2])
+mods = sorted(m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime", "torch", "tvm"))
+print(mods, "libtvm_compiler" in open("/proc/self/maps").read(), file=sys.stderr)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 2 and all("run_secs" in line for line in lines), lines
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_batch_round_trip_then_compile_uses_it(tmp_path, own_cache):
+    onnx_path = save(mlp_model(batch=8, features=64, hidden=128), tmp_path / "mlp.onnx")
+    batch_dir = tmp_path / "batch"
+    summary = tune_model(onnx_path, "x86-64", trials=8, measure_elsewhere=batch_dir)
+    assert summary.kernels_in_batch == summary.kernels == 2
+    assert summary.candidates >= 2 and summary.rule_candidates == 2 and summary.build_errors == 0
+    batch = json.loads((batch_dir / "batch.json").read_text())
+    assert batch["device"] == "cpu" and len(batch["candidates"]) == summary.candidates + summary.rule_candidates
+    assert all((batch_dir / c["library"]).is_file() for c in batch["candidates"])
+
+    # The measuring side needs the runtime only.
+    assert _measure_in_runtime_only_process(batch_dir) == "[] False"
+
+    with pytest.raises(InvalidInput, match="measure it first"):
+        import_measurements(batch_dir)
+    assert cli_main(["measure", str(batch_dir)]) == 0
+    results = json.loads((batch_dir / "results.json").read_text())["results"]
+    assert set(results) == {c["id"] for c in batch["candidates"]}
+    assert all(r.get("run_secs") and min(r["run_secs"]) > 0 for r in results.values()), results
+
+    assert cli_main(["tune-import", str(batch_dir)]) == 0
+    with pytest.raises(InvalidInput, match="already imported"):
+        import_measurements(batch_dir)
+    (db,) = (own_cache / "tuning").iterdir()
+    assert len((db / "records.json").read_text().splitlines()) == summary.candidates
+    assert len(json.loads((db / "rule_latency.json").read_text())) >= 2
+
+    # Every kernel now has records: a compile applies them wherever they beat the rules, and verifies.
+    manifest = compile_model(onnx_path, tmp_path / "mlp.fml")
+    t = manifest.tuning
+    assert t["tasks_from_cache"] == 2 and t["trials"] == 0
+    assert t["tuned_kernels_used"] + t["rule_kernels_kept"] == 2
+    assert manifest.verification["passed"] is True
+
+    # A second batch searches only with --refine, starting from the records (the cost model learns them).
+    with pytest.raises(InvalidInput, match="--refine"):
+        tune_model(onnx_path, "x86-64", trials=8, measure_elsewhere=tmp_path / "again")
+    again = tune_model(onnx_path, "x86-64", trials=8, measure_elsewhere=tmp_path / "again", refine=True)
+    assert again.candidates >= 1 and again.rule_candidates == 0  # rule latencies are cached
+    def schedules(path):
+        entries = json.loads((path / "candidates.json").read_text())["candidates"]
+        return [json.dumps(e["record"][0]) for e in entries if e["kind"] == "tuned"]
+
+    assert not set(schedules(batch_dir)) & set(schedules(tmp_path / "again")), "a measured schedule came back"
+
+
+def test_measure_records_hung_candidates_and_resumes(tmp_path, own_cache):
+    onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
+    batch_dir = tmp_path / "batch"
+    tune_model(onnx_path, "x86-64", trials=4, measure_elsewhere=batch_dir)
+    ids = [c["id"] for c in json.loads((batch_dir / "batch.json").read_text())["candidates"]]
+
+    doc = measure_batch(batch_dir, timeout_s=1e-4)  # no worker answers that fast: each one is killed
+    assert set(doc["results"]) == set(ids)
+    assert all("took over" in r["error"] for r in doc["results"].values()), doc["results"]
+
+    # Drop two results: a new run measures just those and keeps the others as they were.
+    kept = json.loads((batch_dir / "results.json").read_text())
+    for cid in ids[:2]:
+        del kept["results"][cid]
+    (batch_dir / "results.json").write_text(json.dumps(kept))
+    seen = []
+    doc = measure_batch(batch_dir, progress=lambda n, total: seen.append(n))
+    assert all("run_secs" in doc["results"][cid] for cid in ids[:2])
+    assert all("took over" in doc["results"][cid]["error"] for cid in ids[2:])
+    assert seen[0] == len(ids) - 1  # the first save already counted the kept results
+
+
+def test_batch_errors_are_one_line(tmp_path, own_cache, capsys):
+    onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert cli_main(["tune", str(onnx_path), "--trials", "4", "--measure-elsewhere", str(tmp_path / "full")]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert cli_main(["tune", str(onnx_path), "--minutes", "1", "--measure-elsewhere", str(tmp_path / "b")]) == 2
+    assert "--trials" in capsys.readouterr().err
+    assert cli_main(["measure", str(tmp_path)]) == 2
+    assert "no batch.json" in capsys.readouterr().err
+    assert cli_main(["tune-import", str(tmp_path)]) == 2
+    assert "not a forgeml measurement batch" in capsys.readouterr().err
+    assert cli_main(["tune", str(onnx_path), "--precision", "fp16", "--trials", "4"]) == 2
+    assert "GPU target" in capsys.readouterr().err
+    with pytest.raises(InvalidInput, match="-O O2"):
+        compile_model(onnx_path, tmp_path / "x.fml", CompileOptions(opt_level="O0", tune_trials=4))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "x.fml").exists()
