@@ -106,6 +106,9 @@ def measure_batch(batch_dir: str | Path, timeout_s: float = 60.0,
 
         if not has_cuda_gpu():
             raise InvalidInput(f"{batch_dir}: its kernels run on a CUDA GPU, and this machine has none")
+    from forgeml.runtime.native import load_runtime
+
+    load_runtime(batch["device"])  # a missing tvm_ffi or runtime library: one error, not one per candidate
     results_path = batch_dir / "results.json"
     doc = json.loads(results_path.read_text()) if results_path.exists() else {}
     if doc.get("format") != BATCH_FORMAT:
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = measure_batch(args.dir, args.timeout, report)
     except (InvalidInput, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"error: measuring needs numpy and apache-tvm-ffi ({e})", file=sys.stderr)
         return 2
     failed = sum(1 for r in doc["results"].values() if "error" in r)
     print(f"\n{len(doc['results'])} candidates measured on {doc['device']['name']} ({failed} failed): "
