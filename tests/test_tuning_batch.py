@@ -129,3 +129,26 @@ def test_batch_errors_are_one_line(tmp_path, own_cache, capsys):
     with pytest.raises(InvalidInput, match="-O O2"):
         compile_model(onnx_path, tmp_path / "x.fml", CompileOptions(opt_level="O0", tune_trials=4))
     assert not (tmp_path / "b").exists() and not (tmp_path / "x.fml").exists()
+
+
+def test_cuda_tuning_target_and_design_space():
+    """CUDA targets get the limits MetaSchedule's GPU rules need, under the same database key; the
+    tensor-core design space only where the GPU has tensor cores (sm_70+)."""
+    import tvm
+
+    from forgeml.compiler import tuning
+
+    raw = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
+    full = tuning.tuning_target(raw)
+    assert int(full.attrs["max_threads_per_block"]) == 1024 and full.host is not None
+    assert tuning.tuning_target(full).same_as(full)  # idempotent
+    assert tuning.target_key(raw) == tuning.target_key(full)
+    assert tuning.target_key(raw) != tuning.target_key(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
+
+    def rule_names(arch):
+        space = tuning.space_generator(tvm.target.Target({"kind": "cuda", "arch": arch}))
+        return [type(r).__name__ for r in space.sch_rules]
+
+    assert "MultiLevelTilingTensorCore" in rule_names("sm_90")
+    assert "MultiLevelTilingTensorCore" not in rule_names("sm_61")
+    assert tuning.space_generator(tvm.target.Target("llvm")) == "post-order-apply"
