@@ -144,6 +144,8 @@ def test_cuda_tuning_target_and_design_space():
     assert tuning.tuning_target(full).same_as(full)  # idempotent
     assert tuning.target_key(raw) == tuning.target_key(full)
     assert tuning.target_key(raw) != tuning.target_key(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
+    other_host = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mcpu": "znver4"}})
+    assert tuning.target_key(other_host) == tuning.target_key(raw)  # kernels do not depend on the host CPU
 
     def rule_names(arch):
         space = tuning.space_generator(tvm.target.Target({"kind": "cuda", "arch": arch}))

@@ -71,9 +71,11 @@ def device_of(target: tvm.target.Target) -> str:
 
 
 def target_key(target: tvm.target.Target) -> str:
-    """A readable, stable key for a target: kind-mcpu-cores-hash."""
+    """A readable, stable key for a target: kind-mcpu-cores-hash. A GPU target's key leaves out its host
+    CPU (the host code only launches kernels), so CUDA records stay valid on any host machine."""
     target = tuning_target(target)
-    config = {k: str(v) for k, v in sorted(dict(target.export()).items())}
+    config = {k: str(v) for k, v in sorted(dict(target.export()).items())
+              if not (k == "host" and target.kind.name == "cuda")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     mcpu = str(target.attrs.get("mcpu", target.attrs.get("arch", "generic")))
     cores = target.attrs.get("num-cores", "")

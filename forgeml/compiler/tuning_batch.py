@@ -216,9 +216,8 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
         device = tuning.device_of(target)
         batch = {"format": BATCH_FORMAT, "device": device, "arch": arch, "target": str(target),
                  "candidates": [{k: e[k] for k in ("id", "kind", "kernel", "library", "args")} for e in kept]}
-        _write_json(tmp / CANDIDATES_FILE, {"format": BATCH_FORMAT, "target": json.loads(
-            tvm.ir.save_json(target)), "target_key": tuning.target_key(target), "workloads": workloads,
-            "candidates": kept})
+        _write_json(tmp / CANDIDATES_FILE, {"format": BATCH_FORMAT, "target": json.loads(tvm.ir.save_json(target)),
+                                            "workloads": workloads, "candidates": kept})
         _write_json(tmp / BATCH_FILE, batch)
         summary.megabytes = round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2)
         if out_dir.exists():
