@@ -173,6 +173,8 @@ def tune_cmd(model: Path, target: str, minutes: float | None, trials: int | None
                       f"{s.kernels} kernels, {s.rule_candidates} rule-based schedules to compare "
                       f"({s.megabytes:.1f} MB, {s.seconds:.0f} s" + (f", {s.build_errors} failed to build" if
                                                                    s.build_errors else "") + ")")
+        if s.first_build_error:
+            console.print(f"[yellow]first build error:[/] {s.first_build_error}")
         console.print(f"next, where the kernels run: python -m forgeml.runtime.measure {s.directory}\n"
                       f"then here: forgeml tune-import {s.directory}")
         return

@@ -152,3 +152,46 @@ def test_cross_target_report_native_emulated_and_rpc_under_qemu(device, cnn, tmp
     assert cases["onnxruntime"]["extra"]["reference"]
     out = capsys.readouterr().out  # one table: every row beside the ONNX Runtime reference
     assert "(aarch64, emulated)" in out and "(aarch64, rpc aarch64)" in out and "ref" in out
+
+
+@pytest.mark.slow
+def test_tuning_batch_for_a_raspberry_pi_measured_on_the_emulated_device(device, tmp_path, monkeypatch):
+    """Edge tuning without a compiler on the device: candidates cross-compiled here, timed by the lean
+    runtime on the (emulated) aarch64 device, imported, and used by the next aarch64 compile. Timings
+    under qemu say nothing about hardware; the flow is what is checked."""
+    import json
+    import shlex
+    import subprocess
+
+    from conftest import mlp_model
+
+    from forgeml.compiler.build import import_measurements, tune_model
+    from forgeml.errors import InvalidInput
+    from forgeml.targets.emulate import copy_forgeml
+
+    shared_cache = os.environ["FORGEML_CACHE"]  # holds the emulated device
+    monkeypatch.setenv("FORGEML_CACHE", str(tmp_path / "cache"))  # a tuning database of this test's own
+    onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
+    batch_dir = tmp_path / "batch"
+    with pytest.raises(InvalidInput, match="core count"):  # generic aarch64: how many cores is unknown
+        tune_model(onnx_path, "aarch64", trials=8, measure_elsewhere=batch_dir)
+    summary = tune_model(onnx_path, "rpi4", trials=8, measure_elsewhere=batch_dir)
+    assert summary.candidates >= 2 and summary.build_errors == 0
+    library = batch_dir / json.loads((batch_dir / "batch.json").read_text())["candidates"][0]["library"]
+    assert library.read_bytes()[18] == EM_AARCH64
+
+    copy_forgeml(tmp_path / "py")
+    env = device.environ(tmp_path / "py", {"FORGEML_MEASURE_PYTHON": shlex.join(device.command())})
+    done = subprocess.run(device.command("-m", "forgeml.runtime.measure", str(batch_dir)), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((batch_dir / "results.json").read_text())["results"]
+    assert results and all("run_secs" in r for r in results.values()), results
+
+    imported = import_measurements(batch_dir)
+    assert imported.records == summary.candidates and imported.rule_latencies == summary.rule_candidates
+    manifest = forgeml.compile_model(onnx_path, tmp_path / "mlp-arm.fml", target="rpi4")
+    assert manifest.tuning["tasks_from_cache"] == 2
+    assert manifest.tuning["tuned_kernels_used"] + manifest.tuning["rule_kernels_kept"] == 2
+    monkeypatch.setenv("FORGEML_CACHE", shared_cache)
+    assert main(["verify", str(tmp_path / "mlp-arm.fml"), "--onnx", str(onnx_path), "--emulate"]) == 0

@@ -65,6 +65,15 @@ def tuning_target(target: tvm.target.Target) -> tvm.target.Target:
     return tvm.target.Target(config)
 
 
+def check_tunable(target: tvm.target.Target) -> None:
+    """CPU targets must say how many cores the device has: MetaSchedule's CPU rules need it."""
+    if target.kind.name == "llvm" and "num-cores" not in target.attrs:
+        from forgeml.errors import InvalidInput
+
+        raise InvalidInput("tuning needs the device's core count, which this target does not give: use a preset "
+                           'with one (x86-64, rpi4, rpi5) or a target JSON with "num-cores"')
+
+
 def device_of(target: tvm.target.Target) -> str:
     """Where the target's kernels run: "cuda" or "cpu" (MetaSchedule's device type names)."""
     return "cuda" if target.kind.name == "cuda" else "cpu"
@@ -212,10 +221,17 @@ def _builder_runner(target: tvm.target.Target) -> tuple[ms.builder.Builder, ms.r
 @contextlib.contextmanager
 def _without_tensor_intrinsics(target: tvm.target.Target):
     """TuneContext imports tvm.s_tir.tensor_intrin, which parses hundreds of TVMScript functions
-    (minutes of CPU on 2 cores, more with torch loaded). CPU targets without VNNI/AMX use none of
-    them, so a placeholder module stands in while tuning contexts are made."""
+    (minutes of CPU on 2 cores, more with torch loaded). x86 targets without VNNI/AMX use none of
+    them, so a placeholder module stands in while tuning contexts are made. Other targets need them
+    (MetaSchedule's ARM rules look up the NEON dot-product intrinsics): imported the fast way."""
     name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules or target.kind.name != "llvm":
+    if name in sys.modules:
+        yield
+        return
+    if target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "x86_64")):
+        from forgeml.compiler.gpu import _import_tensor_intrinsics
+
+        _import_tensor_intrinsics()
         yield
         return
     sys.modules[name] = types.ModuleType(name)
@@ -302,6 +318,8 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
     start = time.monotonic()
     quiet_logs()
     target = tuning_target(target)
+    if not budget.empty:
+        check_tunable(target)
     db = open_database(target)
     tasks = extract(mod, target)
     pending = [] if budget.empty else pending_tasks(tasks, db, target, refine)

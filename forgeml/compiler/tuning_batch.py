@@ -49,6 +49,7 @@ class BatchSummary:
     candidates: int = 0  # tuned candidates built
     rule_candidates: int = 0  # rule-based schedules built for comparison
     build_errors: int = 0
+    first_build_error: str = ""
     megabytes: float = 0.0
     seconds: float = 0.0
 
@@ -165,6 +166,7 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
         raise InvalidInput("--trials must be at least 1")
     tuning.quiet_logs()
     target = tuning.tuning_target(target)
+    tuning.check_tunable(target)
     db = tuning.open_database(target)
     tasks = tuning.extract(mod, target)
     pending = tuning.pending_tasks(tasks, db, target, refine)
@@ -197,7 +199,8 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
                             "args": _args_json(args)})
             modules.append(scheduled)
     summary.kernels_in_batch = len(pending)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         (tmp / "kernels").mkdir()
         built = _build(modules, target, cross_compiler, say)
@@ -205,6 +208,8 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
         for n, (entry, (path, error)) in enumerate(zip(entries, built)):
             if error:
                 summary.build_errors += 1
+                lines = [ln for ln in error.strip().splitlines() if ln.strip()]
+                summary.first_build_error = summary.first_build_error or (lines[-1][:300] if lines else "?")
                 continue
             entry["id"] = f"c{n:05d}"
             entry["library"] = f"kernels/{entry['id']}.so"

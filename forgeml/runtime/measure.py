@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import struct
 import subprocess
 import sys
@@ -127,7 +128,9 @@ def _run_worker(batch_dir: Path, todo: list[str], done: dict[str, Any], timeout_
                 saved: Callable[[], None]) -> list[str]:
     """Run one worker over `todo`; returns what is left when it dies (its current candidate marked failed)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "forgeml.runtime.measure", "--worker", str(batch_dir), *todo],
+    # FORGEML_MEASURE_PYTHON: how to start this Python (an emulated device: "qemu-aarch64 -L ROOT python3")
+    python = shlex.split(os.environ.get("FORGEML_MEASURE_PYTHON", "")) or [sys.executable]
+    proc = subprocess.Popen([*python, "-m", "forgeml.runtime.measure", "--worker", str(batch_dir), *todo],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     left, hung = list(todo), False
     try:
