@@ -18,6 +18,8 @@ from forgeml.runtime.artifact import open_artifact
 
 _FORGEML_RUNTIME = ["__init__.py", "errors.py", "runtime/__init__.py", "runtime/artifact.py",
                     "runtime/native.py", "runtime/session.py",
+                    # tuning batches are measured on the device with the bundle alone
+                    "runtime/measure.py", "runtime/device.py",
                     # host CPU detection (stdlib only): the session refuses artifacts needing absent features
                     "targets/__init__.py", "targets/registry.py", "targets/host.py"]
 # tvm_ffi pieces the runtime never uses at import or call time: headers, sources, build helpers.

@@ -64,3 +64,26 @@ def test_bundle_refuses_non_empty_output(compiled_mlp, tmp_path):
     with pytest.raises(InvalidInput, match="not an empty directory"):
         bundle(compiled_mlp[1], tmp_path / "taken")
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_bundle_measures_a_tuning_batch_with_numpy_only(compiled_mlp, tmp_path, numpy_only_python, monkeypatch):
+    """A device with a deploy bundle and numpy can time a tuning batch (forgeml tune --measure-elsewhere)."""
+    import json
+    import os
+
+    from conftest import mlp_model, save
+
+    from forgeml.compiler.build import tune_model
+
+    monkeypatch.setenv("FORGEML_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "deploy"
+    bundle(compiled_mlp[1], out)
+    batch_dir = tmp_path / "batch"
+    tune_model(save(mlp_model(), tmp_path / "mlp.onnx"), "x86-64", trials=4, measure_elsewhere=batch_dir)
+    env = {**os.environ, "PYTHONPATH": str(out / "site")}
+    proc = subprocess.run([str(numpy_only_python), "-m", "forgeml.runtime.measure", str(batch_dir)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((batch_dir / "results.json").read_text())["results"]
+    assert results and all("run_secs" in r for r in results.values()), results
