@@ -58,7 +58,8 @@ def write(out: Path, models: list[str], batches: list[int], precisions: list[str
                                      measure_elsewhere=staging / "batches" / case, say=_say)
                 _say(f"{case}: {summary.candidates} candidates for {summary.kernels_in_batch}/{summary.kernels} "
                      f"kernels, {summary.rule_candidates} rule schedules, {summary.build_errors} build errors, "
-                     f"{summary.megabytes} MB, {summary.seconds:.0f} s")
+                     f"{summary.megabytes} MB, {summary.seconds:.0f} s"
+                     + (f"; first build error: {summary.first_build_error}" if summary.first_build_error else ""))
                 cases.append(case)
     _copy_runtime(staging)
     (staging / "wheels").mkdir()
