@@ -154,3 +154,23 @@ def test_cuda_tuning_target_and_design_space():
     assert "MultiLevelTilingTensorCore" in rule_names("sm_90")
     assert "MultiLevelTilingTensorCore" not in rule_names("sm_61")
     assert tuning.space_generator(tvm.target.Target("llvm")) == "post-order-apply"
+
+
+def test_candidates_are_shared_by_flops(tmp_path):
+    """The heavier kernel gets more of a batch; every kernel covered gets the minimum; no more than asked."""
+    import tvm
+
+    from forgeml.compiler import frontend, pipeline, tuning
+    from forgeml.compiler.build import _import_onnx
+    from forgeml.compiler.tuning_batch import MIN_PER_KERNEL, share_trials
+
+    loaded = frontend.load_onnx(save(mlp_model(batch=8, features=64, hidden=128), tmp_path / "mlp.onnx"), {})
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    kernels = sorted(tuning.extract(pipeline.tuning_input(_import_onnx(loaded), target), target),
+                     key=tuning.flops, reverse=True)
+    assert len(kernels) == 2 and tuning.flops(kernels[0]) > 5 * tuning.flops(kernels[1])
+    shares = share_trials(kernels, 100)
+    assert len(shares) == 2 and sum(shares) <= 100 and shares[0] > 5 * shares[1] >= 5 * MIN_PER_KERNEL
+    assert share_trials(kernels, 2 * MIN_PER_KERNEL) == [MIN_PER_KERNEL, MIN_PER_KERNEL]
+    assert share_trials(kernels, MIN_PER_KERNEL + 1) == [MIN_PER_KERNEL + 1]  # the heaviest only
+    assert share_trials(kernels, 2) == [2]

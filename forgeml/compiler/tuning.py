@@ -271,10 +271,11 @@ def space_generator(target: tvm.target.Target) -> ms.space_generator.SpaceGenera
                                              postprocs="cuda-tensorcore", mutator_probs="cuda-tensorcore")
 
 
-def _search_strategy() -> ms.search_strategy.EvolutionarySearch:
+def _search_strategy(population: int = 128) -> ms.search_strategy.EvolutionarySearch:
     """A smaller evolutionary search than TVM's default (population 512): on a 2-core machine the
-    default spends minutes between trial batches."""
-    return ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=16, genetic_num_iters=2)
+    default spends minutes between trial batches. A round picks at most `population` candidates."""
+    return ms.search_strategy.EvolutionarySearch(population_size=population, init_min_unmeasured=16,
+                                                 genetic_num_iters=2)
 
 
 def extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[Any]:
@@ -286,6 +287,11 @@ _TRIALS_PER_TASK = 32  # a first pass over every kernel before any kernel gets m
 _GROUP = 4  # kernels tuned together; the time budget is checked between groups
 _TRIALS_PER_ITER = 16  # candidates measured per search round: the smallest step a group can take
 _SECONDS_PER_TRIAL_GUESS = 1.5  # before any trial is measured (2-core EPYC: 1.2-2.5 s per trial)
+
+
+def flops(task: Any) -> float:
+    """Floating-point operations of a kernel times its uses in the model (0 where TVM cannot tell)."""
+    return _flops(task)
 
 
 def _flops(task: Any) -> float:

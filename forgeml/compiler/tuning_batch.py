@@ -100,7 +100,7 @@ def _propose(task: Any, target: tvm.target.Target, db: ms.database.Database, cou
     kernel = task.dispatched[0]
     with tuning._without_tensor_intrinsics(target):
         context = ms.TuneContext(mod=kernel, target=target, space_generator=tuning.space_generator(target),
-                                 search_strategy=tuning._search_strategy(), task_name=task.task_name,
+                                 search_strategy=tuning._search_strategy(max(128, 2 * count)), task_name=task.task_name,
                                  num_threads=os.cpu_count() or 1)
     spaces = context.generate_design_space()
     cost_model = ms.cost_model.XGBModel(num_warmup_samples=0)
@@ -151,13 +151,26 @@ def _empty_dir(path: Path) -> None:
                            "(a batch is never written over another)")
 
 
+def share_trials(kernels: list[Any], trials: int) -> list[int]:
+    """Candidates per kernel (kernels heaviest first): MIN_PER_KERNEL each for as many kernels as
+    `trials` covers, the rest in proportion to each one's FLOPs x uses (the big convolutions of a
+    CNN get most; a reshape gets the minimum)."""
+    if trials < MIN_PER_KERNEL:
+        return [trials]
+    covered = min(len(kernels), trials // MIN_PER_KERNEL)
+    weights = [tuning.flops(k) for k in kernels[:covered]]
+    total = sum(weights)
+    spare = trials - covered * MIN_PER_KERNEL
+    return [MIN_PER_KERNEL + (int(spare * w / total) if total else spare // covered) for w in weights]
+
+
 def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Path, trials: int,
                  refine: bool = False, cross_compiler: str | None = None, arch: str = "x86_64",
                  progress=None) -> BatchSummary:
     """Write a measurement batch of about `trials` candidates for `mod`'s kernels to `out_dir`.
 
-    Kernels without records come first, heaviest first (all kernels with `refine`); each gets an
-    equal share, at least MIN_PER_KERNEL. The directory appears complete or not at all."""
+    Kernels without records (all kernels with `refine`) share the candidates in proportion to their
+    FLOPs x uses (`share_trials`). The directory appears complete or not at all."""
     start = time.monotonic()
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
@@ -174,8 +187,8 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
     if not pending:
         raise InvalidInput(f"every one of the {len(tasks)} kernels already has a tuning record for this target: "
                            "add --refine to search further from them")
-    per_kernel = max(MIN_PER_KERNEL, trials // len(pending))
-    pending = pending[:max(1, trials // per_kernel)]
+    shares = share_trials(pending, trials)
+    pending = pending[:len(shares)]
     rule_latencies = tuning.read_rule_latencies(target)
     workloads: list[str] = []
     entries: list[dict[str, Any]] = []
@@ -184,7 +197,7 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
         say(f"searching kernel {i + 1}/{len(pending)}: {task.task_name}")
         kernel = task.dispatched[0]
         workloads.append(tvm.ir.save_json(kernel))
-        for candidate in _propose(task, target, db, per_kernel):
+        for candidate in _propose(task, target, db, shares[i]):
             record = ms.database.TuningRecord(candidate.sch.trace, ms.database.Workload(kernel), None, target,
                                               candidate.args_info)
             entries.append({"kind": "tuned", "kernel": task.task_name, "workload": i,
