@@ -49,9 +49,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert_tiny")
 BATCHES = (1, 32)
 PRECISIONS = ("fp32", "fp16")
-# forgeml builds per case: name -> (precision, CUDA graph; None: the compiler's default, on)
+# forgeml builds per case: name -> (precision, CUDA graph; None: the compiler's default, on). Every build
+# uses the tuning database's records where they beat the rules, except the "untuned" ones (rules only).
 VARIANTS = {"fp32": ("fp32", None), "fp16": ("fp16", None), "fp32 no-graph": ("fp32", False),
-            "fp16 no-graph": ("fp16", False)}
+            "fp16 no-graph": ("fp16", False), "fp32 untuned": ("fp32", None), "fp16 untuned": ("fp16", None)}
 
 
 def _say(msg: str) -> None:
@@ -130,13 +131,16 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
                 else:
                     _say(f"compiling {cid} {variant} for {target}")
                     manifest = compile_model(onnx_path, out, CompileOptions(target=target, precision=precision,
+                                                                            use_tuning_db="untuned" not in variant,
                                                                             cuda_graph=cuda_graph))
                     compile_s = round(time.perf_counter() - start, 1)
                 case["artifacts"][variant] = {
                     "path": f"artifacts/{out.name}", "compile_s": compile_s,
                     "seconds": manifest.compile_options.get("seconds"),
                     "cuda_kernels": manifest.compile_options.get("cuda_kernels"),
-                    "tolerance": manifest.verification.get("tolerance"), "mb": round(out.stat().st_size / 1e6, 2)}
+                    "tolerance": manifest.verification.get("tolerance"), "mb": round(out.stat().st_size / 1e6, 2),
+                    "tuning": {k: manifest.tuning.get(k) for k in ("tasks", "tuned_kernels_used", "rule_kernels_kept")
+                               if k in manifest.tuning}}
             plan["cases"].append(case)
             (work / "plan.json").write_text(json.dumps(plan, indent=2))
     return plan
@@ -509,7 +513,9 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
     _say(f"GPU: {info['gpu']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"machine": info, "settings": {"repeat": repeat, "budget_s_per_engine": budget_s, "block": 10},
-               "target": plan["target"], "cases": []}
+               "target": plan["target"], "cases": [],
+               "tuned": {f"{c['id']} {v}": a["tuning"] for c in plan["cases"] for v, a in c["artifacts"].items()
+                         if a.get("tuning", {}).get("tuned_kernels_used")}}
     # the CUDA context first, so that no engine's memory figure includes it
     _load_first(base / next(iter(plan["cases"][0]["artifacts"].values()))["path"])
     for case in plan["cases"]:
@@ -618,6 +624,14 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
     return results
 
 
+def _tuning_text(tuned: dict) -> str:
+    """Which artifacts use tuned kernels (MetaSchedule records that beat the rules), for the report."""
+    if not tuned:
+        return "no tuning"
+    return "with tuned kernels where the tuning database had faster ones: " + ", ".join(
+        f"{name} {t['tuned_kernels_used']} of {t['tasks']} kernels" for name, t in tuned.items())
+
+
 def markdown(results: dict) -> str:
     gpu = results["machine"].get("gpu", {})
     m = results["machine"]
@@ -629,7 +643,8 @@ def markdown(results: dict) -> str:
         f"driver {gpu.get('driver_version', '?')}); Python {m.get('python')}, torch {m.get('torch', 'absent')}, "
         f"onnxruntime {m.get('onnxruntime', 'absent')} (providers: {', '.join(m.get('onnxruntime_providers', []))})."
         f" Artifacts compiled for `{results['target']}` with forgeml's default GPU schedules (dlight rules), "
-        "no tuning. `graph`: the launches replayed as one CUDA graph (forgeml's default for CUDA targets "
+        f"{_tuning_text(results.get('tuned', {}))}. `graph`: the launches replayed as one CUDA graph "
+        "(forgeml's default for CUDA targets "
         "since this run; the rows without it are `--no-cuda-graph`).",
         "",
         "Every engine runs on inputs already on the GPU, and is timed on the host around call + device "
