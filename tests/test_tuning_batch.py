@@ -104,9 +104,12 @@ def test_measure_records_hung_candidates_and_resumes(tmp_path, own_cache):
     for cid in ids[:2]:
         del kept["results"][cid]
     (batch_dir / "results.json").write_text(json.dumps(kept))
+    batch = json.loads((batch_dir / "batch.json").read_text())
+    (batch_dir / batch["candidates"][1]["library"]).write_bytes(b"not a library")  # fails to load: a result
     seen = []
     doc = measure_batch(batch_dir, progress=lambda n, total: seen.append(n))
-    assert all("run_secs" in doc["results"][cid] for cid in ids[:2])
+    assert "run_secs" in doc["results"][ids[0]] and "error" in doc["results"][ids[1]]
+    assert "took over" not in doc["results"][ids[1]]["error"]
     assert all("took over" in doc["results"][cid]["error"] for cid in ids[2:])
     assert seen[0] == len(ids) - 1  # the first save already counted the kept results
 

@@ -20,6 +20,7 @@ import shlex
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,11 @@ def _worker(batch_dir: Path, ids: list[str]) -> None:
             message = str(e).strip().splitlines()
             line = {"id": cid, "error": message[-1][:300] if message else type(e).__name__}
         print(json.dumps(line), flush=True)
+        if "error" in line and batch["device"] != "cpu":
+            # a failed kernel can leave the CUDA context unusable (errors are sticky): the rest
+            # get a fresh process
+            print(json.dumps({"restart": True}), flush=True)
+            return
 
 
 def measure_batch(batch_dir: str | Path, timeout_s: float = 60.0,
@@ -130,8 +136,9 @@ def _run_worker(batch_dir: Path, todo: list[str], done: dict[str, Any], timeout_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # FORGEML_MEASURE_PYTHON: how to start this Python (an emulated device: "qemu-aarch64 -L ROOT python3")
     python = shlex.split(os.environ.get("FORGEML_MEASURE_PYTHON", "")) or [sys.executable]
+    errors = tempfile.TemporaryFile("w+")  # a pipe nobody reads until the end could fill and block the worker
     proc = subprocess.Popen([*python, "-m", "forgeml.runtime.measure", "--worker", str(batch_dir), *todo],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     left, hung = list(todo), False
     try:
         while left:
@@ -141,6 +148,8 @@ def _run_worker(batch_dir: Path, todo: list[str], done: dict[str, Any], timeout_
             if not line:
                 break
             result = json.loads(line)
+            if result.get("restart"):
+                return left
             cid = result.pop("id")
             done[cid] = result
             left.remove(cid)
@@ -149,7 +158,9 @@ def _run_worker(batch_dir: Path, todo: list[str], done: dict[str, Any], timeout_
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        stderr = proc.stderr.read().strip().splitlines() if proc.stderr else []
+        errors.seek(0)
+        stderr = errors.read().strip().splitlines()
+        errors.close()
     if left:  # the worker died or hung on left[0]
         why = f"took over {timeout_s:g} s" if hung else f"crashed the measuring process (exit {proc.returncode})"
         detail = "" if hung or not stderr else f": {stderr[-1][:200]}"
