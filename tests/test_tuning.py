@@ -60,16 +60,18 @@ def _pool_model():
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])], {"W": w})
 
 
-def test_tuning_input_has_no_unregistered_schedule_rules(tmp_path):
-    """Legalized pooling carries schedule_rule="meta_schedule.pool_max", which TVM registers for no CPU:
-    MetaSchedule warned "Unknown schedule rule" per pool kernel. The tuning input drops it."""
+@pytest.mark.parametrize("target_json", [{"kind": "llvm", "mcpu": "haswell", "num-cores": 2},
+                                         {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}])
+def test_tuning_input_has_no_unregistered_schedule_rules(tmp_path, target_json):
+    """Legalized pooling carries schedule_rule="meta_schedule.pool_max", which TVM registers for no CPU
+    and not for CUDA: MetaSchedule warned "Unknown schedule rule" per pool kernel. The tuning input drops it."""
     import tvm
 
     from forgeml.compiler import frontend, pipeline
     from forgeml.compiler.build import _import_onnx
 
     loaded = frontend.load_onnx(save(_pool_model(), tmp_path / "pool.onnx"), {})
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    target = tvm.target.Target(target_json)
     mod = pipeline.tuning_input(_import_onnx(loaded), target)
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert any("pool" in name for name in kernels)

@@ -154,7 +154,7 @@ def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     if target.kind.name == "cuda":
         from forgeml.compiler.gpu import gpu_tuning_input
 
-        return gpu_tuning_input(mod, target)
+        return _without_schedule_rule_annotations(gpu_tuning_input(mod, target))
     with target:
         mod = tvm.transform.Sequential([*_graph_passes(), relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
     return _without_schedule_rule_annotations(mod)
@@ -162,8 +162,8 @@ def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 def _without_schedule_rule_annotations(mod: tvm.IRModule) -> tvm.IRModule:
     """Drop the `schedule_rule` block annotation legalization puts on some kernels (pooling: "meta_schedule.
-    pool_max"). TVM registers no such rule for CPUs, so MetaSchedule printed an "Unknown schedule rule"
-    warning per pool kernel and then used its default rules, as it does without the annotation."""
+    pool_max"). TVM registers no such rule for CPUs or CUDA, so MetaSchedule printed an "Unknown schedule
+    rule" warning per pool kernel and then used its default rules, as it does without the annotation."""
     from tvm import s_tir
 
     for gv, func in list(mod.functions_items()):
