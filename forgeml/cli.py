@@ -148,7 +148,8 @@ def _print_tuning(t: dict) -> None:
 @click.option("--minutes", type=float, help="Time budget.")
 @click.option("--trials", type=int, help="Trial budget (with or without --minutes); with --measure-elsewhere, "
                                          "how many candidates to write.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Fix an input's shape (needed for symbolic dimensions). Repeatable.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="GPU targets: tune the kernels of this precision (as `forgeml compile --precision`).")
 @click.option("--refine", is_flag=True, help="Also search kernels that already have records, starting from them.")
