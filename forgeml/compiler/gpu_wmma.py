@@ -186,22 +186,19 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
         trans_b=True,
     )
 
-    try:
-        i, j = sch.get_loops(A_mat)[-2:]
+    def tensorize_load(block, intrin: str) -> None:
+        """16 x 16 fragment loads: split the last two loops by 16, unroll the outer ones."""
+        i, j = sch.get_loops(block)[-2:]
         i0, i1 = sch.split(i, factors=[None, 16])
         j0, j1 = sch.split(j, factors=[None, 16])
         sch.reorder(i0, j0, i1, j1)
         sch.unroll(i0)
         sch.unroll(j0)
-        sch.tensorize(i1, intrin_group["load_a"])
+        sch.tensorize(i1, intrin)
 
-        i, j = sch.get_loops(B_mat)[-2:]
-        i0, i1 = sch.split(i, factors=[None, 16])
-        j0, j1 = sch.split(j, factors=[None, 16])
-        sch.reorder(i0, j0, i1, j1)
-        sch.unroll(i0)
-        sch.unroll(j0)
-        sch.tensorize(i1, intrin_group["load_b"])
+    try:
+        tensorize_load(A_mat, intrin_group["load_a"])
+        tensorize_load(B_mat, intrin_group["load_b"])
     except:  # pylint: disable=bare-except
         return None
 
