@@ -24,9 +24,9 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA
 
 
 def _has_gpu() -> bool:
-    from forgeml.compiler.build import _has_cuda_gpu
+    from forgeml.targets.host import has_cuda_gpu
 
-    return _has_cuda_gpu()
+    return has_cuda_gpu()
 
 
 NO_GPU = "no CUDA GPU on this machine: CUDA artifacts are built and inspected here, run on a GPU machine"

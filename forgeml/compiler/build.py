@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import tempfile
 import time
@@ -15,6 +16,7 @@ import numpy as np
 from forgeml.errors import InvalidInput, ToolchainMissing, VerificationFailed
 from forgeml.runtime.artifact import WEIGHTS, Manifest, TensorSpec, pack_weights, write_artifact
 from forgeml.targets import TargetSpec, resolve_target
+from forgeml.targets.host import has_cuda_gpu
 
 Progress = Callable[[str], None]
 
@@ -74,20 +76,25 @@ def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
     return specs
 
 
+def _cross_compiler(spec: TargetSpec) -> str | None:
+    """The cross compiler the target's host code needs on this machine (None: the native one); checked present."""
+    if not spec.cross_compiler or platform.machine() == spec.arch:
+        return None
+    if not shutil.which(spec.cross_compiler):
+        raise ToolchainMissing(
+            f"target '{spec.name}' needs the cross compiler {spec.cross_compiler}: "
+            f"apt-get install {' '.join(spec.needs)}  (or: make toolchains)"
+        )
+    return spec.cross_compiler
+
+
 def _export_library(executable, spec: TargetSpec, out: Path) -> dict | None:
     """Link the library (CUDA targets: kernels prebuilt into a fatbin; returns its summary)."""
-    import platform
-
     fcompile = None
-    if spec.cross_compiler and platform.machine() != spec.arch:
-        if not shutil.which(spec.cross_compiler):
-            raise ToolchainMissing(
-                f"target '{spec.name}' needs the cross compiler {spec.cross_compiler}: "
-                f"apt-get install {' '.join(spec.needs)}  (or: make toolchains)"
-            )
+    if cross := _cross_compiler(spec):
         from tvm.support import cc
 
-        fcompile = cc.cross_compiler(spec.cross_compiler)
+        fcompile = cc.cross_compiler(cross)
     if spec.device == "cuda":
         from forgeml.compiler.gpu import export_cuda_library
 
@@ -246,14 +253,10 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
     if measure_elsewhere is not None:
         from forgeml.compiler.tuning_batch import export_batch
 
-        cross = spec.cross_compiler if spec.cross_compiler and spec.arch != _machine() else None
-        if cross and not shutil.which(cross):
-            raise ToolchainMissing(f"target '{spec.name}' needs the cross compiler {cross}: "
-                                   f"apt-get install {' '.join(spec.needs)}")
-        return export_batch(mod, target, measure_elsewhere, trials, refine=refine, cross_compiler=cross,
-                            arch=spec.arch, progress=say)
-    if spec.arch != _machine():
-        raise InvalidInput(f"'{spec.name}' kernels run on {spec.arch}, this machine is {_machine()}: "
+        return export_batch(mod, target, measure_elsewhere, trials, refine=refine,
+                            cross_compiler=_cross_compiler(spec), arch=spec.arch, progress=say)
+    if spec.arch != platform.machine():
+        raise InvalidInput(f"'{spec.name}' kernels run on {spec.arch}, this machine is {platform.machine()}: "
                            "tune with --measure-elsewhere DIR and measure the batch on the device")
     return tuning.tune(mod, target, tuning.Budget(minutes, trials), progress, refine=refine)
 
@@ -265,17 +268,9 @@ def import_measurements(batch_dir: str | Path):
     return import_results(batch_dir)
 
 
-def _machine() -> str:
-    import platform
-
-    return platform.machine()
-
-
 def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_path: Path, spec: TargetSpec,
             options: CompileOptions, tolerance: float, say: Progress):
     """Load the packaged artifact with the real runtime and compare it with ONNX Runtime."""
-    import platform
-
     from forgeml.compiler.verify import VerifyResult, verify_against_onnxruntime
     from forgeml.runtime.session import Session
 
@@ -296,16 +291,10 @@ def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_pat
     if lacking:  # running it here would die of SIGILL
         return skipped(f"this CPU lacks {', '.join(lacking)}, which '{spec.name}' code uses; "
                        "run `forgeml verify` on a CPU that has them")
-    if spec.device == "cuda" and not _has_cuda_gpu():
+    if spec.device == "cuda" and not has_cuda_gpu():
         return skipped("no CUDA GPU on this machine")
     say("verifying against ONNX Runtime")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".forgeml-verify-", dir=output.parent) as tmp:
         candidate = write_artifact(Path(tmp) / output.name, manifest, files)
         return verify_against_onnxruntime(Session(candidate), model_path, tolerance, options.seed)
-
-
-def _has_cuda_gpu() -> bool:
-    from forgeml.targets.host import has_cuda_gpu
-
-    return has_cuda_gpu()

@@ -291,10 +291,6 @@ _SECONDS_PER_TRIAL_GUESS = 1.5  # before any trial is measured (2-core EPYC: 1.2
 
 def flops(task: Any) -> float:
     """Floating-point operations of a kernel times its uses in the model (0 where TVM cannot tell)."""
-    return _flops(task)
-
-
-def _flops(task: Any) -> float:
     from tvm.s_tir.analysis import estimate_tir_flops
 
     try:
@@ -307,7 +303,7 @@ def pending_tasks(tasks: list[Any], db: ms.database.Database, target: tvm.target
                   refine: bool = False) -> list[Any]:
     """The kernels to tune, heaviest first: those without a record (all of them with `refine`)."""
     pending = tasks if refine else [t for t in tasks if not _has_record(db, t, target)]
-    return sorted(pending, key=_flops, reverse=True)
+    return sorted(pending, key=flops, reverse=True)
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,

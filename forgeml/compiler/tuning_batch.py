@@ -32,11 +32,9 @@ from tvm.s_tir import meta_schedule as ms
 
 from forgeml.compiler import tuning
 from forgeml.errors import InvalidInput
+from forgeml.runtime.measure import BATCH_FILE, BATCH_FORMAT, RESULTS_FILE
 
-BATCH_FORMAT = 1
-BATCH_FILE = "batch.json"
 CANDIDATES_FILE = "candidates.json"
-RESULTS_FILE = "results.json"
 IMPORTED_FILE = "imported.json"
 MIN_PER_KERNEL = 4  # fewer candidates than this per kernel teach the search nothing
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-_DEVICE_TYPE = {"cpu": 1, "cuda": 2}
+from forgeml.runtime.session import _DEVICE_TYPES
 
 
 def synchronize(session) -> None:
@@ -54,11 +54,16 @@ def time_evaluator(session, feeds: dict[str, np.ndarray], number: int = 10, repe
     runner = DeviceRunner(session, feeds)
     vm = session._vm
     vm["set_input"]("main", *runner.args, *session._weights)
-    evaluator = session._ffi.get_global_func("runtime.RPCTimeEvaluator")
-    feval = evaluator(vm, "invoke_stateful", _DEVICE_TYPE[session.device], 0, number, repeat, min_repeat_ms,
-                      0, 0, 1, 0, "")
-    blob = feval("main")
-    return list(struct.unpack("@" + "d" * repeat, bytes(blob)))
+    return evaluate(session._ffi, vm, "invoke_stateful", session.device, ("main",), number, repeat, min_repeat_ms)
+
+
+def evaluate(ffi: Any, module: Any, name: str, device: str, args: tuple, number: int, repeat: int,
+             min_repeat_ms: int = 0) -> list[float]:
+    """Seconds per call of `module[name](*args)`: `repeat` means of `number` calls (more when a sample
+    takes under `min_repeat_ms`), timed inside the TVM runtime after one untimed call."""
+    evaluator = ffi.get_global_func("runtime.RPCTimeEvaluator")
+    feval = evaluator(module, name, _DEVICE_TYPES[device], 0, number, repeat, min_repeat_ms, 0, 0, 1, 0, "")
+    return list(struct.unpack("@" + "d" * repeat, bytes(feval(*args))))
 
 
 @functools.cache

@@ -17,7 +17,6 @@ import os
 import platform
 import select
 import shlex
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,13 +27,14 @@ from typing import Any
 
 from forgeml.errors import ArtifactError, InvalidInput
 
-BATCH_FORMAT = 1
-_DEVICE_TYPE = {"cpu": 1, "cuda": 2}
+BATCH_FORMAT = 1  # of batch.json and results.json (tuning_batch.py writes and reads the same)
+BATCH_FILE = "batch.json"
+RESULTS_FILE = "results.json"
 _NUMBER, _REPEAT, _MIN_REPEAT_MS = 3, 3, 40  # as MetaSchedule's runner: >= 40 ms per sample
 
 
 def read_batch(batch_dir: Path) -> dict[str, Any]:
-    path = batch_dir / "batch.json"
+    path = batch_dir / BATCH_FILE
     try:
         batch = json.loads(path.read_text())
     except FileNotFoundError:
@@ -63,6 +63,7 @@ def _time_one(ffi: Any, batch_dir: Path, candidate: dict[str, Any], device: str)
     """Seconds per call of one candidate library's `main`, _REPEAT samples."""
     import numpy as np
 
+    from forgeml.runtime.device import evaluate
     from forgeml.runtime.session import _aligned, _copy_to_device
 
     module = ffi.load_module(str(batch_dir / candidate["library"]))
@@ -75,9 +76,7 @@ def _time_one(ffi: Any, batch_dir: Path, candidate: dict[str, Any], device: str)
         host = (rng.uniform(-1, 1, shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
         tensor = ffi.from_dlpack(_aligned(host))  # compiled kernels assume 64-byte aligned buffers
         args.append(tensor if device == "cpu" else _copy_to_device(ffi, tensor, dev))
-    evaluator = ffi.get_global_func("runtime.RPCTimeEvaluator")
-    timer = evaluator(module, "main", _DEVICE_TYPE[device], 0, _NUMBER, _REPEAT, _MIN_REPEAT_MS, 0, 0, 1, 0, "")
-    return list(struct.unpack("@" + "d" * _REPEAT, bytes(timer(*args))))
+    return evaluate(ffi, module, "main", device, tuple(args), _NUMBER, _REPEAT, _MIN_REPEAT_MS)
 
 
 def _worker(batch_dir: Path, ids: list[str]) -> None:
@@ -106,7 +105,9 @@ def measure_batch(batch_dir: str | Path, timeout_s: float = 60.0,
     """Time every candidate of the batch not yet in DIR/results.json; returns the results document."""
     batch_dir = Path(batch_dir)
     batch = read_batch(batch_dir)
-    if batch["device"] not in _DEVICE_TYPE:
+    from forgeml.runtime.session import _DEVICE_TYPES
+
+    if batch["device"] not in _DEVICE_TYPES:
         raise InvalidInput(f"{batch_dir}: unknown device '{batch['device']}'")
     if batch["device"] == "cuda":
         from forgeml.targets.host import has_cuda_gpu
@@ -116,7 +117,7 @@ def measure_batch(batch_dir: str | Path, timeout_s: float = 60.0,
     from forgeml.runtime.native import load_runtime
 
     load_runtime(batch["device"])  # a missing tvm_ffi or runtime library: one error, not one per candidate
-    results_path = batch_dir / "results.json"
+    results_path = batch_dir / RESULTS_FILE
     doc = json.loads(results_path.read_text()) if results_path.exists() else {}
     if doc.get("format") != BATCH_FORMAT:
         doc = {"format": BATCH_FORMAT, "results": {}}
