@@ -91,9 +91,8 @@ def import_results(out: Path, results: Path) -> None:
         _say(f"{case}: {summary.records} records ({summary.failed} failed) from {summary.device} into "
              f"{summary.database}")
         for k in summary.kernels:
-            rules, best = k["rules_us"], k["best_us"]
-            ratio = f"{rules / best:.2f}x" if rules and best else "-"
-            print(f"  {k['kernel']:<60} rules {rules} us, best tuned {best} us ({ratio})")
+            speedup = "-" if k["speedup"] is None else f"{k['speedup']:.2f}x"
+            print(f"  {k['kernel']:<60} rules {k['rules_us']} us, best tuned {k['best_us']} us ({speedup})")
 
 
 def main() -> int:

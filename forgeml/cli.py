@@ -197,9 +197,9 @@ def tune_import_cmd(batch_dir: Path) -> None:
     summary = import_measurements(batch_dir)
     table = Table("kernel", "rules (us)", "best tuned (us)", "speedup", title=f"measured on {summary.device}")
     for k in summary.kernels:
-        rules, best = k["rules_us"], k["best_us"]
-        ratio = f"{rules / best:.2f}x" if rules and best else "-"
-        table.add_row(k["kernel"], "-" if rules is None else f"{rules:g}", "-" if best is None else f"{best:g}", ratio)
+        rules, best, speedup = k["rules_us"], k["best_us"], k["speedup"]
+        table.add_row(k["kernel"], "-" if rules is None else f"{rules:g}", "-" if best is None else f"{best:g}",
+                      "-" if speedup is None else f"{speedup:.2f}x")
     console.print(table)
     console.print(f"[green]imported[/] {summary.records} tuned records ({summary.failed} candidates failed there), "
                   f"{summary.rule_latencies} rule latencies into {summary.database}")

@@ -62,7 +62,7 @@ class ImportSummary:
     records: int = 0  # tuned candidates committed
     failed: int = 0  # candidates that did not run there
     rule_latencies: int = 0
-    kernels: list[dict[str, Any]] = field(default_factory=list)  # per kernel: name, rules_us, best_us
+    kernels: list[dict[str, Any]] = field(default_factory=list)  # per kernel: name, rules_us, best_us, speedup
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -321,6 +321,9 @@ def import_results(batch_dir: str | Path) -> ImportSummary:
     if rule_latencies:
         tuning.save_rule_latencies(target, rule_latencies)
     summary.rule_latencies = len(rule_latencies)
+    for stats in best.values():  # rules / best tuned: above 1, tuning found a faster schedule
+        rules, tuned = stats["rules_us"], stats["best_us"]
+        stats["speedup"] = round(rules / tuned, 2) if rules and tuned else None
     summary.kernels = list(best.values())
     _write_json(batch_dir / IMPORTED_FILE, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **summary.to_json()})
     return summary
