@@ -178,13 +178,9 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
     block_init_c_inner = sch.get_child_blocks(block_init_c)[0]
 
     # Tensorization by hardware intrinsics
-    intrin_group = get_wmma_intrin_group(
-        load_scope="shared.dyn",
-        store_scope=store_scope,
-        in_dtype="float16",
-        out_dtype="float32",
-        trans_b=True,
-    )
+    def intrinsics(out_dtype: str) -> dict:
+        return get_wmma_intrin_group(load_scope="shared.dyn", store_scope=store_scope, in_dtype="float16",
+                                     out_dtype=out_dtype, trans_b=True)
 
     def tensorize_load(block, intrin: str) -> None:
         """16 x 16 fragment loads: split the last two loops by 16, unroll the outer ones."""
@@ -196,36 +192,24 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
         sch.unroll(j0)
         sch.tensorize(i1, intrin)
 
+    loads = intrinsics("float32")  # the fp16 operand loads are the same in both groups
     try:
-        tensorize_load(A_mat, intrin_group["load_a"])
-        tensorize_load(B_mat, intrin_group["load_b"])
+        tensorize_load(A_mat, loads["load_a"])
+        tensorize_load(B_mat, loads["load_b"])
     except:  # pylint: disable=bare-except
         return None
 
-    # Try to tensorize the init, store and compute block with f16 or f32 intrinsics
-    tensorize_success: bool = False
+    def tensorize_init_store_compute(group: dict) -> None:
+        sch.tensorize(sch.get_loops(block_init_c_inner)[-2], group["init"])
+        sch.tensorize(sch.get_loops(store)[-2], group["store"])
+        sch.tensorize(sch.get_loops(block_inner)[-3], group["compute"])
 
-    def tensorize_init_store_compute():
-        sch.tensorize(sch.get_loops(block_init_c_inner)[-2], intrin_group["init"])
-        sch.tensorize(sch.get_loops(store)[-2], intrin_group["store"])
-        sch.tensorize(sch.get_loops(block_inner)[-3], intrin_group["compute"])
-
+    # the init, store and compute blocks with fp32 accumulators, else fp16 ones
     try:
-        tensorize_init_store_compute()
-        tensorize_success = True
+        tensorize_init_store_compute(loads)
     except:  # pylint: disable=bare-except
-        intrin_group = get_wmma_intrin_group(
-            load_scope="shared.dyn",
-            store_scope=store_scope,
-            in_dtype="float16",
-            out_dtype="float16",
-            trans_b=True,
-        )
-
-    if not tensorize_success:
         try:
-            tensorize_init_store_compute()
-            tensorize_success = True
+            tensorize_init_store_compute(intrinsics("float16"))
         except:  # pylint: disable=bare-except
             return None
     auto_inline_consumer_chain(sch, accumulator_shared_to_global)
@@ -235,4 +219,4 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
     sch.bind(f1, "threadIdx.x")
     sch.vectorize(f2)
 
-    return sch if tensorize_success else None
+    return sch
