@@ -88,11 +88,12 @@ def import_results(out: Path, results: Path) -> None:
         batch_dir = staging / "batches" / case
         shutil.copy(measured, batch_dir / "results.json")
         summary = import_measurements(batch_dir)
-        _say(f"{case}: {summary.records} records ({summary.failed} failed) from {summary.device} into "
-             f"{summary.database}")
+        _say(f"{case}: {summary.records} records ({summary.failed} failed, {summary.wrong} with wrong outputs) "
+             f"from {summary.device} into {summary.database}")
         for k in summary.kernels:
             speedup = "-" if k["speedup"] is None else f"{k['speedup']:.2f}x"
-            print(f"  {k['kernel']:<60} rules {k['rules_us']} us, best tuned {k['best_us']} us ({speedup})")
+            print(f"  {k['kernel']:<50} rules {k['rules_us']} us, best tuned {k['best_us']} us ({speedup}, "
+                  f"{k['best_source']})")
 
 
 def main() -> int:

@@ -147,7 +147,8 @@ def _print_tuning(t: dict) -> None:
 @click.option("-t", "--target", default="x86-64", show_default=True, help="Target preset (CPU or CUDA).")
 @click.option("--minutes", type=float, help="Time budget.")
 @click.option("--trials", type=int, help="Trial budget (with or without --minutes); with --measure-elsewhere, "
-                                         "how many candidates to write.")
+                                         "how many MetaSchedule candidates to write (CUDA fp16 GEMMs also get "
+                                         "forgeml's tensor-core tilings; 0: those alone).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
               help="Fix an input's shape (needed for symbolic dimensions). Repeatable.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
@@ -170,8 +171,9 @@ def tune_cmd(model: Path, target: str, minutes: float | None, trials: int | None
                              say=lambda msg: status.update(msg))
     if measure_dir is not None:
         s = summary
-        console.print(f"[green]wrote[/] {s.directory}: {s.candidates} candidates for {s.kernels_in_batch} of "
-                      f"{s.kernels} kernels, {s.rule_candidates} rule-based schedules to compare "
+        console.print(f"[green]wrote[/] {s.directory}: {s.candidates} candidates ({s.variants} of them forgeml's "
+                      f"tilings) for {s.kernels_in_batch} of {s.kernels} kernels, {s.rule_candidates} rule-based "
+                      "schedules to compare "
                       f"({s.megabytes:.1f} MB, {s.seconds:.0f} s" + (f", {s.build_errors} failed to build" if
                                                                    s.build_errors else "") + ")")
         if s.first_build_error:
@@ -195,14 +197,16 @@ def tune_import_cmd(batch_dir: Path) -> None:
     from forgeml.compiler.build import import_measurements
 
     summary = import_measurements(batch_dir)
-    table = Table("kernel", "rules (us)", "best tuned (us)", "speedup", title=f"measured on {summary.device}")
+    table = Table("kernel", "rules (us)", "best tuned (us)", "speedup", "best schedule",
+                  title=f"measured on {summary.device}")
     for k in summary.kernels:
         rules, best, speedup = k["rules_us"], k["best_us"], k["speedup"]
         table.add_row(k["kernel"], "-" if rules is None else f"{rules:g}", "-" if best is None else f"{best:g}",
-                      "-" if speedup is None else f"{speedup:.2f}x")
+                      "-" if speedup is None else f"{speedup:.2f}x", k["best_source"] or "-")
     console.print(table)
-    console.print(f"[green]imported[/] {summary.records} tuned records ({summary.failed} candidates failed there), "
-                  f"{summary.rule_latencies} rule latencies into {summary.database}")
+    console.print(f"[green]imported[/] {summary.records} tuned records ({summary.failed} candidates failed there, "
+                  f"{summary.wrong} left out for outputs off the rule schedule's), {summary.rule_latencies} rule "
+                  f"latencies into {summary.database}")
 
 
 @cli.command("measure")

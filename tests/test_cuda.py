@@ -307,3 +307,50 @@ def test_cuda_tuning_batch_builds_tensor_core_candidates_and_tuned_kernels_compi
         got = forgeml.load(tmp_path / "tuned.fml").run({"x": x})["y"]
         ref = ort_run(path, {"x": x})["y"]
         assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))
+
+
+def test_cuda_batch_of_tensor_core_tilings_alone(tmp_path, monkeypatch):
+    """`--trials 0`: forgeml's own tensor-core tilings of each fp16 GEMM (no MetaSchedule search),
+    timed beside the rule's schedule; an imported tiling is replayed from the database at compile."""
+    import json
+
+    from conftest import _model
+    from onnx import TensorProto, helper
+
+    from forgeml.compiler.build import import_measurements, tune_model
+
+    monkeypatch.setenv("FORGEML_CACHE", str(tmp_path / "cache"))
+    w = np.random.default_rng(0).standard_normal((256, 64)).astype("float32") / 16
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1024, 256])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024, 64])
+    path = save(_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [x], [y], {"w": w}), tmp_path / "mm.onnx")
+    batch_dir = tmp_path / "batch"
+    summary = tune_model(path, "cuda-sm90", trials=0, precision="fp16", measure_elsewhere=batch_dir)
+    assert summary.kernels_in_batch == 2 and summary.rule_candidates == 2  # the matmul and the input's cast
+    assert summary.variants == 10 and summary.candidates == 10 and summary.build_errors == 0  # 5 tilings x 2 A orders
+    candidates = json.loads((batch_dir / "candidates.json").read_text())["candidates"]
+    sources = [c["source"] for c in candidates if c["kind"] == "tuned"]
+    assert "wmma 128x64x64 (4 warps, A by rows)" in sources and all(c["comparable"] for c in candidates)
+
+    if _has_gpu():
+        from forgeml.runtime.measure import measure_batch
+
+        measure_batch(batch_dir)
+    else:  # stand-in timings: the 4-warp A-by-rows tiling fastest
+        stand_in = {c["id"]: {"run_secs": [1e-5 if c.get("source") == sources[3] else 1e-3]} for c in candidates}
+        (batch_dir / "results.json").write_text(json.dumps({"format": 1, "results": stand_in,
+                                                            "device": {"name": "stand-in"}}))
+    imported = import_measurements(batch_dir)
+    assert imported.records == 10 and imported.wrong == 0
+    if not _has_gpu():
+        assert {k["kernel"]: k["best_source"] for k in imported.kernels}["matmul"] == sources[3]
+    manifest = compile_model(path, tmp_path / "mm.fml", CompileOptions(target="cuda-sm90", precision="fp16"))
+    if not _has_gpu():
+        assert manifest.tuning["tuned_kernels_used"] == 1
+    else:
+        feeds = {"x": np.random.default_rng(1).standard_normal((1024, 256)).astype("float32")}
+        import forgeml
+
+        got = forgeml.load(tmp_path / "mm.fml").run(feeds)["y"]
+        ref = ort_run(path, feeds)["y"]
+        assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))

@@ -81,12 +81,69 @@ def test_batch_round_trip_then_compile_uses_it(tmp_path, own_cache):
     with pytest.raises(InvalidInput, match="--refine"):
         tune_model(onnx_path, "x86-64", trials=8, measure_elsewhere=tmp_path / "again")
     again = tune_model(onnx_path, "x86-64", trials=8, measure_elsewhere=tmp_path / "again", refine=True)
-    assert again.candidates >= 1 and again.rule_candidates == 0  # rule latencies are cached
+    assert again.candidates >= 1 and again.rule_candidates == 2  # the rules are retimed beside them
     def schedules(path):
         entries = json.loads((path / "candidates.json").read_text())["candidates"]
         return [json.dumps(e["record"][0]) for e in entries if e["kind"] == "tuned"]
 
     assert not set(schedules(batch_dir)) & set(schedules(tmp_path / "again")), "a measured schedule came back"
+
+
+def _softmax_model():
+    """One CPU kernel whose schedules all take the same arguments (no packed weights): outputs comparable."""
+    from conftest import _model
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 256])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 256])
+    return _model([helper.make_node("Softmax", ["x"], ["s"], axis=-1), helper.make_node("Sigmoid", ["s"], ["y"])],
+                  [x], [y], {})
+
+
+def _wrong_kernel_library(path, shape) -> None:
+    """A kernel with the same signature that computes something else (x + 1)."""
+    import tvm
+    from tvm import te
+
+    x = te.placeholder(shape, "float32", name="x")
+    y = te.compute(shape, lambda i, j: x[i, j] + 1.0, name="y")
+    tvm.compile(tvm.IRModule({"main": te.create_prim_func([x, y])}), target="llvm").export_library(str(path))
+
+
+def test_candidates_with_wrong_outputs_are_never_committed(tmp_path, own_cache):
+    onnx_path = save(_softmax_model(), tmp_path / "softmax.onnx")
+    batch_dir = tmp_path / "batch"
+    summary = tune_model(onnx_path, "x86-64", trials=6, measure_elsewhere=batch_dir)
+    batch = json.loads((batch_dir / "batch.json").read_text())
+    tuned = [c for c in batch["candidates"] if c["kind"] == "tuned"]
+    assert all(c["comparable"] and c["outputs"] == [1] for c in batch["candidates"])
+    bad = tuned[0]
+    _wrong_kernel_library(batch_dir / bad["library"], tuple(bad["args"][0]["shape"]))
+
+    results = measure_batch(batch_dir)["results"]
+    assert results[bad["id"]]["max_rel_error"] > 0.1
+    assert all(results[c["id"]]["max_rel_error"] < 1e-5 for c in tuned[1:]), results
+    assert not (batch_dir / "references").exists()  # the rule schedule's outputs go once measured
+
+    imported = import_measurements(batch_dir)
+    assert imported.wrong == 1 and imported.records == summary.candidates - 1
+    (db,) = (own_cache / "tuning").iterdir()
+    assert len((db / "records.json").read_text().splitlines()) == summary.candidates - 1
+
+
+def test_max_relative_error():
+    import numpy as np
+
+    from forgeml.runtime.measure import max_relative_error
+
+    ref = np.array([[1.0, -4.0], [np.nan, np.inf]], np.float32)
+    assert max_relative_error([ref.copy()], [ref]) == 0.0  # NaN and inf where the reference has them
+    off = ref.copy()
+    off[0, 0] = 1.4
+    assert max_relative_error([off], [ref]) == pytest.approx(0.1)  # |1.4 - 1| / max finite |ref| (4)
+    off[0, 0] = np.nan
+    assert max_relative_error([off], [ref]) == float("inf")
+    assert max_relative_error([ref[:1]], [ref]) == float("inf")
 
 
 def test_measure_records_hung_candidates_and_resumes(tmp_path, own_cache):

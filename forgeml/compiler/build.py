@@ -238,9 +238,9 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
     spec = resolve_target(target_name)
     if precision != "fp32" and spec.device != "cuda":
         raise InvalidInput(f"--precision {precision} needs a GPU target (cuda, jetson-orin)")
-    if measure_elsewhere is not None and not trials:
+    if measure_elsewhere is not None and trials is None:
         raise InvalidInput("--measure-elsewhere needs --trials: how many candidates to write")
-    if not minutes and not trials:
+    if measure_elsewhere is None and not minutes and not trials:
         raise InvalidInput("give a tuning budget: --minutes and/or --trials")
     loaded = frontend.load_onnx(model_path, input_shapes or {})
     target = tvm.target.Target(spec.tvm_target())

@@ -224,8 +224,9 @@ def gemm_extents(func) -> tuple[str, tuple[int, ...]] | None:
         return None
 
 
-def _tensor_core_rule(min_extent: int = 64, min_macs: int = 1 << 24):
-    """fp16 GEMMs on tensor cores (dlight's wmma schedule) when every extent is at least `min_extent`.
+def tensor_core_gemm(func, target, min_extent: int = 64, min_macs: int = 1 << 24) -> tuple[int, int, int] | None:
+    """(M, N, K) of an fp16 GEMM or convolution that goes on tensor cores on `target` (sm_70+): every
+    extent at least `min_extent` and `min_macs` multiply-adds or more; None for any other kernel.
 
     dlight's Matmul rule tensorizes only when every extent exceeds 64, so ResNet-18's 64-channel
     convolutions (N = 64) ran on FP32 FMA in fp16 builds: each layer1 convolution took 396 us at batch
@@ -233,25 +234,35 @@ def _tensor_core_rule(min_extent: int = 64, min_macs: int = 1 << 24):
     cores. The wmma tiles are 128 x 128 x 64 (padded; 128 x 64 when N is 64), so small GEMMs (under
     `min_macs` multiply-adds) stay with Matmul.
     """
+    from tvm.s_tir.dlight.gpu.matmul import check_sm_version
+
+    if target.kind.name != "cuda" or check_sm_version(str(target.attrs.get("arch", ""))) < 70:
+        return None
+    found = gemm_extents(func)
+    if found is None or str(found[0]) != "float16":
+        return None
+    m, n, k = found[1]
+    if min(m, n, k) < min_extent or m * n * k < min_macs:
+        return None
+    return m, n, k
+
+
+def _tensor_core_rule():
+    """fp16 GEMMs on tensor cores (dlight's wmma schedule) where `tensor_core_gemm` says so."""
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
-    from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization, check_sm_version
+    from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
 
     class TensorCoreMatmul(GPUScheduleRule):
         def apply(self, func, target, tunable):
-            if not self.is_target_available(target) or target.kind.name != "cuda":
+            if not self.is_target_available(target):
                 return None
-            if check_sm_version(str(target.attrs.get("arch", ""))) < 70:
+            found = tensor_core_gemm(func, target)
+            if found is None:
                 return None
-            found = gemm_extents(func)
-            if found is None or str(found[0]) != "float16":
-                return None
-            m, n, k = found[1]
-            if min(m, n, k) < min_extent or m * n * k < min_macs:
-                return None
-            if n <= 64:  # dlight's 128-wide N tile would be half padding
-                from forgeml.compiler.gpu_wmma import wmma_matmul
+            if found[1] <= 64:  # dlight's 128-wide N tile would be half padding
+                from forgeml.compiler.gpu_wmma import WmmaTiles, wmma_matmul
 
-                return wmma_matmul(func, target, j_fragments=1)
+                return wmma_matmul(func, target, WmmaTiles(frags_n=1))
             return MatmulTensorization().apply(func, target, tunable)
 
     return TensorCoreMatmul()

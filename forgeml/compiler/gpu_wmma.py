@@ -1,8 +1,10 @@
 # This file holds a copy of MatmulTensorization.apply from Apache TVM 0.27
 # (python/tvm/s_tir/dlight/gpu/matmul.py), licensed to the Apache Software Foundation under the Apache
-# License, Version 2.0 (http://www.apache.org/licenses/LICENSE-2.0), with one change: the number of
-# fragments per warp along N is a parameter. Compare with that file when upgrading TVM.
-"""Tensor-core (wmma) GEMM schedule with a configurable N tile, for 64-wide GEMMs.
+# License, Version 2.0 (http://www.apache.org/licenses/LICENSE-2.0), with two changes: the tiling is a
+# parameter (`WmmaTiles`), and A can be loaded with threads along M. Compare with that file when
+# upgrading TVM.
+"""Tensor-core (wmma) GEMM schedule with a configurable tiling: 128 x 64 tiles for 64-wide GEMMs, and
+a grid of tilings (`wmma_variants`) that tuning batches time on the GPU beside the rule's choice.
 
 dlight's tile is 128 x 128 (4 warps along M and 4 along N, each 2 x 2 fragments of 16 x 16): a GEMM
 with N = 64 (ResNet's 64-channel convolutions) is padded to 128 and does twice its work. On an H200
@@ -12,6 +14,8 @@ tiles and 143 us with 128 x 64 tiles.
 
 # ruff: noqa: E722
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
@@ -24,10 +28,57 @@ from tvm.s_tir.dlight.gpu.matmul import (
 from tvm.target import Target
 
 
-def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_tir.Schedule | None:
-    """dlight's MatmulTensorization with the 16x16 fragments per warp along N as a parameter: the
-    block tile is 128 x (64 * j_fragments); dlight's 2 gives 128 x 128, which pads a 64-wide GEMM to
-    twice its work."""
+class WmmaTiles(NamedTuple):
+    """A tensor-core GEMM tiling: a thread block of warps_m x warps_n warps, each computing frags_m x
+    frags_n fragments of 16 x 16, stepping K by k_frags x 16. dlight's is the default (128 x 128 x 64,
+    16 warps); `a_rows_first` loads A with consecutive threads along M instead of K (coalesced reads
+    of an NCHW convolution's input, whose K runs over channels and kernel taps)."""
+
+    warps_m: int = 4
+    frags_m: int = 2
+    warps_n: int = 4
+    frags_n: int = 2
+    k_frags: int = 4
+    a_rows_first: bool = False
+
+    @property
+    def name(self) -> str:
+        order = ", A by rows" if self.a_rows_first else ""
+        return (f"{16 * self.warps_m * self.frags_m}x{16 * self.warps_n * self.frags_n}x{16 * self.k_frags} "
+                f"({self.warps_m * self.warps_n} warps{order})")
+
+
+# (warps_m, frags_m, warps_n, frags_n): 128 x 64 tiles for N = 64 (the rule's), dlight's 128 x 128,
+# and tilings with fewer warps and more fragments each (more reuse of each fragment loaded from
+# shared memory). No 256 x 64: its 64 KB fp32 staging goes to dynamic shared memory, where TVM 0.27
+# merges it with the fp16 operands and then fails ("tvm_access_ptr element type must match").
+VARIANT_TILES = [(4, 2, 4, 1), (2, 4, 2, 2), (4, 2, 2, 2), (2, 2, 2, 2), (4, 2, 1, 4),
+                 (4, 2, 4, 2), (2, 4, 2, 4), (2, 4, 4, 2)]
+
+
+def wmma_variants(func: tirx.PrimFunc, target: Target, n: int, k: int) -> list[tuple[WmmaTiles, s_tir.Schedule]]:
+    """The GEMM `func` (N and K extents `n`, `k`) scheduled with each tiling of VARIANT_TILES no wider
+    than N needs, with both A load orders, K steps of 64 (and of 32 where K is no multiple of 64:
+    less padding), for tuning: which is fastest depends on the GEMM and the GPU."""
+    out = []
+    for warps_m, frags_m, warps_n, frags_n in VARIANT_TILES:
+        if 16 * warps_n * frags_n > max(64, n):
+            continue
+        for k_frags in (4, 2) if k % 64 else (4,):
+            for a_rows_first in (False, True):
+                tiles = WmmaTiles(warps_m, frags_m, warps_n, frags_n, k_frags, a_rows_first)
+                sch = wmma_matmul(func, target, tiles)
+                if sch is not None:
+                    out.append((tiles, sch))
+    return out
+
+
+DLIGHT_TILES = WmmaTiles()
+
+
+def wmma_matmul(func: tirx.PrimFunc, target: Target, tiles: WmmaTiles = DLIGHT_TILES) -> s_tir.Schedule | None:
+    """dlight's MatmulTensorization with the tiling as a parameter (`WmmaTiles`); dlight's 128 x 128
+    tile pads a 64-wide GEMM to twice its work."""
     from tvm.s_tir.tensor_intrin.cuda import (  # pylint: disable=import-outside-toplevel
         get_wmma_intrin_group,
     )
@@ -58,9 +109,9 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
     vector_size = 4
 
     i_factors, j_factors, k_factors = (
-        [None, 1, 4, 2],
-        [1, None, 4, j_fragments],
-        [None, 4],
+        [None, 1, tiles.warps_m, tiles.frags_m],
+        [1, None, tiles.warps_n, tiles.frags_n],
+        [None, tiles.k_frags],
     )
 
     num_ty = i_factors[2] * j_factors[2]
@@ -128,10 +179,14 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
     sch.bind(block_idy, "blockIdx.y")
     sch.bind(thread_idy, "threadIdx.y")
 
-    def fetch_to_shared(block, idx, ndim):
+    def fetch_to_shared(block, idx, ndim, rows_first=False):
         block_read = sch.cache_read(block, idx, "shared.dyn")
         sch.compute_at(block_read, k0)
-        fused = sch.fuse(*sch.get_loops(block_read)[-ndim:])
+        loops = sch.get_loops(block_read)[-ndim:]
+        if rows_first:  # forgeml: consecutive threads along the rows
+            sch.reorder(*loops[::-1])
+            loops = loops[::-1]
+        fused = sch.fuse(*loops)
 
         _, f_1, f_2, f_3 = sch.split(fused, factors=[None, num_ty, warp_size, vector_size])
 
@@ -144,7 +199,7 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
         sch.annotate(block_read, "double_buffer_scope", 0)
         return block_read
 
-    a_g2s = fetch_to_shared(block_outer, 0, 2)
+    a_g2s = fetch_to_shared(block_outer, 0, 2, tiles.a_rows_first)
     b_g2s = fetch_to_shared(block_outer, 1, 2)
 
     auto_inline_producers(sch, a_g2s)
@@ -160,7 +215,8 @@ def wmma_matmul(func: tirx.PrimFunc, target: Target, j_fragments: int = 2) -> s_
     # forgeml: a 128 x 64 fp32 staging tile is small enough for TVM's storage rewrite to place it in
     # the fp16 operand buffers' dynamic shared memory, which its access_ptr lowering then rejects
     # (float16 vs float32); static shared memory (32 KB of the 48 KB) is never shared with them.
-    store_scope = "shared.dyn" if j_fragments > 1 else "shared"
+    tile_bytes = 4 * 256 * tiles.warps_m * tiles.frags_m * tiles.warps_n * tiles.frags_n
+    store_scope = "shared" if tile_bytes <= 48 * 1024 else "shared.dyn"
     accumulator_shared_to_global = sch.cache_write(block_outer, 0, store_scope)
     sch.storage_align(accumulator_shared_to_global, 0, -2, 16, 4)
 

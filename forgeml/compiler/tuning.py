@@ -380,22 +380,36 @@ def rule_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         return apply_cpu_schedules(kernel, target)
 
 
-def rules_version(target: tvm.target.Target) -> str:
-    """Changes whenever the target's rule-based schedules change, so cached rule latencies are remeasured."""
-    from forgeml.compiler import gpu, gpu_wmma, schedules
+def rule_variants(kernel: tvm.IRModule, target: tvm.target.Target) -> list[tuple[str, Any]]:
+    """forgeml's own parametrized schedules of `kernel`, named, for tuning batches to time beside
+    MetaSchedule's candidates: the tensor-core tilings of fp16 GEMMs on CUDA (`gpu_wmma.wmma_variants`);
+    none for other kernels and targets."""
+    if target.kind.name != "cuda":
+        return []
+    from forgeml.compiler import gpu
+    from forgeml.compiler.gpu_wmma import wmma_variants
 
-    sources = [gpu, gpu_wmma] if target.kind.name == "cuda" else [schedules]
-    digest = hashlib.sha256()
-    for module in sources:
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:12]
+    func = kernel["main"]
+    found = gpu.tensor_core_gemm(func, target)
+    if found is None:
+        return []
+    gpu._import_tensor_intrinsics()
+    with target:
+        return [(f"wmma {tiles.name}", sch) for tiles, sch in wmma_variants(func, target, found[1], found[2])]
 
 
 def rule_key(kernel: tvm.IRModule, target: tvm.target.Target) -> str:
-    """The key of a kernel's rule-schedule latency in `rule_latency.json`."""
+    """The key of a kernel's rule-schedule latency in `rule_latency.json` (see `schedule_key`)."""
+    return schedule_key(rule_schedule(kernel, target))
+
+
+def schedule_key(scheduled: tvm.IRModule) -> str:
+    """The structural hash of a kernel as the rules schedule it, so a cached rule latency stays valid
+    exactly as long as the schedule it timed (a change to the rules' code that leaves a kernel's
+    schedule alone keeps its latency)."""
     import tvm_ffi
 
-    return f"{rules_version(target)}:{tvm_ffi.structural_hash(kernel)}"
+    return f"s{tvm_ffi.structural_hash(scheduled)}"
 
 
 def read_rule_latencies(target: tvm.target.Target) -> dict[str, float | None]:

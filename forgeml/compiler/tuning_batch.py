@@ -32,7 +32,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from forgeml.compiler import tuning
 from forgeml.errors import InvalidInput
-from forgeml.runtime.measure import BATCH_FILE, BATCH_FORMAT, RESULTS_FILE
+from forgeml.runtime.measure import BATCH_FILE, BATCH_FORMAT, RESULTS_FILE, wrong_output
 
 CANDIDATES_FILE = "candidates.json"
 IMPORTED_FILE = "imported.json"
@@ -44,7 +44,8 @@ class BatchSummary:
     directory: str
     kernels: int = 0  # kernels in the model
     kernels_in_batch: int = 0
-    candidates: int = 0  # tuned candidates built
+    candidates: int = 0  # tuned candidates built (MetaSchedule's and forgeml's variants)
+    variants: int = 0  # of which forgeml's own schedule variants (before building)
     rule_candidates: int = 0  # rule-based schedules built for comparison
     build_errors: int = 0
     first_build_error: str = ""
@@ -61,8 +62,10 @@ class ImportSummary:
     device: str = ""
     records: int = 0  # tuned candidates committed
     failed: int = 0  # candidates that did not run there
+    wrong: int = 0  # candidates whose outputs differed from the rule schedule's (not committed)
     rule_latencies: int = 0
-    kernels: list[dict[str, Any]] = field(default_factory=list)  # per kernel: name, rules_us, best_us, speedup
+    # per kernel: name, rules_us, best_us, speedup, best_source (MetaSchedule or a forgeml variant's name)
+    kernels: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +146,35 @@ def _args_json(args_info) -> list[dict[str, Any]]:
     return [{"dtype": str(a.dtype), "shape": [int(d) for d in a.shape]} for a in args_info]
 
 
+def output_indices(kernel: tvm.IRModule) -> list[int]:
+    """Positions of the kernel's parameters that it writes (its outputs), whose values the measuring
+    machine compares between each candidate and the rule schedule."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(kernel)
+    written: list[Any] = []
+
+    def walk(block_rv) -> None:
+        for child in sch.get_child_blocks(block_rv):
+            written.extend(region.source for region in sch.get(child).writes)
+            walk(child)
+
+    walk(sch.get_sblock("root"))
+    func = sch.mod["main"]
+    return [i for i, param in enumerate(func.params)
+            if any(param.same_as(buffer) for buffer in written)]
+
+
+def _comparable(args: list[dict[str, Any]], own_args: list[dict[str, Any]], scheduled: tvm.IRModule) -> bool:
+    """Whether a schedule's outputs are comparable with the others': it takes the kernel's own arguments,
+    in their own layouts (CPU schedules that pack weights, forgeml's or MetaSchedule's, take others)."""
+    return args == own_args and "meta_schedule.layout_rewrite_preproc" not in scheduled.script(show_meta=False)
+
+
+def _has_records(db: ms.database.Database, kernel: tvm.IRModule) -> bool:
+    return db.has_workload(kernel) and bool(db.get_top_k(db.commit_workload(kernel), 1))
+
+
 def _empty_dir(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InvalidInput(f"{path} already exists and is not an empty directory: give a new directory "
@@ -168,13 +200,15 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
     """Write a measurement batch of about `trials` candidates for `mod`'s kernels to `out_dir`.
 
     Kernels without records (all kernels with `refine`) share the candidates in proportion to their
-    FLOPs x uses (`share_trials`). The directory appears complete or not at all."""
+    FLOPs x uses (`share_trials`). Kernels without records also get forgeml's own schedule variants
+    (`tuning.rule_variants`: tensor-core tilings on CUDA) on top; `trials` 0 writes those alone.
+    The directory appears complete or not at all."""
     start = time.monotonic()
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
     _empty_dir(out_dir)
-    if trials < 1:
-        raise InvalidInput("--trials must be at least 1")
+    if trials < 0 or (trials == 0 and target.kind.name != "cuda"):
+        raise InvalidInput("--trials must be at least 1 (0, forgeml's tensor-core tilings alone, on CUDA targets)")
     tuning.quiet_logs()
     target = tuning.tuning_target(target)
     tuning.check_tunable(target)
@@ -185,9 +219,8 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
     if not pending:
         raise InvalidInput(f"every one of the {len(tasks)} kernels already has a tuning record for this target: "
                            "add --refine to search further from them")
-    shares = share_trials(pending, trials)
+    shares = share_trials(pending, trials) if trials else [0] * len(pending)
     pending = pending[:len(shares)]
-    rule_latencies = tuning.read_rule_latencies(target)
     workloads: list[str] = []
     entries: list[dict[str, Any]] = []
     modules: list[tvm.IRModule] = []
@@ -195,20 +228,32 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
         say(f"searching kernel {i + 1}/{len(pending)}: {task.task_name}")
         kernel = task.dispatched[0]
         workloads.append(tvm.ir.save_json(kernel))
-        for candidate in _propose(task, target, db, shares[i]):
-            record = ms.database.TuningRecord(candidate.sch.trace, ms.database.Workload(kernel), None, target,
-                                              candidate.args_info)
-            entries.append({"kind": "tuned", "kernel": task.task_name, "workload": i,
-                            "record": _record_json(record),
-                            "args": _args_json(candidate.args_info)})
-            modules.append(candidate.sch.mod)
-        key = tuning.rule_key(kernel, target)
-        if key not in rule_latencies:
-            scheduled = tuning.rule_schedule(kernel, target)
-            args = ms.arg_info.ArgInfo.from_entry_func(scheduled, remove_preproc=True)
-            entries.append({"kind": "rules", "kernel": task.task_name, "workload": i, "rule_key": key,
-                            "args": _args_json(args)})
-            modules.append(scheduled)
+        outputs = output_indices(kernel)
+        own_args = _args_json(ms.arg_info.ArgInfo.from_entry_func(kernel))
+
+        searched = _propose(task, target, db, shares[i]) if shares[i] else []
+        proposed = [("MetaSchedule", c.sch, c.args_info) for c in searched]
+        if not _has_records(db, kernel):  # the variants are measured once per kernel
+            for name, sch in tuning.rule_variants(kernel, target):
+                proposed.append((name, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+                summary.variants += 1
+        for source, sch, args_info in proposed:
+            record = ms.database.TuningRecord(sch.trace, ms.database.Workload(kernel), None, target, args_info)
+            args = _args_json(args_info)
+            entries.append({"kind": "tuned", "kernel": task.task_name, "workload": i, "record": _record_json(record),
+                            "args": args, "outputs": outputs, "source": source,
+                            "comparable": _comparable(args, own_args, sch.mod)})
+            modules.append(sch.mod)
+        # the rule schedule goes in every batch: its latency, and its outputs as the reference that
+        # each candidate's are checked against where they are measured
+        scheduled = tuning.rule_schedule(kernel, target)
+        args = _args_json(ms.arg_info.ArgInfo.from_entry_func(scheduled, remove_preproc=True))
+        entries.append({"kind": "rules", "kernel": task.task_name, "workload": i,
+                        "rule_key": tuning.schedule_key(scheduled), "args": args, "outputs": outputs,
+                        "comparable": _comparable(args, own_args, scheduled)})
+        modules.append(scheduled)
+    if not any(e["kind"] == "tuned" for e in entries):
+        raise InvalidInput("no kernel of this model has forgeml tilings to time: give --trials 1 or more")
     summary.kernels_in_batch = len(pending)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -231,7 +276,8 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
         summary.rule_candidates = len(kept) - summary.candidates
         device = tuning.device_of(target)
         batch = {"format": BATCH_FORMAT, "device": device, "arch": arch, "target": str(target),
-                 "candidates": [{k: e[k] for k in ("id", "kind", "kernel", "library", "args")} for e in kept]}
+                 "candidates": [{k: e[k] for k in ("id", "kind", "kernel", "library", "args", "outputs", "comparable")}
+                                for e in kept]}
         _write_json(tmp / CANDIDATES_FILE, {"format": BATCH_FORMAT, "target": json.loads(tvm.ir.save_json(target)),
                                             "workloads": workloads, "candidates": kept})
         _write_json(tmp / BATCH_FILE, batch)
@@ -299,16 +345,20 @@ def import_results(batch_dir: str | Path) -> ImportSummary:
         if result is None:
             continue
         run_secs = result.get("run_secs")
-        stats = best.setdefault(entry["kernel"], {"kernel": entry["kernel"], "rules_us": None, "best_us": None})
+        stats = best.setdefault(entry["kernel"], {"kernel": entry["kernel"], "rules_us": None, "best_us": None,
+                                                  "best_source": None})
         if not run_secs:
             summary.failed += entry["kind"] == "tuned"
             if entry["kind"] == "rules":
-                rule_latencies[entry["rule_key"]] = None
+                rule_latencies[_rule_key(entry, meta, target)] = None
             continue
         secs = sum(run_secs) / len(run_secs)
         if entry["kind"] == "rules":
-            rule_latencies[entry["rule_key"]] = secs
+            rule_latencies[_rule_key(entry, meta, target)] = secs
             stats["rules_us"] = round(secs * 1e6, 2)
+            continue
+        if wrong_output(entry, result):
+            summary.wrong += 1
             continue
         workload = workloads[entry["workload"]]
         parsed = ms.database.TuningRecord.from_json(entry["record"], workload)
@@ -318,6 +368,7 @@ def import_results(batch_dir: str | Path) -> ImportSummary:
         summary.records += 1
         if stats["best_us"] is None or secs * 1e6 < stats["best_us"]:
             stats["best_us"] = round(secs * 1e6, 2)
+            stats["best_source"] = entry.get("source", "MetaSchedule")
     if rule_latencies:
         tuning.save_rule_latencies(target, rule_latencies)
     summary.rule_latencies = len(rule_latencies)
@@ -327,3 +378,11 @@ def import_results(batch_dir: str | Path) -> ImportSummary:
     summary.kernels = list(best.values())
     _write_json(batch_dir / IMPORTED_FILE, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **summary.to_json()})
     return summary
+
+
+def _rule_key(entry: dict[str, Any], meta: dict[str, Any], target: tvm.target.Target) -> str:
+    """A rules entry's latency key. Batches written before keys named the scheduled kernel
+    ("<rules source hash>:<kernel hash>") are keyed by the kernel's rule schedule today."""
+    if ":" not in entry["rule_key"]:
+        return entry["rule_key"]
+    return tuning.rule_key(tvm.ir.load_json(meta["workloads"][entry["workload"]]), target)

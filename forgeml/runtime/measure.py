@@ -4,9 +4,12 @@ The measuring side of `forgeml tune --measure-elsewhere` (see forgeml/compiler/t
 needs numpy and forgeml's runtime only (tvm_ffi + libtvm_runtime, no compiler), so it runs on a GPU
 server or an edge device that cannot build anything. Each candidate library is loaded and timed with
 TVM's in-runtime timer (CUDA events on a GPU) on arguments filled once (floats random, integers zero:
-always a valid index). Results go to DIR/results.json after every candidate, so an interrupted run
-resumes where it stopped. Candidates run in a worker process: one that crashes it (an illegal memory
-access poisons a CUDA context for good) is recorded as failed and a fresh worker takes the rest.
+always a valid index). Every kernel's rule-based schedule runs first and its outputs are kept as
+the kernel's reference: a tuned candidate whose outputs differ from them (`max_rel_error` over
+`tolerance`) is wrong, whatever its speed, and is never committed. Results go to DIR/results.json
+after every candidate, so an interrupted run resumes where it stopped. Candidates run in a worker
+process: one that crashes it (an illegal memory access poisons a CUDA context for good) is recorded
+as failed and a fresh worker takes the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import platform
 import select
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +34,7 @@ from forgeml.errors import ArtifactError, InvalidInput
 BATCH_FORMAT = 1  # of batch.json and results.json (tuning_batch.py writes and reads the same)
 BATCH_FILE = "batch.json"
 RESULTS_FILE = "results.json"
+REFERENCE_DIR = "references"  # the rule schedules' outputs while measuring
 _NUMBER, _REPEAT, _MIN_REPEAT_MS = 3, 3, 40  # as MetaSchedule's runner: >= 40 ms per sample
 
 
@@ -59,16 +64,18 @@ def _device_name(device: str) -> str:
     return detect_host().model
 
 
-def _time_one(ffi: Any, batch_dir: Path, candidate: dict[str, Any], device: str) -> list[float]:
-    """Seconds per call of one candidate library's `main`, _REPEAT samples."""
+def _time_one(ffi: Any, batch_dir: Path, candidate: dict[str, Any], device: str) -> dict[str, Any]:
+    """One candidate library's `main`: seconds per call (`run_secs`, _REPEAT samples) and, for a
+    tuned candidate, how far its outputs are from the rule schedule's on the same inputs
+    (`max_rel_error`; the rule schedule's outputs are saved as the kernel's reference)."""
     import numpy as np
 
     from forgeml.runtime.device import evaluate
-    from forgeml.runtime.session import _aligned, _copy_to_device
+    from forgeml.runtime.session import _aligned, _copy_to_device, _copy_to_host
 
     module = ffi.load_module(str(batch_dir / candidate["library"]))
     dev = ffi.device(device, 0)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0)  # the same inputs for every candidate of a kernel
     args = []
     for arg in candidate["args"]:
         dtype = np.dtype(arg["dtype"])
@@ -76,7 +83,66 @@ def _time_one(ffi: Any, batch_dir: Path, candidate: dict[str, Any], device: str)
         host = (rng.uniform(-1, 1, shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
         tensor = ffi.from_dlpack(_aligned(host))  # compiled kernels assume 64-byte aligned buffers
         args.append(tensor if device == "cpu" else _copy_to_device(ffi, tensor, dev))
-    return evaluate(ffi, module, "main", device, tuple(args), _NUMBER, _REPEAT, _MIN_REPEAT_MS)
+    result: dict[str, Any] = {"run_secs": evaluate(ffi, module, "main", device, tuple(args), _NUMBER, _REPEAT,
+                                                   _MIN_REPEAT_MS)}
+    # batches written before outputs were listed: CUDA ones only, whose output is the last parameter
+    if not candidate.get("comparable", device != "cpu"):
+        return result
+    outputs = [_copy_to_host(ffi, args[i]) for i in candidate.get("outputs", [len(args) - 1])]
+    reference = _reference_path(batch_dir, candidate["kernel"])
+    if candidate["kind"] == "rules":
+        _save_reference(reference, outputs)
+    elif reference.exists():
+        with np.load(reference) as saved:
+            expected = [saved[f"out{i}"] for i in range(len(saved.files))]
+        result["max_rel_error"] = max_relative_error(outputs, expected)
+    return result
+
+
+def tolerance(candidate: dict[str, Any]) -> float:
+    """The largest `max_rel_error` a candidate may have: fp32 accumulation in another order moves a
+    few float32 ulps, or one float16 ulp (~1e-3) of an output rounded to half precision."""
+    half = any(a["dtype"] in ("float16", "bfloat16") for a in candidate["args"])
+    return 1e-2 if half else 1e-4
+
+
+def wrong_output(candidate: dict[str, Any], result: dict[str, Any]) -> bool:
+    """Whether a measured candidate's outputs are off its kernel's rule-schedule outputs."""
+    return result.get("max_rel_error", 0.0) > tolerance(candidate)
+
+
+def _reference_path(batch_dir: Path, kernel: str) -> Path:
+    return batch_dir / REFERENCE_DIR / f"{kernel}.npz"
+
+
+def _save_reference(path: Path, outputs: list[Any]) -> None:
+    import numpy as np
+
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **{f"out{i}": out for i, out in enumerate(outputs)})
+    os.replace(tmp, path)
+
+
+def max_relative_error(outputs: list[Any], expected: list[Any]) -> float:
+    """max |output - expected| over every element, relative to max |expected| (inf where the shapes
+    differ or a candidate's value is NaN or infinite and the reference's is not)."""
+    import numpy as np
+
+    worst = 0.0
+    for out, ref in zip(outputs, expected, strict=True):
+        if out.shape != ref.shape:
+            return float("inf")
+        a, b = out.astype(np.float64), ref.astype(np.float64)
+        same = (a == b) | (np.isnan(a) & np.isnan(b))  # equal infinities and NaN where the rules have NaN
+        with np.errstate(invalid="ignore"):  # inf - inf
+            diff = np.where(same, 0.0, np.abs(a - b))
+        if not np.all(np.isfinite(diff)):
+            return float("inf")
+        finite = np.abs(b[np.isfinite(b)])
+        scale = max(float(finite.max()) if finite.size else 0.0, 1e-30)
+        worst = max(worst, float(diff.max(initial=0.0)) / scale)
+    return worst
 
 
 def _worker(batch_dir: Path, ids: list[str]) -> None:
@@ -88,7 +154,7 @@ def _worker(batch_dir: Path, ids: list[str]) -> None:
     by_id = {c["id"]: c for c in batch["candidates"]}
     for cid in ids:
         try:
-            line = {"id": cid, "run_secs": _time_one(ffi, batch_dir, by_id[cid], batch["device"])}
+            line = {"id": cid, **_time_one(ffi, batch_dir, by_id[cid], batch["device"])}
         except Exception as e:  # noqa: BLE001 (a candidate that fails is a result, not the end)
             message = str(e).strip().splitlines()
             line = {"id": cid, "error": message[-1][:300] if message else type(e).__name__}
@@ -123,11 +189,14 @@ def measure_batch(batch_dir: str | Path, timeout_s: float = 60.0,
         doc = {"format": BATCH_FORMAT, "results": {}}
     doc["device"] = {"kind": batch["device"], "name": _device_name(batch["device"]), "machine": platform.node()}
     done = doc["results"]
-    todo = [c["id"] for c in batch["candidates"] if c["id"] not in done]
+    # rule schedules first: their outputs are the references the tuned candidates are checked against
+    ordered = sorted(batch["candidates"], key=lambda c: c["kind"] != "rules")
+    todo = [c["id"] for c in ordered if c["id"] not in done]
     total = len(batch["candidates"])
     while todo:
         todo = _run_worker(batch_dir, todo, done, timeout_s, lambda: _save(results_path, doc, progress, total))
     _save(results_path, doc, progress, total)
+    shutil.rmtree(batch_dir / REFERENCE_DIR, ignore_errors=True)
     return doc
 
 
@@ -204,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: measuring needs numpy and apache-tvm-ffi ({e})", file=sys.stderr)
         return 2
-    failed = sum(1 for r in doc["results"].values() if "error" in r)
-    print(f"\n{len(doc['results'])} candidates measured on {doc['device']['name']} ({failed} failed): "
-          f"{args.dir / 'results.json'}", file=sys.stderr)
+    results = doc["results"]
+    failed = sum(1 for r in results.values() if "error" in r)
+    batch = read_batch(args.dir)
+    wrong = sum(1 for c in batch["candidates"] if c["id"] in results and wrong_output(c, results[c["id"]]))
+    print(f"\n{len(results)} candidates measured on {doc['device']['name']} ({failed} failed, {wrong} with "
+          f"outputs off the rule schedule's): {args.dir / 'results.json'}", file=sys.stderr)
     return 0
 
 
