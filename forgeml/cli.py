@@ -75,6 +75,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Max error relative to the output's scale [default: 1e-3 fp32, 2e-2 fp16].")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="fp16: mixed precision on GPU targets (fp16 compute, fp32 accumulation; float32 inputs/outputs).")
+@click.option("--conv-layout", default="NCHW", show_default=True, type=click.Choice(["NCHW", "NHWC"]),
+              help="GPU targets: the convolutions' data layout (NHWC: contiguous channel loads for the "
+                   "tensor-core kernels; the model's inputs and outputs keep their layout).")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="GPU targets: replay each call's kernel launches as one CUDA graph (fewer launches) "
                    "[default: on for GPU targets].")
@@ -83,14 +86,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--no-tuning-db", is_flag=True, help="Ignore tuning records; rule-based schedules only.")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
-                no_tuning_db: bool, precision: str, cuda_graph: bool | None) -> None:
+                no_tuning_db: bool, precision: str, conv_layout: str, cuda_graph: bool | None) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
     options = CompileOptions(target=target, input_shapes=_parse_shapes(input_shapes), opt_level=opt_level,
                              verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
                              tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision,
-                             cuda_graph=cuda_graph)
+                             conv_layout=conv_layout, cuda_graph=cuda_graph)
     output = output or model.with_suffix(".fml")
     with TuningProgress() as tuning_bar, console.status("compiling") as status:
         manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),
@@ -153,13 +156,15 @@ def _print_tuning(t: dict) -> None:
               help="Fix an input's shape (needed for symbolic dimensions). Repeatable.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="GPU targets: tune the kernels of this precision (as `forgeml compile --precision`).")
+@click.option("--conv-layout", default="NCHW", show_default=True, type=click.Choice(["NCHW", "NHWC"]),
+              help="GPU targets: tune the kernels of this convolution layout (as `forgeml compile --conv-layout`).")
 @click.option("--refine", is_flag=True, help="Also search kernels that already have records, starting from them.")
 @click.option("--measure-elsewhere", "measure_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Measure nothing here: write candidates to DIR for `python -m forgeml.runtime.measure DIR` "
                    "on a machine that runs the target's kernels (no compiler needed there), then "
                    "`forgeml tune-import DIR`.")
 def tune_cmd(model: Path, target: str, minutes: float | None, trials: int | None, input_shapes: tuple[str, ...],
-             precision: str, refine: bool, measure_dir: Path | None) -> None:
+             precision: str, conv_layout: str, refine: bool, measure_dir: Path | None) -> None:
     """Tune MODEL's kernels into the target's persistent database ($FORGEML_CACHE, default
     ~/.cache/forgeml). Kernels already tuned (by any model) are skipped; Ctrl-C keeps progress.
     Later `forgeml compile` runs for this target use the records automatically."""
@@ -167,7 +172,8 @@ def tune_cmd(model: Path, target: str, minutes: float | None, trials: int | None
 
     with TuningProgress() as bar, console.status("tuning") as status:
         summary = tune_model(model, target, minutes=minutes, trials=trials, input_shapes=_parse_shapes(input_shapes),
-                             progress=bar.update, precision=precision, refine=refine, measure_elsewhere=measure_dir,
+                             progress=bar.update, precision=precision, conv_layout=conv_layout, refine=refine,
+                             measure_elsewhere=measure_dir,
                              say=lambda msg: status.update(msg))
     if measure_dir is not None:
         s = summary

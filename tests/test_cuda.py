@@ -354,3 +354,66 @@ def test_cuda_batch_of_tensor_core_tilings_alone(tmp_path, monkeypatch):
         got = forgeml.load(tmp_path / "mm.fml").run(feeds)["y"]
         ref = ort_run(path, feeds)["y"]
         assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))
+
+
+def _depthwise_model():
+    """Depthwise 3x3 (groups = channels), ReLU, pointwise 1x1, global average pool: MobileNet's block."""
+    from conftest import _model
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = {"dw": rng.standard_normal((8, 1, 3, 3)).astype("float32"),
+         "pw": rng.standard_normal((16, 8, 1, 1)).astype("float32") * 0.3}
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["a"], pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "pw"], ["c"]),
+             helper.make_node("GlobalAveragePool", ["c"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16, 1, 1])], w)
+
+
+@pytest.mark.parametrize("make_model", [cnn_model, _depthwise_model])
+def test_nhwc_graph_computes_what_the_model_does(tmp_path, make_model):
+    """--conv-layout NHWC rewrites the graph (relax ConvertLayout: transposed input, OHWI weights, the
+    pool and flatten following); the rewrite is target-independent, so it is checked on the CPU here
+    (TVM's default CPU build of the rewritten graph) against ONNX Runtime."""
+    import tvm
+    from tvm import relax
+
+    from forgeml.compiler import frontend, gpu
+    from forgeml.compiler.build import _import_onnx
+
+    path = save(make_model(), tmp_path / "m.onnx")
+    loaded = frontend.load_onnx(path, {})
+    with tvm.target.Target("llvm"):
+        mod = tvm.transform.Sequential(gpu._graph_passes("fp32", "NHWC"))(_import_onnx(loaded))
+    text = mod.script(show_meta=False)
+    assert 'data_layout="NHWC"' in text and 'data_layout="NCHW"' not in text
+    spec = loaded.inputs[0]
+    x = np.random.default_rng(1).standard_normal(spec.shape).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ort_run(path, {spec.name: x})[loaded.model.graph.output[0].name]
+    assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+def test_nhwc_cuda_build(tmp_path):
+    """fp16 NHWC builds (kernels prebuilt, the layout recorded in the manifest) and, on a GPU, computes
+    what ONNX Runtime does; CPU targets refuse the option in one line."""
+    from forgeml.compiler.gpu import embedded_cuda_kernels
+
+    path = save(cnn_model(), tmp_path / "cnn.onnx")
+    manifest = compile_model(path, tmp_path / "cnn.fml",
+                             CompileOptions(target="cuda-sm90", precision="fp16", conv_layout="NHWC"))
+    assert manifest.compile_options["conv_layout"] == "NHWC"
+    assert [fmt for fmt, _ in embedded_cuda_kernels(_library(tmp_path / "cnn.fml"))] == ["fatbin"]
+    with pytest.raises(InvalidInput, match="--conv-layout NHWC needs a GPU target"):
+        compile_model(path, tmp_path / "cpu.fml", CompileOptions(target="x86-64", conv_layout="NHWC"))
+    assert not (tmp_path / "cpu.fml").exists()
+    if _has_gpu():
+        import forgeml
+
+        x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")
+        got = forgeml.load(tmp_path / "cnn.fml").run({"x": x})["y"]
+        ref = ort_run(path, {"x": x})["y"]
+        assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))

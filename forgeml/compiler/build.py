@@ -33,8 +33,29 @@ class CompileOptions:
     tune_trials: int | None = None
     use_tuning_db: bool = True  # apply records already in the target's tuning database
     precision: str = "fp32"  # "fp16": mixed precision (fp16 compute, fp32 accumulation), cuda targets only
+    conv_layout: str = "NCHW"  # "NHWC": convolutions in NHWC (cuda targets only)
     cuda_graph: bool | None = None  # cuda targets: replay each call's static launches as one CUDA graph
     # (None: on for cuda targets; measured faster on every zoo model, benchmarks/results/gpu.md)
+
+
+def _check_gpu_options(spec, precision: str, conv_layout: str) -> None:
+    if spec.device == "cuda":
+        return
+    if precision != "fp32":
+        raise InvalidInput(f"--precision {precision} needs a GPU target (cuda, jetson-orin); "
+                           f"'{spec.name}' runs on the CPU in fp32")
+    if conv_layout != "NCHW":
+        raise InvalidInput(f"--conv-layout {conv_layout} needs a GPU target (cuda, jetson-orin); "
+                           f"'{spec.name}' uses forgeml's CPU convolution layouts")
+
+
+def _with_gpu_options(mod: Any, spec, precision: str, conv_layout: str) -> Any:
+    """The module marked with the GPU pipeline's options (precision, convolution layout)."""
+    if spec.device != "cuda":
+        return mod
+    from forgeml.compiler.gpu import with_conv_layout, with_precision
+
+    return with_conv_layout(with_precision(mod, precision), conv_layout)
 
 
 def _versions() -> dict[str, str]:
@@ -130,9 +151,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         raise InvalidInput(f"output path {output} is a directory; give a file name such as model.fml")
     spec = resolve_target(options.target)
     run_pipeline = pipeline.get_pipeline(options.opt_level)
-    if options.precision != "fp32" and spec.device != "cuda":
-        raise InvalidInput(f"--precision {options.precision} needs a GPU target (cuda, jetson-orin); "
-                           f"'{spec.name}' runs on the CPU in fp32")
+    _check_gpu_options(spec, options.precision, options.conv_layout)
     if options.cuda_graph and spec.device != "cuda":
         raise InvalidInput(f"--cuda-graph needs a GPU target (cuda, jetson-orin); '{spec.name}' runs on the CPU")
     cuda_graph = spec.device == "cuda" and options.cuda_graph is not False
@@ -149,10 +168,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
     target = tvm.target.Target(spec.tvm_target())
-    if spec.device == "cuda":
-        from forgeml.compiler.gpu import with_precision
-
-        mod = with_precision(mod, options.precision)
+    mod = _with_gpu_options(mod, spec, options.precision, options.conv_layout)
     tuning_summary = None
     if _uses_tuning(options, spec, target):
         from forgeml.compiler.tuning import Budget
@@ -185,7 +201,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                 "opset": max((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")),
                              default=0)},
         compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
-                         "cuda_graph": cuda_graph,
+                         "conv_layout": options.conv_layout, "cuda_graph": cuda_graph,
                          "input_shapes": {k: list(v) for k, v in options.input_shapes.items()}},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},
@@ -225,7 +241,7 @@ def _uses_tuning(options: CompileOptions, spec: TargetSpec, target) -> bool:
 def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: float | None = None,
                trials: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
                progress: Callable[[dict], None] | None = None, precision: str = "fp32", refine: bool = False,
-               measure_elsewhere: str | Path | None = None, say: Progress | None = None):
+               measure_elsewhere: str | Path | None = None, say: Progress | None = None, conv_layout: str = "NCHW"):
     """Tune a model's kernels into the target's persistent database (no artifact). Returns the summary.
 
     With `measure_elsewhere`, nothing is measured here: a batch of candidates (about `trials`) is
@@ -236,8 +252,7 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
     from forgeml.compiler import frontend, pipeline, tuning
 
     spec = resolve_target(target_name)
-    if precision != "fp32" and spec.device != "cuda":
-        raise InvalidInput(f"--precision {precision} needs a GPU target (cuda, jetson-orin)")
+    _check_gpu_options(spec, precision, conv_layout)
     if measure_elsewhere is not None and trials is None:
         raise InvalidInput("--measure-elsewhere needs --trials: how many candidates to write")
     if measure_elsewhere is None and not minutes and not trials:
@@ -245,11 +260,7 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
     loaded = frontend.load_onnx(model_path, input_shapes or {})
     target = tvm.target.Target(spec.tvm_target())
     mod = _import_onnx(loaded)
-    if spec.device == "cuda":
-        from forgeml.compiler.gpu import with_precision
-
-        mod = with_precision(mod, precision)
-    mod = pipeline.tuning_input(mod, target)
+    mod = pipeline.tuning_input(_with_gpu_options(mod, spec, precision, conv_layout), target)
     if measure_elsewhere is not None:
         from forgeml.compiler.tuning_batch import export_batch
 

@@ -21,7 +21,13 @@ fp16 (`precision="fp16"`) is relax.transform.ToMixedPrecision(out_dtype="float32
 and matmuls read fp16 activations and fp16 weights and accumulate in fp32; the weights fold into
 fp16 constants (half the size in the artifact and on the GPU); the model's inputs and outputs stay
 float32. The precision travels to the pipeline as an IRModule attribute (`PRECISION_ATTR`), so the
-pipeline signature stays `(mod, target) -> mod`.
+pipeline signature stays `(mod, target) -> mod`; so does the convolution layout (`LAYOUT_ATTR`).
+
+`conv_layout="NHWC"` converts the convolutions to NHWC/OHWI (relax ConvertLayout: one transpose of
+the input, the rest of the graph follows; the weights are transposed at compile time). In NCHW the
+implicit-GEMM operand A gathers its K (channels x taps) across planes: scalar 2-byte loads, each
+behind divisions by H*W, W, 9 and 3 (ResNet-18's layer1 kernel). In NHWC, K runs along the
+channels: 8-byte vector loads with one division per K step. Not the default until measured on a GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from forgeml.errors import InvalidInput
 
 PRECISION_ATTR = "forgeml_precision"
 PRECISIONS = ("fp32", "fp16")
+LAYOUT_ATTR = "forgeml_conv_layout"
+CONV_LAYOUTS = ("NCHW", "NHWC")
 
 
 def with_precision(mod: tvm.IRModule, precision: str) -> tvm.IRModule:
@@ -52,7 +60,21 @@ def precision_of(mod: tvm.IRModule) -> str:
     return "fp32"
 
 
-def _graph_passes(precision: str) -> list[tvm.transform.Pass]:
+def with_conv_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
+    """Mark `mod` for convolutions in `layout`: "NCHW" (as ONNX models hold them) or "NHWC"."""
+    if layout not in CONV_LAYOUTS:
+        raise InvalidInput(f"unknown convolution layout '{layout}'; known: {', '.join(CONV_LAYOUTS)}")
+    return mod.with_attr(LAYOUT_ATTR, layout)
+
+
+def conv_layout_of(mod: tvm.IRModule) -> str:
+    attrs = mod.attrs
+    if attrs is not None and LAYOUT_ATTR in attrs:
+        return str(attrs[LAYOUT_ATTR])
+    return "NCHW"
+
+
+def _graph_passes(precision: str, conv_layout: str = "NCHW") -> list[tvm.transform.Pass]:
     passes = [
         relax.transform.FoldConstant(),
         relax.transform.FoldBatchnormToConv2D(),
@@ -71,6 +93,9 @@ def _graph_passes(precision: str) -> list[tvm.transform.Pass]:
         ]
     # after the precision passes, so that the im2col it adds moves fp16 data in fp16 builds
     passes.append(split_k_convolutions())  # few output tiles and a long K (batch-1 deep layers)
+    if conv_layout == "NHWC":  # after split-K, which rewrites NCHW convolutions only
+        passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+                   relax.transform.FoldConstant()]  # the weights' transposes fold into OHWI constants
     return passes
 
 
@@ -298,7 +323,7 @@ def gpu_o0(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
     _check_target(target)
     with target:
-        mod = tvm.transform.Sequential(_graph_passes(precision_of(mod)) + _lower_passes())(mod)
+        mod = tvm.transform.Sequential(_graph_passes(precision_of(mod), conv_layout_of(mod)) + _lower_passes())(mod)
         return dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
 
 
@@ -306,7 +331,7 @@ def gpu_tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     """The fused, legalized module before any schedule: what MetaSchedule tunes (precision included)."""
     _check_target(target)
     with target:
-        return tvm.transform.Sequential(_graph_passes(precision_of(mod)) + _lower_passes())(mod)
+        return tvm.transform.Sequential(_graph_passes(precision_of(mod), conv_layout_of(mod)) + _lower_passes())(mod)
 
 
 def schedule_rest(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

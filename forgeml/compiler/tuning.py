@@ -96,6 +96,12 @@ def database_dir(target: tvm.target.Target) -> Path:
 
 
 def open_database(target: tvm.target.Target) -> ms.database.JSONDatabase:
+    """The target's persistent database. Its records' traces may name tensor intrinsics (wmma on
+    CUDA, NEON on ARM), which must be registered before they are read."""
+    if _uses_tensor_intrinsics(target):
+        from forgeml.compiler.gpu import _import_tensor_intrinsics
+
+        _import_tensor_intrinsics()
     path = database_dir(target)
     path.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(path_workload=str(path / "workloads.json"),
@@ -218,6 +224,11 @@ def _builder_runner(target: tvm.target.Target) -> tuple[ms.builder.Builder, ms.r
     return builder(target), runner
 
 
+def _uses_tensor_intrinsics(target: tvm.target.Target) -> bool:
+    """Every target but x86 CPUs (no VNNI/AMX rules) has schedules that name tensor intrinsics."""
+    return target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "x86_64"))
+
+
 @contextlib.contextmanager
 def _without_tensor_intrinsics(target: tvm.target.Target):
     """TuneContext imports tvm.s_tir.tensor_intrin, which parses hundreds of TVMScript functions
@@ -228,7 +239,7 @@ def _without_tensor_intrinsics(target: tvm.target.Target):
     if name in sys.modules:
         yield
         return
-    if target.kind.name != "llvm" or "x86" not in str(target.attrs.get("mtriple", "x86_64")):
+    if _uses_tensor_intrinsics(target):
         from forgeml.compiler.gpu import _import_tensor_intrinsics
 
         _import_tensor_intrinsics()
