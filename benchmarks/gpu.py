@@ -49,10 +49,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert_tiny")
 BATCHES = (1, 32)
 PRECISIONS = ("fp32", "fp16")
-# forgeml builds per case: name -> (precision, CUDA graph; None: the compiler's default, on). Every build
-# uses the tuning database's records where they beat the rules, except the "untuned" ones (rules only).
-VARIANTS = {"fp32": ("fp32", None), "fp16": ("fp16", None), "fp32 no-graph": ("fp32", False),
-            "fp16 no-graph": ("fp16", False), "fp32 untuned": ("fp32", None), "fp16 untuned": ("fp16", None)}
+# forgeml builds per case: name -> (precision, CUDA graph (None: the compiler's default, on), convolution
+# layout). Every build uses the tuning database's records where they beat the rules, except the
+# "untuned" ones (rules only).
+VARIANTS = {"fp32": ("fp32", None, "NCHW"), "fp16": ("fp16", None, "NCHW"), "fp32 no-graph": ("fp32", False, "NCHW"),
+            "fp16 no-graph": ("fp16", False, "NCHW"), "fp32 untuned": ("fp32", None, "NCHW"),
+            "fp16 untuned": ("fp16", None, "NCHW"), "fp32 nhwc": ("fp32", None, "NHWC"),
+            "fp16 nhwc": ("fp16", None, "NHWC")}
 
 
 def _say(msg: str) -> None:
@@ -120,7 +123,7 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
             case = {"id": cid, "model": model, "batch": batch, "onnx": f"onnx/{cid}.onnx",
                     "ref": f"refs/{cid}.npz", "artifacts": {}}
             for variant in variants:
-                precision, cuda_graph = VARIANTS[variant]
+                precision, cuda_graph, conv_layout = VARIANTS[variant]
                 out = work / "artifacts" / f"{cid}_{variant.replace(' ', '_')}.fml"
                 start = time.perf_counter()
                 if reuse and out.exists():
@@ -132,7 +135,8 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
                     _say(f"compiling {cid} {variant} for {target}")
                     manifest = compile_model(onnx_path, out, CompileOptions(target=target, precision=precision,
                                                                             use_tuning_db="untuned" not in variant,
-                                                                            cuda_graph=cuda_graph))
+                                                                            cuda_graph=cuda_graph,
+                                                                            conv_layout=conv_layout))
                     compile_s = round(time.perf_counter() - start, 1)
                 case["artifacts"][variant] = {
                     "path": f"artifacts/{out.name}", "compile_s": compile_s,

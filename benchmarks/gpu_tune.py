@@ -17,6 +17,7 @@ next `forgeml compile` (and `benchmarks/gpu.py prepare`) for that target finds t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -35,7 +36,7 @@ def _say(msg: str) -> None:
 
 
 def write(out: Path, models: list[str], batches: list[int], precisions: list[str], trials: int, target: str,
-          wheels: Path, onnx_dir: Path, refine: bool) -> list[str]:
+          wheels: Path, onnx_dir: Path, refine: bool, conv_layouts: list[str]) -> list[str]:
     from forgeml.compiler.build import tune_model
     from forgeml.zoo import export_zoo_model
 
@@ -51,11 +52,11 @@ def write(out: Path, models: list[str], batches: list[int], precisions: list[str
             if not onnx_path.exists():
                 _say(f"exporting {onnx_path.name}")
                 export_zoo_model(model, onnx_path, batch=batch)
-            for precision in precisions:
-                case = f"{_case_id(model, batch)}_{precision}"
+            for precision, layout in itertools.product(precisions, conv_layouts):
+                case = f"{_case_id(model, batch)}_{precision}" + ("" if layout == "NCHW" else f"_{layout.lower()}")
                 _say(f"writing the batch for {case} ({trials} candidates, {target})")
                 summary = tune_model(onnx_path, target, trials=trials, precision=precision, refine=refine,
-                                     measure_elsewhere=staging / "batches" / case, say=_say)
+                                     measure_elsewhere=staging / "batches" / case, say=_say, conv_layout=layout)
                 _say(f"{case}: {summary.candidates} candidates for {summary.kernels_in_batch}/{summary.kernels} "
                      f"kernels, {summary.rule_candidates} rule schedules, {summary.build_errors} build errors, "
                      f"{summary.megabytes} MB, {summary.seconds:.0f} s"
@@ -107,6 +108,7 @@ def main() -> int:
     w.add_argument("--trials", type=int, default=400, help="candidates per batch")
     w.add_argument("--target", default="cuda-sm90")
     w.add_argument("--refine", action="store_true", help="search kernels that have records too")
+    w.add_argument("--conv-layouts", nargs="+", default=["NCHW"], choices=["NCHW", "NHWC"])
     w.add_argument("--wheels", type=Path, default=ROOT / ".gpubundle" / "wheels")
     w.add_argument("--onnx-dir", type=Path, default=ROOT / "build" / "gpu" / "onnx")
     i = sub.add_parser("import", help="commit the device's results.json files to the tuning database")
@@ -115,7 +117,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "write":
         write(args.out, args.models, args.batches, args.precisions, args.trials, args.target, args.wheels,
-              args.onnx_dir, args.refine)
+              args.onnx_dir, args.refine, args.conv_layouts)
     else:
         import_results(args.out, args.results)
     return 0

@@ -146,6 +146,30 @@ def test_max_relative_error():
     assert max_relative_error([ref[:1]], [ref]) == float("inf")
 
 
+def test_candidate_arguments_are_reused_and_outputs_poisoned():
+    """A kernel's inputs are filled once for all its candidates; its outputs are overwritten before
+    each one (NaN, or an integer's maximum), so a candidate that skips elements cannot pass on the
+    values its predecessor wrote."""
+    import numpy as np
+
+    from forgeml.runtime.measure import _arguments
+    from forgeml.runtime.native import load_runtime
+
+    ffi = load_runtime("cpu")
+    specs = [{"dtype": "float32", "shape": [4, 4]}, {"dtype": "int32", "shape": [3]},
+             {"dtype": "float16", "shape": [2, 2]}]
+    cache: dict = {}
+    first = _arguments(ffi, specs, [1, 2], "cpu", cache)
+    inputs = np.from_dlpack(first[0]).copy()
+    np.from_dlpack(first[1])[:] = 7  # what a candidate wrote
+    np.from_dlpack(first[2])[:] = 1
+    again = _arguments(ffi, specs, [1, 2], "cpu", cache)
+    assert again is first and np.array_equal(np.from_dlpack(again[0]), inputs) and np.abs(inputs).max() > 0
+    assert (np.from_dlpack(again[1]) == np.iinfo(np.int32).max).all() and np.isnan(np.from_dlpack(again[2])).all()
+    other = _arguments(ffi, specs[:1], [0], "cpu", cache)  # the next kernel: arguments of its own
+    assert other is not first and np.isnan(np.from_dlpack(other[0])).all()
+
+
 def test_measure_records_hung_candidates_and_resumes(tmp_path, own_cache):
     onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
     batch_dir = tmp_path / "batch"

@@ -48,30 +48,31 @@ CONV_LAYOUTS = ("NCHW", "NHWC")
 
 def with_precision(mod: tvm.IRModule, precision: str) -> tvm.IRModule:
     """Mark `mod` for compilation at `precision` ("fp32" or "fp16")."""
-    if precision not in PRECISIONS:
-        raise InvalidInput(f"unknown precision '{precision}'; known: {', '.join(PRECISIONS)}")
-    return mod.with_attr(PRECISION_ATTR, precision)
+    return _with_option(mod, PRECISION_ATTR, precision, PRECISIONS, "precision")
 
 
 def precision_of(mod: tvm.IRModule) -> str:
-    attrs = mod.attrs
-    if attrs is not None and PRECISION_ATTR in attrs:
-        return str(attrs[PRECISION_ATTR])
-    return "fp32"
+    return _option_of(mod, PRECISION_ATTR, "fp32")
 
 
 def with_conv_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
     """Mark `mod` for convolutions in `layout`: "NCHW" (as ONNX models hold them) or "NHWC"."""
-    if layout not in CONV_LAYOUTS:
-        raise InvalidInput(f"unknown convolution layout '{layout}'; known: {', '.join(CONV_LAYOUTS)}")
-    return mod.with_attr(LAYOUT_ATTR, layout)
+    return _with_option(mod, LAYOUT_ATTR, layout, CONV_LAYOUTS, "convolution layout")
 
 
 def conv_layout_of(mod: tvm.IRModule) -> str:
+    return _option_of(mod, LAYOUT_ATTR, "NCHW")
+
+
+def _with_option(mod: tvm.IRModule, attr: str, value: str, known: tuple[str, ...], what: str) -> tvm.IRModule:
+    if value not in known:
+        raise InvalidInput(f"unknown {what} '{value}'; known: {', '.join(known)}")
+    return mod.with_attr(attr, value)
+
+
+def _option_of(mod: tvm.IRModule, attr: str, default: str) -> str:
     attrs = mod.attrs
-    if attrs is not None and LAYOUT_ATTR in attrs:
-        return str(attrs[LAYOUT_ATTR])
-    return "NCHW"
+    return str(attrs[attr]) if attrs is not None and attr in attrs else default
 
 
 def _graph_passes(precision: str, conv_layout: str = "NCHW") -> list[tvm.transform.Pass]:
