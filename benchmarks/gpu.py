@@ -55,7 +55,7 @@ PRECISIONS = ("fp32", "fp16")
 VARIANTS = {"fp32": ("fp32", None, "NCHW"), "fp16": ("fp16", None, "NCHW"), "fp32 no-graph": ("fp32", False, "NCHW"),
             "fp16 no-graph": ("fp16", False, "NCHW"), "fp32 untuned": ("fp32", None, "NCHW"),
             "fp16 untuned": ("fp16", None, "NCHW"), "fp32 nhwc": ("fp32", None, "NHWC"),
-            "fp16 nhwc": ("fp16", None, "NHWC")}
+            "fp16 nhwc": ("fp16", None, "NHWC"), "fp16 nhwc untuned": ("fp16", None, "NHWC")}
 
 
 def _say(msg: str) -> None:

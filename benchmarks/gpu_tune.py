@@ -2,16 +2,19 @@
 
     python benchmarks/gpu_tune.py write --out .gputune --models resnet18 --batches 32 --precisions fp16 --trials 400
     # device call, carry .gputune/tune.tar.xz:  bash benchmarks/gpu_tune_device.sh
-    python benchmarks/gpu_tune.py import --out .gputune --results <the call's files_at>
+    python benchmarks/gpu_tune.py import --out .gputune --results <the call's files_at>/gputune
 
 `write` exports each zoo model (build/gpu/onnx is reused when present), writes one measurement batch
 per case with `forgeml tune --measure-elsewhere` (candidates from MetaSchedule's evolutionary search,
-seeded by the tuning database, plus each kernel's rule-based schedule), and the runtime pieces a bare
-GPU machine needs: the TVM runtime libraries (xz) and the cp312 apache-tvm-ffi wheel (copied from
---wheels). Everything is tarred with xz so that it fits one device call (64 MiB). The device script
-measures each batch with `python -m forgeml.runtime.measure` (numpy + forgeml's runtime) and
-returns results.json per batch; `import` commits them to the target's tuning database, where the
-next `forgeml compile` (and `benchmarks/gpu.py prepare`) for that target finds them.
+seeded by the tuning database, plus forgeml's tensor-core tilings of each fp16 GEMM not tuned
+before, plus each kernel's rule-based schedule), and the runtime pieces a bare GPU machine needs:
+the TVM runtime libraries (xz) and the cp312 apache-tvm-ffi wheel (copied from --wheels).
+Everything is tarred with xz so that it fits one device call (64 MiB). `--trials 0` writes the
+tilings alone; `--conv-layouts NHWC` tunes the kernels of `forgeml compile --conv-layout NHWC`.
+The device script measures each batch with `python -m forgeml.runtime.measure` (numpy + forgeml's
+runtime; several packs in one call: PACKS="A/tune.tar.xz B/tune.tar.xz") and returns
+<pack>/<case>.results.json; `import` commits them to the target's tuning database, where the next
+`forgeml compile` (and `benchmarks/gpu.py prepare`) for that target finds them.
 """
 
 from __future__ import annotations
