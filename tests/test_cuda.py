@@ -372,7 +372,23 @@ def _depthwise_model():
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16, 1, 1])], w)
 
 
-@pytest.mark.parametrize("make_model", [cnn_model, _depthwise_model])
+def _deep_conv_model():
+    """Two 3x3 convolutions of 64 channels on 7x7 at batch 1: few output tiles and K = 576, split
+    along K (gpu_splitk) before the layout conversion."""
+    from conftest import _model
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = {"w1": rng.standard_normal((64, 64, 3, 3)).astype("float32") * 0.05,
+         "w2": rng.standard_normal((64, 64, 3, 3)).astype("float32") * 0.05}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 7, 7])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 7, 7])], w)
+
+
+@pytest.mark.parametrize("make_model", [cnn_model, _depthwise_model, _deep_conv_model])
 def test_nhwc_graph_computes_what_the_model_does(tmp_path, make_model):
     """--conv-layout NHWC rewrites the graph (relax ConvertLayout: transposed input, OHWI weights, the
     pool and flatten following); the rewrite is target-independent, so it is checked on the CPU here
@@ -388,7 +404,8 @@ def test_nhwc_graph_computes_what_the_model_does(tmp_path, make_model):
     with tvm.target.Target("llvm"):
         mod = tvm.transform.Sequential(gpu._graph_passes("fp32", "NHWC"))(_import_onnx(loaded))
     text = mod.script(show_meta=False)
-    assert 'data_layout="NHWC"' in text and 'data_layout="NCHW"' not in text
+    assert 'data_layout="NCHW"' not in text
+    assert ('data_layout="NHWC"' in text) != (make_model is _deep_conv_model)  # split-K: no convolution left
     spec = loaded.inputs[0]
     x = np.random.default_rng(1).standard_normal(spec.shape).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
