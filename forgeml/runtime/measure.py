@@ -106,7 +106,7 @@ def _arguments(ffi: Any, specs: list[dict[str, Any]], outputs: list[int], device
 
     from forgeml.runtime.session import _aligned, _copy_to_device
 
-    key = json.dumps(specs)
+    key = json.dumps([specs, outputs])
     if cache.get("key") != key:
         rng = np.random.default_rng(0)
         hosts, tensors = [], []
