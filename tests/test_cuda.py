@@ -347,6 +347,11 @@ def test_cuda_batch_of_tensor_core_tilings_alone(tmp_path, monkeypatch):
     manifest = compile_model(path, tmp_path / "mm.fml", CompileOptions(target="cuda-sm90", precision="fp16"))
     if not _has_gpu():
         assert manifest.tuning["tuned_kernels_used"] == 1
+        # and the tiling is in the code (once, a rule latency computed at compile rescheduled the
+        # database's workload in place: the records were counted as used and matched nothing)
+        compile_model(path, tmp_path / "rules.fml", CompileOptions(target="cuda-sm90", precision="fp16",
+                                                                  use_tuning_db=False))
+        assert _library(tmp_path / "mm.fml") != _library(tmp_path / "rules.fml")
     else:
         feeds = {"x": np.random.default_rng(1).standard_normal((1024, 256)).astype("float32")}
         import forgeml

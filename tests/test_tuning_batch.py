@@ -25,6 +25,13 @@ def own_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def _library(artifact) -> bytes:
+    import tarfile
+
+    with tarfile.open(artifact) as tar:
+        return tar.extractfile("model.so").read()
+
+
 def _measure_in_runtime_only_process(batch_dir) -> str:
     """Run the measuring worker in a fresh process; returns what it imported/mapped of the compiler."""
     code = f"""
@@ -76,6 +83,9 @@ def test_batch_round_trip_then_compile_uses_it(tmp_path, own_cache):
     assert t["tasks_from_cache"] == 2 and t["trials"] == 0
     assert t["tuned_kernels_used"] + t["rule_kernels_kept"] == 2
     assert manifest.verification["passed"] is True
+    if t["tuned_kernels_used"]:  # a record counted as used is in the code
+        compile_model(onnx_path, tmp_path / "rules.fml", CompileOptions(use_tuning_db=False))
+        assert _library(tmp_path / "mlp.fml") != _library(tmp_path / "rules.fml")
 
     # A second batch searches only with --refine, starting from the records (the cost model learns them).
     with pytest.raises(InvalidInput, match="--refine"):

@@ -378,7 +378,9 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
 # -- choosing between tuned and rule-based schedules -------------------------------------------------
 
 def rule_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """A kernel scheduled by forgeml's rules, as the untuned pipeline schedules it."""
+    """A kernel scheduled by forgeml's rules, as the untuned pipeline schedules it (into a copy: dlight's
+    ApplyDefaultSchedule rewrites the module it is given, and `kernel` is also a database workload)."""
+    kernel = tvm.IRModule(dict(kernel.functions_items()), attrs=kernel.attrs)
     with target:
         if target.kind.name == "cuda":
             from tvm.s_tir import dlight as dl
