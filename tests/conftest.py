@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,12 @@ def unsupported_model():
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path
+
+
+def artifact_library(artifact: Path) -> bytes:
+    """The compiled library inside a .fml artifact."""
+    with tarfile.open(artifact) as tar:
+        return tar.extractfile("model.so").read()
 
 
 def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

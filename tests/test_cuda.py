@@ -8,13 +8,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cnn_model, mlp_model, ort_run, save
+from conftest import artifact_library, cnn_model, mlp_model, ort_run, save
 
 from forgeml.compiler.build import CompileOptions, compile_model
 from forgeml.errors import ArtifactError, InvalidInput
@@ -30,11 +29,6 @@ def _has_gpu() -> bool:
 
 
 NO_GPU = "no CUDA GPU on this machine: CUDA artifacts are built and inspected here, run on a GPU machine"
-
-
-def _library(artifact: Path) -> bytes:
-    with tarfile.open(artifact) as tar:
-        return tar.extractfile("model.so").read()
 
 
 def _compiled(tmp_path_factory, model, name: str, **options):
@@ -63,10 +57,10 @@ def cuda_cnn_graph(tmp_path_factory):
 def test_cuda_graph_captures_the_static_launches(cuda_cnn_graph, cuda_mlp):
     _, artifact, manifest = cuda_cnn_graph
     assert manifest.compile_options["cuda_graph"] is True, "on by default for CUDA targets"
-    assert b"vm.builtin.cuda_graph.run_or_capture" in _library(artifact)
+    assert b"vm.builtin.cuda_graph.run_or_capture" in artifact_library(artifact)
     _, plain, manifest = cuda_mlp  # --no-cuda-graph
     assert manifest.compile_options["cuda_graph"] is False
-    assert b"vm.builtin.cuda_graph" not in _library(plain)
+    assert b"vm.builtin.cuda_graph" not in artifact_library(plain)
 
 
 def test_cuda_graph_needs_a_gpu_target(tmp_path):
@@ -82,9 +76,9 @@ def test_cuda_artifact_embeds_prebuilt_kernels(cuda_mlp):
     _, artifact, manifest = cuda_mlp
     assert manifest.target["device"] == "cuda" and manifest.target["target"]["kind"] == "cuda"
     assert manifest.target["target"]["arch"] == "sm_90"
-    kernels = embedded_cuda_kernels(_library(artifact))
+    kernels = embedded_cuda_kernels(artifact_library(artifact))
     assert kernels and all(fmt == "fatbin" and size > 1000 for fmt, size in kernels), kernels
-    assert FATBIN_MAGIC in _library(artifact)
+    assert FATBIN_MAGIC in artifact_library(artifact)
     assert manifest.compile_options["cuda_kernels"]["kernels_format"] == "fatbin"
     assert manifest.compile_options["precision"] == "fp32"
     assert open_artifact(artifact).manifest.members.keys() == {"model.so", "weights.bin"}
@@ -103,7 +97,7 @@ def test_cuda_weights_are_parameters(cuda_mlp):
     _, artifact, manifest = cuda_mlp
     shapes = sorted(tuple(w.shape) for w in manifest.weights)
     assert shapes == [(16, 32), (32, 10)] and all(w.dtype == "float32" for w in manifest.weights)
-    assert len(_library(artifact)) < 2_000_000
+    assert len(artifact_library(artifact)) < 2_000_000
 
 
 def test_fp16_mixed_precision(cuda_cnn_fp16):
@@ -168,7 +162,7 @@ def test_jetson_orin_cross_links_host_code(tmp_path):
 
     path = save(mlp_model(), tmp_path / "m.onnx")
     manifest = compile_model(path, tmp_path / "m.fml", CompileOptions(target="jetson-orin"))
-    lib = _library(tmp_path / "m.fml")
+    lib = artifact_library(tmp_path / "m.fml")
     assert lib[:4] == b"\x7fELF" and lib[18:20] == (183).to_bytes(2, "little")  # e_machine EM_AARCH64
     assert manifest.target["arch"] == "aarch64" and manifest.compile_options["cuda_kernels"]["arch"] == "sm_87"
     assert embedded_cuda_kernels(lib)[0][0] == "fatbin"
@@ -351,7 +345,7 @@ def test_cuda_batch_of_tensor_core_tilings_alone(tmp_path, monkeypatch):
         # database's workload in place: the records were counted as used and matched nothing)
         compile_model(path, tmp_path / "rules.fml", CompileOptions(target="cuda-sm90", precision="fp16",
                                                                   use_tuning_db=False))
-        assert _library(tmp_path / "mm.fml") != _library(tmp_path / "rules.fml")
+        assert artifact_library(tmp_path / "mm.fml") != artifact_library(tmp_path / "rules.fml")
     else:
         feeds = {"x": np.random.default_rng(1).standard_normal((1024, 256)).astype("float32")}
         import forgeml
@@ -428,7 +422,7 @@ def test_nhwc_cuda_build(tmp_path):
     manifest = compile_model(path, tmp_path / "cnn.fml",
                              CompileOptions(target="cuda-sm90", precision="fp16", conv_layout="NHWC"))
     assert manifest.compile_options["conv_layout"] == "NHWC"
-    assert [fmt for fmt, _ in embedded_cuda_kernels(_library(tmp_path / "cnn.fml"))] == ["fatbin"]
+    assert [fmt for fmt, _ in embedded_cuda_kernels(artifact_library(tmp_path / "cnn.fml"))] == ["fatbin"]
     with pytest.raises(InvalidInput, match="--conv-layout NHWC needs a GPU target"):
         compile_model(path, tmp_path / "cpu.fml", CompileOptions(target="x86-64", conv_layout="NHWC"))
     assert not (tmp_path / "cpu.fml").exists()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import mlp_model, save
+from conftest import artifact_library, mlp_model, save
 
 from forgeml.cli import main as cli_main
 from forgeml.compiler.build import CompileOptions, compile_model, import_measurements, tune_model
@@ -23,13 +23,6 @@ def own_cache(tmp_path, monkeypatch):
     """A tuning database of this test's own (the session's is shared with other tests)."""
     monkeypatch.setenv("FORGEML_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def _library(artifact) -> bytes:
-    import tarfile
-
-    with tarfile.open(artifact) as tar:
-        return tar.extractfile("model.so").read()
 
 
 def _measure_in_runtime_only_process(batch_dir) -> str:
@@ -85,7 +78,7 @@ def test_batch_round_trip_then_compile_uses_it(tmp_path, own_cache):
     assert manifest.verification["passed"] is True
     if t["tuned_kernels_used"]:  # a record counted as used is in the code
         compile_model(onnx_path, tmp_path / "rules.fml", CompileOptions(use_tuning_db=False))
-        assert _library(tmp_path / "mlp.fml") != _library(tmp_path / "rules.fml")
+        assert artifact_library(tmp_path / "mlp.fml") != artifact_library(tmp_path / "rules.fml")
 
     # A second batch searches only with --refine, starting from the records (the cost model learns them).
     with pytest.raises(InvalidInput, match="--refine"):

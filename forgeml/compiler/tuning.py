@@ -439,11 +439,10 @@ def save_rule_latencies(target: tvm.target.Target, latencies: dict[str, float | 
     os.replace(tmp, path)
 
 
-def _measure_rule_latencies(kernels: list[tvm.IRModule], target: tvm.target.Target) -> list[float | None]:
-    """Seconds per call of each kernel's rule-based schedule, measured like tuning candidates (one batch)."""
-    if not kernels:
+def _measure_rule_latencies(scheduled: list[tvm.IRModule], target: tvm.target.Target) -> list[float | None]:
+    """Seconds per call of each rule-scheduled kernel, measured like tuning candidates (one batch)."""
+    if not scheduled:
         return []
-    scheduled = [rule_schedule(k, target) for k in kernels]
     builder_, runner = _builder_runner(target)
     built = builder_.build([ms.builder.BuilderInput(m, target) for m in scheduled])
     inputs, where = [], []
@@ -452,7 +451,7 @@ def _measure_rule_latencies(kernels: list[tvm.IRModule], target: tvm.target.Targ
             args = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
             inputs.append(ms.runner.RunnerInput(result.artifact_path, device_of(target), args))
             where.append(i)
-    latencies: list[float | None] = [None] * len(kernels)
+    latencies: list[float | None] = [None] * len(scheduled)
     for i, future in zip(where, runner.run(inputs)):
         result = future.result()
         if not result.error_msg and result.run_secs:
@@ -471,7 +470,7 @@ def winning_database(mod: tvm.IRModule, target: tvm.target.Target,
     target = tuning_target(target)
     db = open_database(target)
     cached = read_rule_latencies(target)
-    candidates = []  # (kernel, best tuned record, tuned seconds, cache key)
+    candidates = []  # (kernel, best tuned record, tuned seconds, rule-scheduled kernel, cache key)
     for task in extract(mod, target):
         kernel = task.dispatched[0]
         if not db.has_workload(kernel):
@@ -479,15 +478,16 @@ def winning_database(mod: tvm.IRModule, target: tvm.target.Target,
         top = db.get_top_k(db.commit_workload(kernel), 1)
         if top and top[0].run_secs:
             tuned = sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
-            candidates.append((kernel, top[0], tuned, rule_key(kernel, target)))
-    unmeasured = [c for c in candidates if c[3] not in cached]
+            scheduled = rule_schedule(kernel, target)
+            candidates.append((kernel, top[0], tuned, scheduled, schedule_key(scheduled)))
+    unmeasured = [c for c in candidates if c[4] not in cached]
     if unmeasured and not cannot_measure_here(target):
-        latencies = _measure_rule_latencies([c[0] for c in unmeasured], target)
-        measured = {key: secs for (_, _, _, key), secs in zip(unmeasured, latencies)}
+        latencies = _measure_rule_latencies([c[3] for c in unmeasured], target)
+        measured = {key: secs for (*_, key), secs in zip(unmeasured, latencies)}
         save_rule_latencies(target, measured)
         cached.update(measured)
     winners = ms.database.MemoryDatabase()
-    for kernel, record, tuned, key in candidates:
+    for kernel, record, tuned, _, key in candidates:
         if key in cached and (cached[key] is None or tuned < cached[key]):
             winners.commit_tuning_record(ms.database.TuningRecord(
                 record.trace, winners.commit_workload(kernel), record.run_secs, target, record.args_info))

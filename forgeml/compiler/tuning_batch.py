@@ -171,10 +171,6 @@ def _comparable(args: list[dict[str, Any]], own_args: list[dict[str, Any]], sche
     return args == own_args and "meta_schedule.layout_rewrite_preproc" not in scheduled.script(show_meta=False)
 
 
-def _has_records(db: ms.database.Database, kernel: tvm.IRModule) -> bool:
-    return db.has_workload(kernel) and bool(db.get_top_k(db.commit_workload(kernel), 1))
-
-
 def _empty_dir(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InvalidInput(f"{path} already exists and is not an empty directory: give a new directory "
@@ -233,7 +229,7 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
 
         searched = _propose(task, target, db, shares[i]) if shares[i] else []
         proposed = [("MetaSchedule", c.sch, c.args_info) for c in searched]
-        if not _has_records(db, kernel):  # the variants are measured once per kernel
+        if not tuning._has_record(db, task, target):  # the variants are measured once per kernel
             for name, sch in tuning.rule_variants(kernel, target):
                 proposed.append((name, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
                 summary.variants += 1
