@@ -9,7 +9,7 @@ import tvm
 from tvm import relax
 
 from forgeml.compiler import gpu
-from forgeml.compiler.gpu_splitk import split_factor, split_k_convolutions
+from forgeml.compiler.gpu_splitk import sm_count, split_factor, split_k_convolutions, tensor_core_splits
 
 CUDA = {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
 
@@ -69,6 +69,45 @@ def test_split_k_fp16_convolution_accumulates_in_fp32():
 def test_split_k_leaves_busy_convolutions_alone():
     mod = _conv_module(8, 64, 64, 56, 1)  # 8 x 56 x 56 outputs per channel: plenty of tiles
     assert "R.nn.conv2d" in split_k_convolutions()(mod).script()
+
+
+def test_tensor_core_splits_only_where_waves_run_mostly_empty():
+    # ResNet-18 at batch 32 on 132 SMs: layer4 (52 tiles of 128 x 128) splits in two, the rest fill the GPU
+    assert tensor_core_splits(1568, 512, 4608, 512, sms=132) == 2
+    assert tensor_core_splits(1568, 512, 2304, 256, sms=132) == 2
+    assert tensor_core_splits(6272, 256, 2304, 256, sms=132) == 1  # 98 tiles: halving K buys no wave
+    assert tensor_core_splits(100352, 64, 576, 64, sms=132) == 1
+    assert tensor_core_splits(1568, 512, 4608, 512, sms=16) == 4  # a Jetson Orin's 16 SMs
+    assert tensor_core_splits(1568, 512, 4608, 3, sms=132) == 1  # channels that do not divide
+    assert tensor_core_splits(1568, 512, 384, 512, sms=132) == 1  # K slices would be under 256
+    assert sm_count(tvm.target.Target(CUDA)) == 132
+    assert sm_count(tvm.target.Target({"kind": "cuda", "arch": "sm_87"})) == 16
+
+
+@pytest.mark.parametrize("hw,stride", [(16, 1), (32, 2)])
+def test_split_k_tensor_core_convolution_matches_the_convolution(hw, stride):
+    """fp16 convolutions with few tensor-core tiles split along channels, without im2col."""
+    mod = _conv_module(4, 64, 256, hw, stride, dtype="float16", out_dtype="float32")
+    rewritten = split_k_convolutions(sms=132)(mod)
+    script = rewritten.script()
+    assert "conv2d_split" in script and "R.nn.conv2d" not in script and "R.matmul" not in script
+    x = np.random.default_rng(1).standard_normal((4, 64, hw, hw)).astype("float16")
+    expected, got = _run_cpu(mod, x), _run_cpu(rewritten, x)
+    assert got.dtype == expected.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_split_tensor_core_convolution_keeps_tensor_cores_and_fuses_the_sum():
+    """ResNet-18's layer4 at batch 32 in fp16: the split convolution is still a tensor-core GEMM (its
+    slices are the GEMM's batch), and the partial sum shares a kernel with the bias and ReLU."""
+    mod = gpu.with_precision(_conv_module(32, 512, 512, 7, 1), "fp16")
+    target = tvm.target.Target(CUDA)
+    with target:
+        mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
+    summary = gpu.schedule_summary(mod, target)
+    assert summary.get("conv2d_split") == "TensorCoreMatmul", summary
+    assert any(name.startswith("fused_split_sum") and "relu" in name for name in summary), summary
+    assert not any("conv2d" in name and name != "conv2d_split" for name in summary), summary
 
 
 def test_fp16_64_channel_convolution_uses_tensor_cores():

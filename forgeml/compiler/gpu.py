@@ -2,7 +2,8 @@
 
 `pipeline.get_pipeline` dispatches here when the target's kind is "cuda". The pipelines are the
 CPU graph passes (constant folding, batch norm folded into convolutions, inference decompositions),
-split-K for convolutions that would leave most SMs idle (`gpu_splitk`: batch-1 deep layers),
+split-K for convolutions that would leave most SMs idle (`gpu_splitk`: batch-1 deep layers through
+im2col, fp16 tensor-core ones such as ResNet's layer4 at batch 32 along their input channels),
 optional fp16 mixed precision, TVM's legalize + fuse, then `dlight.gpu` rules on every kernel:
 
 - TensorCoreMatmul (forgeml's): fp16 GEMMs and convolutions with every dimension at least 64 and

@@ -1,5 +1,5 @@
-"""Split-K convolutions for GPUs: a convolution with few output tiles and a long reduction becomes
-im2col + a batched matmul over K slices + a sum, so that it fills the GPU.
+"""Split-K convolutions for GPUs: a convolution with few output tiles and a long reduction is split
+along K (its input channels) into S partial convolutions and a sum, so that it fills the GPU.
 
 dlight's Matmul rule gives each 32 x 64 output tile one thread block that walks all of K alone. At
 batch 1, ResNet-18's layer4 3x3 convolutions (M = 7*7 = 49 outputs per channel, N = 512 channels,
@@ -9,8 +9,13 @@ which FuseOps merges with the convolution's epilogue (bias, residual add, ReLU).
 
     conv2d(x, w)  ->  im2col(x): [S, M, K/S]  @  w: [S, K/S, N]  ->  sum over S  ->  NCHW
 
+fp16 convolutions that go on tensor cores (`tensor_core_splits`) are split without im2col: one
+convolution over S channel slices writes S fp32 partial outputs, read back by an elementwise sum that
+FuseOps merges with the epilogue. Their 128 x 128 tiles are fewer still (ResNet-18's layer4 at batch
+32: 52 tiles for 132 SMs), and an im2col copy of their large inputs costs more than it saves.
+
 Only NCHW/OIHW convolutions with groups = 1, dilation 1 and constant weights are rewritten; the
-weights are re-laid out in numpy, once, at compile time.
+im2col path re-lays the weights out in numpy, once, at compile time.
 """
 
 from __future__ import annotations
@@ -28,6 +33,19 @@ TARGET_BLOCKS = 256  # about two blocks per SM on an H100/H200 (132 SMs)
 MIN_K_SLICE = 128  # shorter slices spend more on the partial sums than they save
 MIN_K = 512
 
+# Tensor-core (wmma) convolutions, `tensor_core_splits`: dlight's 128 x 128 tile runs 512 threads of
+# 120 registers, so one block per SM (128 x 64 tiles for N = 64: 256 threads, two).
+WMMA_TILE_M = 128
+MIN_TC_K_SLICE = 256
+MAX_TC_SPLITS = 8
+# Measured on an H200 at batch 32 in fp16 (ResNet-18's convolutions on dlight's wmma schedule): a wave
+# of blocks takes about 0.048 us per unit of K, and fp32 partial sums move at about 3 MB/us.
+WAVE_US_PER_K = 0.048
+PARTIAL_BYTES_PER_US = 3.0e6
+MIN_TC_GAIN = 0.10  # split only for a modelled gain above this share of the convolution's time
+SM_COUNTS = {"sm_90": 132, "sm_80": 108, "sm_87": 16, "sm_89": 128, "sm_86": 82, "sm_75": 40, "sm_72": 8}
+DEFAULT_SMS = 132
+
 
 def split_factor(m: int, n: int, k: int) -> int:
     """How many K slices for an M x N x K GEMM: a power of two, 1 when it already fills the GPU.
@@ -42,6 +60,67 @@ def split_factor(m: int, n: int, k: int) -> int:
     while tiles * splits < TARGET_BLOCKS and k % (splits * 2) == 0 and k // (splits * 2) >= MIN_K_SLICE:
         splits *= 2
     return splits
+
+
+def tensor_core_splits(m: int, n: int, k: int, channels: int, sms: int = DEFAULT_SMS) -> int:
+    """How many channel slices for a tensor-core convolution (an M x N x K implicit GEMM over `channels`
+    input channels) on a GPU with `sms` SMs: 1, or the power of two that minimizes the modelled time.
+
+    Time of S slices = waves of S x tiles blocks, each walking K / S, plus writing and reading the S fp32
+    partials (`WAVE_US_PER_K`, `PARTIAL_BYTES_PER_US`). At batch 32 on an H200, ResNet-18's layer4
+    convolutions (52 tiles, K = 4608) take 234 us each unsplit; split in 2 the model gives ~115 us."""
+    tile_n, per_sm = (64, 2) if n <= 64 else (128, 1)
+    tiles = math.ceil(m / WMMA_TILE_M) * math.ceil(n / tile_n)
+    slots = sms * per_sm
+
+    def cost(splits: int) -> float:
+        conv = math.ceil(tiles * splits / slots) * (k / splits) * WAVE_US_PER_K
+        return conv + (2 * 4 * splits * m * n / PARTIAL_BYTES_PER_US if splits > 1 else 0.0)
+
+    best = 1
+    splits = 2
+    while splits <= MAX_TC_SPLITS and channels % splits == 0 and k // splits >= MIN_TC_K_SLICE:
+        if cost(splits) < cost(best):
+            best = splits
+        splits *= 2
+    return best if cost(best) < (1 - MIN_TC_GAIN) * cost(1) else 1
+
+
+def _split_conv(data, weight, splits: int, strides: tuple[int, int], padding: tuple[int, int, int, int],
+                out_dtype: str):
+    """partial[s, b, o, y, x] = the convolution over input channels s*C/S .. (s+1)*C/S - 1 (an
+    implicit GEMM per slice, S as its batch axis: dlight's tensor-core rule schedules it as one)."""
+    from tvm import te, topi
+
+    _, channels, height, width = (int(d) for d in data.shape)
+    cout, _, kh, kw = (int(d) for d in weight.shape)
+    (sh, sw), (top, left, bottom, right) = strides, padding
+    oh, ow = (height + top + bottom - kh) // sh + 1, (width + left + right - kw) // sw + 1
+    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    part = channels // splits
+    rc, ry, rx = te.reduce_axis((0, part), "rc"), te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    return te.compute(
+        (splits, int(data.shape[0]), cout, oh, ow),
+        lambda s, b, o, y, x: te.sum(
+            padded[b, s * part + rc, y * sh + ry, x * sw + rx].astype(out_dtype)
+            * weight[o, s * part + rc, ry, rx].astype(out_dtype), axis=[rc, ry, rx]),
+        name="conv2d_split")
+
+
+def _sum_slices(partial):
+    """partial[0] + ... + partial[S-1] as one elementwise expression: FuseOps merges an elementwise op
+    with the epilogue that follows (bias, residual, ReLU, cast), where it leaves a reduction apart."""
+    from tvm import te
+
+    splits = int(partial.shape[0])
+
+    def add(*index):
+        total = partial[(0, *index)]
+        for s in range(1, splits):
+            total = total + partial[(s, *index)]
+        return total
+
+    return te.compute(tuple(partial.shape[1:]), add, name="split_sum")
 
 
 def _im2col(data, splits: int, kernel: tuple[int, int], strides: tuple[int, int],
@@ -78,6 +157,10 @@ def _static_shape(expr) -> tuple[int, ...] | None:
 
 @relax.expr_functor.mutator
 class _SplitKRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, sms: int):
+        super().__init__(mod)
+        self.sms = sms
+
     def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
         call = self.visit_expr_post_order(call)
         if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
@@ -99,13 +182,15 @@ class _SplitKRewriter(relax.PyExprMutator):
         cout, _, kh, kw = weight.shape
         _, _, oh, ow = out_shape
         m, k = batch * oh * ow, channels * kh * kw
-        splits = split_factor(m, cout, k)
-        if splits == 1:
-            return None
         dtype = str(x.ty.dtype)
         out_dtype = str(attrs.out_dtype)
         out_dtype = dtype if out_dtype in ("", "None", "void") else out_dtype  # fp16 builds accumulate in fp32
         if str(weight.dtype) != dtype:
+            return None
+        splits = split_factor(m, cout, k)
+        if splits == 1:
+            if dtype == "float16" and min(m, cout, k) >= 64:  # tensor-core GEMMs (gpu.tensor_core_gemm)
+                return self._split_tensor_core(call, m, cout, k, channels, out_dtype)
             return None
         emit = self.builder_.emit
         cols = self.builder_.emit_te(
@@ -117,13 +202,32 @@ class _SplitKRewriter(relax.PyExprMutator):
         total = emit(relax.op.reshape(total, (batch, oh, ow, cout)))
         return relax.op.permute_dims(total, [0, 3, 1, 2])
 
+    def _split_tensor_core(self, call, m: int, n: int, k: int, channels: int, out_dtype: str):
+        splits = tensor_core_splits(m, n, k, channels, self.sms)
+        if splits == 1:
+            return None
+        x, w_expr = call.args
+        attrs = call.attrs
+        partial = self.builder_.emit_te(
+            _split_conv, x, w_expr, splits, tuple(int(s) for s in attrs.strides),
+            tuple(int(p) for p in attrs.padding), out_dtype, primfunc_name_hint="conv2d_split")
+        return self.builder_.call_te(_sum_slices, partial, primfunc_name_hint="split_sum")
 
-def split_k_convolutions() -> tvm.transform.Pass:
-    """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring)."""
+
+def sm_count(target: tvm.target.Target | None) -> int:
+    """Streaming multiprocessors of the GPU a CUDA target names by its arch (`SM_COUNTS`: the largest
+    part of each generation that forgeml targets; DEFAULT_SMS, an H100's, when unknown)."""
+    arch = str(target.attrs.get("arch", "")) if target is not None and target.kind.name == "cuda" else ""
+    return SM_COUNTS.get(arch, DEFAULT_SMS)
+
+
+def split_k_convolutions(sms: int | None = None) -> tvm.transform.Pass:
+    """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring), for a
+    GPU with `sms` SMs (default: the current target's, `sm_count`)."""
 
     @tvm.transform.module_pass(opt_level=0, name="ForgemlSplitKConv2D")
     def rewrite(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _SplitKRewriter(mod)
+        rewriter = _SplitKRewriter(mod, sms or sm_count(tvm.target.Target.current(allow_none=True)))
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
