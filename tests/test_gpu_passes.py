@@ -10,6 +10,7 @@ from tvm import relax
 
 from forgeml.compiler import gpu
 from forgeml.compiler.gpu_splitk import sm_count, split_factor, split_k_convolutions, tensor_core_splits
+from forgeml.compiler.gpu_stem import stem_convolutions
 
 CUDA = {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
 
@@ -108,6 +109,33 @@ def test_split_tensor_core_convolution_keeps_tensor_cores_and_fuses_the_sum():
     assert summary.get("conv2d_split") == "TensorCoreMatmul", summary
     assert any(name.startswith("fused_split_sum") and "relu" in name for name in summary), summary
     assert not any("conv2d" in name and name != "conv2d_split" for name in summary), summary
+
+
+def test_stem_convolution_becomes_im2col_and_a_1x1_convolution():
+    """An fp16 7x7 stride-2 RGB stem: a gather with K padded to 160 and a 1x1 convolution, same outputs."""
+    mod = _conv_module(2, 3, 64, 32, 2, kernel=7, pad=3, dtype="float16", out_dtype="float32")
+    rewritten = stem_convolutions()(mod)
+    script = rewritten.script()
+    assert "stem_cols" in script and "R.Tensor((2, 160, 16, 16)" in script, script
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype("float16")
+    expected, got = _run_cpu(mod, x), _run_cpu(rewritten, x)
+    assert got.dtype == expected.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # fp32 builds, and convolutions over more channels, keep their implicit GEMM
+    assert "stem_cols" not in stem_convolutions()(_conv_module(2, 3, 64, 32, 2, kernel=7, pad=3)).script()
+    assert "stem_cols" not in stem_convolutions()(_conv_module(2, 16, 64, 32, 1, dtype="float16")).script()
+
+
+def test_stem_convolution_goes_on_tensor_cores():
+    mod = gpu.with_precision(_conv_module(8, 3, 64, 224, 2, kernel=7, pad=3), "fp16")
+    target = tvm.target.Target(CUDA)
+    with target:
+        mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
+    summary = gpu.schedule_summary(mod, target)
+    convs = {name: rule for name, rule in summary.items() if "conv2d" in name}
+    assert list(convs.values()) == ["TensorCoreMatmul"] and "fused_cast_stem_cols" in summary, summary
+    conv = next(f for gv, f in mod.functions_items() if gv.name_hint in convs)
+    assert gpu.tensor_core_gemm(conv, target) == (8 * 112 * 112, 64, 160)
 
 
 def test_fp16_64_channel_convolution_uses_tensor_cores():

@@ -21,6 +21,7 @@ im2col path re-lays the weights out in numpy, once, at compile time.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import tvm
@@ -148,11 +149,58 @@ def _im2col(data, splits: int, kernel: tuple[int, int], strides: tuple[int, int]
 
 
 def _static_shape(expr) -> tuple[int, ...] | None:
+    """The static shape of a Relax expression's tensor type, else None."""
     shape = getattr(expr.ty, "shape", None)
     try:
         return tuple(int(d) for d in shape) if shape is not None else None
     except TypeError:
         return None
+
+
+class PlainConv(NamedTuple):
+    """A conv2d that the GPU rewrites take: NCHW/OIHW, groups 1, dilation 1, constant weights, static shapes."""
+
+    x: relax.Expr
+    weight: np.ndarray
+    x_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    out_dtype: str  # the convolution's accumulation dtype (fp16 builds: float32)
+
+
+def plain_conv2d(call, lookup_binding) -> PlainConv | None:
+    """`call` as a PlainConv, or None for any other call."""
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        return None
+    attrs = call.attrs
+    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
+            or int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation)):
+        return None
+    x, w_expr = call.args
+    weight = constant_array(w_expr, lookup_binding)
+    x_shape, out_shape = _static_shape(x), _static_shape(call)
+    if weight is None or x_shape is None or out_shape is None or weight.ndim != 4:
+        return None
+    dtype, out_dtype = str(x.ty.dtype), str(attrs.out_dtype)
+    if str(weight.dtype) != dtype:
+        return None
+    return PlainConv(x, weight, x_shape, out_shape, tuple(int(s) for s in attrs.strides),
+                     tuple(int(p) for p in attrs.padding), dtype if out_dtype in ("", "None", "void") else out_dtype)
+
+
+def rewrite_pass(name: str, make_rewriter) -> tvm.transform.Pass:
+    """A module pass that runs `make_rewriter(mod)` (a relax.PyExprMutator) over every Relax function."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def rewrite(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = make_rewriter(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return rewrite
 
 
 @relax.expr_functor.mutator
@@ -163,54 +211,35 @@ class _SplitKRewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
         call = self.visit_expr_post_order(call)
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
-            return call
-        rewritten = self._rewrite(call)
+        conv = plain_conv2d(call, self.lookup_binding)
+        rewritten = None if conv is None else self._rewrite(conv)
         return call if rewritten is None else rewritten
 
-    def _rewrite(self, call):
-        attrs = call.attrs
-        if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
-                or int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation)):
-            return None
-        x, w_expr = call.args
-        weight = constant_array(w_expr, self.lookup_binding)
-        x_shape, out_shape = _static_shape(x), _static_shape(call)
-        if weight is None or x_shape is None or out_shape is None or weight.ndim != 4:
-            return None
-        batch, channels, _, _ = x_shape
-        cout, _, kh, kw = weight.shape
-        _, _, oh, ow = out_shape
+    def _rewrite(self, conv: PlainConv):
+        batch, channels, _, _ = conv.x_shape
+        cout, _, kh, kw = conv.weight.shape
+        _, _, oh, ow = conv.out_shape
         m, k = batch * oh * ow, channels * kh * kw
-        dtype = str(x.ty.dtype)
-        out_dtype = str(attrs.out_dtype)
-        out_dtype = dtype if out_dtype in ("", "None", "void") else out_dtype  # fp16 builds accumulate in fp32
-        if str(weight.dtype) != dtype:
-            return None
         splits = split_factor(m, cout, k)
         if splits == 1:
-            if dtype == "float16" and min(m, cout, k) >= 64:  # tensor-core GEMMs (gpu.tensor_core_gemm)
-                return self._split_tensor_core(call, m, cout, k, channels, out_dtype)
+            if str(conv.weight.dtype) == "float16" and min(m, cout, k) >= 64:  # gpu.tensor_core_gemm's GEMMs
+                return self._split_tensor_core(conv, m, cout, k, channels)
             return None
         emit = self.builder_.emit
-        cols = self.builder_.emit_te(
-            _im2col, x, splits, (kh, kw), tuple(int(s) for s in attrs.strides),
-            tuple(int(p) for p in attrs.padding), (oh, ow), primfunc_name_hint="im2col")  # [S, M, K/S]
-        w_slices = np.ascontiguousarray(weight.reshape(cout, splits, k // splits).transpose(1, 2, 0))
-        partial = emit(relax.op.matmul(cols, relax.const(w_slices, dtype), out_dtype=out_dtype))  # [S, M, N]
+        cols = self.builder_.emit_te(_im2col, conv.x, splits, (kh, kw), conv.strides, conv.padding, (oh, ow),
+                                     primfunc_name_hint="im2col")  # [S, M, K/S]
+        w_slices = np.ascontiguousarray(conv.weight.reshape(cout, splits, k // splits).transpose(1, 2, 0))
+        partial = emit(relax.op.matmul(cols, relax.const(w_slices), out_dtype=conv.out_dtype))  # [S, M, N]
         total = emit(relax.op.sum(partial, axis=[0]))  # [M, N]
         total = emit(relax.op.reshape(total, (batch, oh, ow, cout)))
         return relax.op.permute_dims(total, [0, 3, 1, 2])
 
-    def _split_tensor_core(self, call, m: int, n: int, k: int, channels: int, out_dtype: str):
+    def _split_tensor_core(self, conv: PlainConv, m: int, n: int, k: int, channels: int):
         splits = tensor_core_splits(m, n, k, channels, self.sms)
         if splits == 1:
             return None
-        x, w_expr = call.args
-        attrs = call.attrs
-        partial = self.builder_.emit_te(
-            _split_conv, x, w_expr, splits, tuple(int(s) for s in attrs.strides),
-            tuple(int(p) for p in attrs.padding), out_dtype, primfunc_name_hint="conv2d_split")
+        partial = self.builder_.emit_te(_split_conv, conv.x, relax.const(conv.weight), splits, conv.strides,
+                                        conv.padding, conv.out_dtype, primfunc_name_hint="conv2d_split")
         return self.builder_.call_te(_sum_slices, partial, primfunc_name_hint="split_sum")
 
 
@@ -225,12 +254,5 @@ def split_k_convolutions(sms: int | None = None) -> tvm.transform.Pass:
     """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring), for a
     GPU with `sms` SMs (default: the current target's, `sm_count`)."""
 
-    @tvm.transform.module_pass(opt_level=0, name="ForgemlSplitKConv2D")
-    def rewrite(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _SplitKRewriter(mod, sms or sm_count(tvm.target.Target.current(allow_none=True)))
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return rewrite
+    return rewrite_pass("ForgemlSplitKConv2D", lambda mod: _SplitKRewriter(
+        mod, sms or sm_count(tvm.target.Target.current(allow_none=True))))
