@@ -111,12 +111,12 @@ def test_split_tensor_core_convolution_keeps_tensor_cores_and_fuses_the_sum():
     assert not any("conv2d" in name and name != "conv2d_split" for name in summary), summary
 
 
-def test_stem_convolution_becomes_im2col_and_a_1x1_convolution():
-    """An fp16 7x7 stride-2 RGB stem: a gather with K padded to 160 and a 1x1 convolution, same outputs."""
+def test_stem_convolution_becomes_im2col_and_a_gemm():
+    """An fp16 7x7 stride-2 RGB stem: a gather with K padded to 160 (last) and a GEMM, same outputs."""
     mod = _conv_module(2, 3, 64, 32, 2, kernel=7, pad=3, dtype="float16", out_dtype="float32")
     rewritten = stem_convolutions()(mod)
     script = rewritten.script()
-    assert "stem_cols" in script and "R.Tensor((2, 160, 16, 16)" in script, script
+    assert "stem_cols" in script and "R.Tensor((2, 16, 16, 160)" in script and "R.nn.conv2d" not in script
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype("float16")
     expected, got = _run_cpu(mod, x), _run_cpu(rewritten, x)
     assert got.dtype == expected.dtype == np.float32
@@ -132,9 +132,10 @@ def test_stem_convolution_goes_on_tensor_cores():
     with target:
         mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
     summary = gpu.schedule_summary(mod, target)
-    convs = {name: rule for name, rule in summary.items() if "conv2d" in name}
-    assert list(convs.values()) == ["TensorCoreMatmul"] and "fused_cast_stem_cols" in summary, summary
-    conv = next(f for gv, f in mod.functions_items() if gv.name_hint in convs)
+    gemms = {name: rule for name, rule in summary.items() if "stem_gemm" in name}
+    assert list(gemms.values()) == ["TensorCoreMatmul"] and "fused_cast_stem_cols" in summary, summary
+    assert not any("conv2d" in name for name in summary), summary
+    conv = next(f for gv, f in mod.functions_items() if gv.name_hint in gemms)
     assert gpu.tensor_core_gemm(conv, target) == (8 * 112 * 112, 64, 160)
 
 

@@ -4,7 +4,7 @@
 CPU graph passes (constant folding, batch norm folded into convolutions, inference decompositions),
 split-K for convolutions that would leave most SMs idle (`gpu_splitk`: batch-1 deep layers through
 im2col, fp16 tensor-core ones such as ResNet's layer4 at batch 32 along their input channels), fp16
-RGB stems as im2col + a 1x1 convolution (`gpu_stem`),
+RGB stems as im2col + a tensor-core GEMM (`gpu_stem`),
 optional fp16 mixed precision, TVM's legalize + fuse, then `dlight.gpu` rules on every kernel:
 
 - TensorCoreMatmul (forgeml's): fp16 GEMMs and convolutions with every dimension at least 64 and
@@ -97,7 +97,7 @@ def _graph_passes(precision: str, conv_layout: str = "NCHW") -> list[tvm.transfo
         ]
     # after the precision passes, so that the im2col it adds moves fp16 data in fp16 builds
     passes.append(split_k_convolutions())  # few output tiles and a long K (batch-1 deep layers)
-    passes.append(stem_convolutions())  # fp16 RGB stems: im2col + a 1x1 convolution
+    passes.append(stem_convolutions())  # fp16 RGB stems: im2col + a GEMM
     if conv_layout == "NHWC":  # after split-K, which rewrites NCHW convolutions only
         passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
                    relax.transform.FoldConstant()]  # the weights' transposes fold into OHWI constants

@@ -1,5 +1,5 @@
 """Stem convolutions on tensor cores: a first convolution over an RGB image (3 channels, a 7x7 window)
-becomes an im2col gather and a 1x1 convolution, so that its GEMM reads a plain matrix.
+becomes an im2col gather and a GEMM, so that the GEMM reads a plain matrix.
 
 As an implicit GEMM, ResNet-18's stem (M = 32 x 112 x 112 outputs per channel at batch 32, N = 64,
 K = 3 x 7 x 7 = 147) spends its time gathering A, not multiplying: each element of a 128 x 64 A tile
@@ -7,11 +7,13 @@ is found through divisions by 49, 7, 112 and a stride-2, padded window. It took 
 fp16 (the next-slowest convolution of the network, 142 us, does four times the multiply-adds);
 cuDNN's TF32 kernel takes 188 us.
 
-    conv2d(x, w: [O, C, KH, KW])  ->  cols[b, c*KH*KW + ky*KW + kx, y, x] (K padded to a multiple of 32)
-                                  ->  conv2d(cols, w: [O, K, 1, 1])
+    conv2d(x, w: [O, C, KH, KW])  ->  cols[b, y, x, c*KH*KW + ky*KW + kx] (K padded to a multiple of 32)
+                                  ->  out[b, o, y, x] = sum_k cols[b, y, x, k] * w[o, k]
 
-The 1x1 convolution keeps the model's NCHW output, so FuseOps merges the epilogue (bias, ReLU) into
-its kernel as before; K is padded with zero taps and zero weights to whole tensor-core steps.
+K runs along the last axis of cols, so the GEMM's tile loads are contiguous 8-byte vectors (a 1x1
+convolution over NCHW cols would gather them 25 KB apart). The GEMM writes the model's NCHW output
+itself, so FuseOps merges the epilogue (bias, ReLU) into its kernel as before; K is padded with zero
+taps and zero weights to whole tensor-core steps.
 Only fp16 NCHW/OIHW convolutions with at most 4 input channels, a window larger than 1x1, 64+ output
 channels and constant weights are rewritten (the convolutions that go on tensor cores).
 """
@@ -31,7 +33,7 @@ K_STEP = 32  # two 16-wide tensor-core fragments
 
 def _stem_cols(data, kernel: tuple[int, int], strides: tuple[int, int], padding: tuple[int, int, int, int],
                out_hw: tuple[int, int], k_padded: int):
-    """cols[b, k, y, x] = data[b, c, y*sh + ky - top, x*sw + kx - left] for k = c*KH*KW + ky*KW + kx (the
+    """cols[b, y, x, k] = data[b, c, y*sh + ky - top, x*sw + kx - left] for k = c*KH*KW + ky*KW + kx (the
     K order of an OIHW weight reshaped to [O, K]); 0 in the padding and for k past C*KH*KW."""
     from tvm import te, tirx
 
@@ -39,7 +41,7 @@ def _stem_cols(data, kernel: tuple[int, int], strides: tuple[int, int], padding:
     (kh, kw), (sh, sw), (top, left, _, _), (oh, ow) = kernel, strides, padding, out_hw
     k_real = channels * kh * kw
 
-    def col(b, k, y, x):
+    def col(b, y, x, k):
         c, r = k // (kh * kw), k % (kh * kw)
         iy = y * sh + r // kw - top
         ix = x * sw + r % kw - left
@@ -47,7 +49,19 @@ def _stem_cols(data, kernel: tuple[int, int], strides: tuple[int, int], padding:
         value = data[b, tirx.min(c, channels - 1), tirx.max(iy, 0), tirx.max(ix, 0)]
         return tirx.if_then_else(inside, value, tirx.const(0, data.dtype))
 
-    return te.compute((int(data.shape[0]), k_padded, oh, ow), col, name="stem_cols")
+    return te.compute((int(data.shape[0]), oh, ow, k_padded), col, name="stem_cols")
+
+
+def _stem_gemm(cols, weight, out_dtype: str):
+    """out[b, o, y, x] = sum over k of cols[b, y, x, k] * weight[o, k], accumulated in `out_dtype`."""
+    from tvm import te
+
+    batch, oh, ow, k_padded = (int(d) for d in cols.shape)
+    k = te.reduce_axis((0, k_padded), "k")
+    return te.compute(
+        (batch, int(weight.shape[0]), oh, ow),
+        lambda b, o, y, x: te.sum(cols[b, y, x, k].astype(out_dtype) * weight[o, k].astype(out_dtype), axis=k),
+        name="stem_gemm")
 
 
 @relax.expr_functor.mutator
@@ -66,11 +80,12 @@ class _StemRewriter(relax.PyExprMutator):
         k_padded = -(-k_real // K_STEP) * K_STEP
         cols = self.builder_.emit_te(_stem_cols, conv.x, (int(kh), int(kw)), conv.strides, conv.padding,
                                      conv.out_shape[2:], k_padded, primfunc_name_hint="stem_cols")
-        w_cols = np.zeros((cout, k_padded, 1, 1), dtype=conv.weight.dtype)
-        w_cols[:, :k_real, 0, 0] = conv.weight.reshape(cout, k_real)
-        return relax.op.nn.conv2d(cols, relax.const(w_cols), out_dtype=conv.out_dtype)
+        w_cols = np.zeros((cout, k_padded), dtype=conv.weight.dtype)
+        w_cols[:, :k_real] = conv.weight.reshape(cout, k_real)
+        return self.builder_.call_te(_stem_gemm, cols, relax.const(w_cols), conv.out_dtype,
+                                     primfunc_name_hint="stem_gemm")
 
 
 def stem_convolutions() -> tvm.transform.Pass:
-    """Rewrite fp16 stem convolutions into im2col + a 1x1 convolution (see the module docstring)."""
+    """Rewrite fp16 stem convolutions into im2col + a GEMM (see the module docstring)."""
     return rewrite_pass("ForgemlStemIm2col", _StemRewriter)
