@@ -189,58 +189,60 @@ def plain_conv2d(call, lookup_binding) -> PlainConv | None:
                      tuple(int(p) for p in attrs.padding), dtype if out_dtype in ("", "None", "void") else out_dtype)
 
 
-def rewrite_pass(name: str, make_rewriter) -> tvm.transform.Pass:
-    """A module pass that runs `make_rewriter(mod)` (a relax.PyExprMutator) over every Relax function."""
+@relax.expr_functor.mutator
+class _ConvRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, rewrite):
+        super().__init__(mod)
+        self.rewrite = rewrite
+
+    def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
+        call = self.visit_expr_post_order(call)
+        conv = plain_conv2d(call, self.lookup_binding)
+        rewritten = None if conv is None else self.rewrite(self.builder_, conv)
+        return call if rewritten is None else rewritten
+
+
+def conv_rewrite_pass(name: str, make_rewrite) -> tvm.transform.Pass:
+    """A module pass that replaces each PlainConv of every Relax function with `rewrite(builder, conv)`
+    where that returns an expression (None keeps the convolution); `make_rewrite()` gives `rewrite`
+    when the pass runs (under the current target)."""
 
     @tvm.transform.module_pass(opt_level=0, name=name)
-    def rewrite(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = make_rewriter(mod)
+    def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _ConvRewriter(mod, make_rewrite())
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
         return rewriter.builder_.get()
 
-    return rewrite
+    return run
 
 
-@relax.expr_functor.mutator
-class _SplitKRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, sms: int):
-        super().__init__(mod)
-        self.sms = sms
+def _split_k(builder: relax.BlockBuilder, conv: PlainConv, sms: int):
+    batch, channels, _, _ = conv.x_shape
+    cout, _, kh, kw = conv.weight.shape
+    _, _, oh, ow = conv.out_shape
+    m, k = batch * oh * ow, channels * kh * kw
+    splits = split_factor(m, cout, k)
+    if splits == 1:
+        if str(conv.weight.dtype) == "float16" and min(m, cout, k) >= 64:  # gpu.tensor_core_gemm's GEMMs
+            return _split_tensor_core(builder, conv, tensor_core_splits(m, cout, k, channels, sms))
+        return None
+    cols = builder.emit_te(_im2col, conv.x, splits, (kh, kw), conv.strides, conv.padding, (oh, ow),
+                           primfunc_name_hint="im2col")  # [S, M, K/S]
+    w_slices = np.ascontiguousarray(conv.weight.reshape(cout, splits, k // splits).transpose(1, 2, 0))
+    partial = builder.emit(relax.op.matmul(cols, relax.const(w_slices), out_dtype=conv.out_dtype))  # [S, M, N]
+    total = builder.emit(relax.op.sum(partial, axis=[0]))  # [M, N]
+    total = builder.emit(relax.op.reshape(total, (batch, oh, ow, cout)))
+    return relax.op.permute_dims(total, [0, 3, 1, 2])
 
-    def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
-        call = self.visit_expr_post_order(call)
-        conv = plain_conv2d(call, self.lookup_binding)
-        rewritten = None if conv is None else self._rewrite(conv)
-        return call if rewritten is None else rewritten
 
-    def _rewrite(self, conv: PlainConv):
-        batch, channels, _, _ = conv.x_shape
-        cout, _, kh, kw = conv.weight.shape
-        _, _, oh, ow = conv.out_shape
-        m, k = batch * oh * ow, channels * kh * kw
-        splits = split_factor(m, cout, k)
-        if splits == 1:
-            if str(conv.weight.dtype) == "float16" and min(m, cout, k) >= 64:  # gpu.tensor_core_gemm's GEMMs
-                return self._split_tensor_core(conv, m, cout, k, channels)
-            return None
-        emit = self.builder_.emit
-        cols = self.builder_.emit_te(_im2col, conv.x, splits, (kh, kw), conv.strides, conv.padding, (oh, ow),
-                                     primfunc_name_hint="im2col")  # [S, M, K/S]
-        w_slices = np.ascontiguousarray(conv.weight.reshape(cout, splits, k // splits).transpose(1, 2, 0))
-        partial = emit(relax.op.matmul(cols, relax.const(w_slices), out_dtype=conv.out_dtype))  # [S, M, N]
-        total = emit(relax.op.sum(partial, axis=[0]))  # [M, N]
-        total = emit(relax.op.reshape(total, (batch, oh, ow, cout)))
-        return relax.op.permute_dims(total, [0, 3, 1, 2])
-
-    def _split_tensor_core(self, conv: PlainConv, m: int, n: int, k: int, channels: int):
-        splits = tensor_core_splits(m, n, k, channels, self.sms)
-        if splits == 1:
-            return None
-        partial = self.builder_.emit_te(_split_conv, conv.x, relax.const(conv.weight), splits, conv.strides,
-                                        conv.padding, conv.out_dtype, primfunc_name_hint="conv2d_split")
-        return self.builder_.call_te(_sum_slices, partial, primfunc_name_hint="split_sum")
+def _split_tensor_core(builder: relax.BlockBuilder, conv: PlainConv, splits: int):
+    if splits == 1:
+        return None
+    partial = builder.emit_te(_split_conv, conv.x, relax.const(conv.weight), splits, conv.strides,
+                              conv.padding, conv.out_dtype, primfunc_name_hint="conv2d_split")
+    return builder.call_te(_sum_slices, partial, primfunc_name_hint="split_sum")
 
 
 def sm_count(target: tvm.target.Target | None) -> int:
@@ -254,5 +256,8 @@ def split_k_convolutions(sms: int | None = None) -> tvm.transform.Pass:
     """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring), for a
     GPU with `sms` SMs (default: the current target's, `sm_count`)."""
 
-    return rewrite_pass("ForgemlSplitKConv2D", lambda mod: _SplitKRewriter(
-        mod, sms or sm_count(tvm.target.Target.current(allow_none=True))))
+    def make_rewrite():
+        gpu_sms = sms or sm_count(tvm.target.Target.current(allow_none=True))
+        return lambda builder, conv: _split_k(builder, conv, gpu_sms)
+
+    return conv_rewrite_pass("ForgemlSplitKConv2D", make_rewrite)

@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from forgeml.compiler.gpu_splitk import PlainConv, plain_conv2d, rewrite_pass
+from forgeml.compiler.gpu_splitk import PlainConv, conv_rewrite_pass
 
 MAX_CHANNELS = 4
 MIN_OUT_CHANNELS = 64  # gpu.tensor_core_gemm's smallest extent
@@ -64,28 +64,19 @@ def _stem_gemm(cols, weight, out_dtype: str):
         name="stem_gemm")
 
 
-@relax.expr_functor.mutator
-class _StemRewriter(relax.PyExprMutator):
-    def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
-        call = self.visit_expr_post_order(call)
-        conv = plain_conv2d(call, self.lookup_binding)
-        rewritten = None if conv is None else self._rewrite(conv)
-        return call if rewritten is None else rewritten
-
-    def _rewrite(self, conv: PlainConv):
-        cout, channels, kh, kw = conv.weight.shape
-        if str(conv.weight.dtype) != "float16" or channels > MAX_CHANNELS or kh * kw == 1 or cout < MIN_OUT_CHANNELS:
-            return None
-        k_real = channels * kh * kw
-        k_padded = -(-k_real // K_STEP) * K_STEP
-        cols = self.builder_.emit_te(_stem_cols, conv.x, (int(kh), int(kw)), conv.strides, conv.padding,
-                                     conv.out_shape[2:], k_padded, primfunc_name_hint="stem_cols")
-        w_cols = np.zeros((cout, k_padded), dtype=conv.weight.dtype)
-        w_cols[:, :k_real] = conv.weight.reshape(cout, k_real)
-        return self.builder_.call_te(_stem_gemm, cols, relax.const(w_cols), conv.out_dtype,
-                                     primfunc_name_hint="stem_gemm")
+def _stem(builder: relax.BlockBuilder, conv: PlainConv):
+    cout, channels, kh, kw = conv.weight.shape
+    if str(conv.weight.dtype) != "float16" or channels > MAX_CHANNELS or kh * kw == 1 or cout < MIN_OUT_CHANNELS:
+        return None
+    k_real = channels * kh * kw
+    k_padded = -(-k_real // K_STEP) * K_STEP
+    cols = builder.emit_te(_stem_cols, conv.x, (int(kh), int(kw)), conv.strides, conv.padding,
+                           conv.out_shape[2:], k_padded, primfunc_name_hint="stem_cols")
+    w_cols = np.zeros((cout, k_padded), dtype=conv.weight.dtype)
+    w_cols[:, :k_real] = conv.weight.reshape(cout, k_real)
+    return builder.call_te(_stem_gemm, cols, relax.const(w_cols), conv.out_dtype, primfunc_name_hint="stem_gemm")
 
 
 def stem_convolutions() -> tvm.transform.Pass:
     """Rewrite fp16 stem convolutions into im2col + a GEMM (see the module docstring)."""
-    return rewrite_pass("ForgemlStemIm2col", _StemRewriter)
+    return conv_rewrite_pass("ForgemlStemIm2col", lambda: _stem)
