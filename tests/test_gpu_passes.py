@@ -30,6 +30,12 @@ def _conv_module(batch: int, cin: int, cout: int, hw: int, stride: int, kernel: 
     return bb.get()
 
 
+def _nhwc(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` with its convolutions in NHWC/OHWI, as `forgeml compile --conv-layout NHWC` converts them."""
+    convert = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})
+    return relax.transform.FoldConstant()(convert(mod))
+
+
 def _run_cpu(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
     return vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -85,10 +91,13 @@ def test_tensor_core_splits_only_where_waves_run_mostly_empty():
     assert sm_count(tvm.target.Target({"kind": "cuda", "arch": "sm_87"})) == 16
 
 
-@pytest.mark.parametrize("hw,stride", [(16, 1), (32, 2)])
-def test_split_k_tensor_core_convolution_matches_the_convolution(hw, stride):
+@pytest.mark.parametrize("hw,stride,layout", [(16, 1, "NCHW"), (32, 2, "NCHW"), (32, 2, "NHWC")])
+def test_split_k_tensor_core_convolution_matches_the_convolution(hw, stride, layout):
     """fp16 convolutions with few tensor-core tiles split along channels, without im2col."""
     mod = _conv_module(4, 64, 256, hw, stride, dtype="float16", out_dtype="float32")
+    if layout == "NHWC":
+        mod = _nhwc(mod)
+        assert 'data_layout="NHWC"' in mod.script()
     rewritten = split_k_convolutions(sms=132)(mod)
     script = rewritten.script()
     assert "conv2d_split" in script and "R.nn.conv2d" not in script and "R.matmul" not in script
@@ -98,22 +107,25 @@ def test_split_k_tensor_core_convolution_matches_the_convolution(hw, stride):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_split_tensor_core_convolution_keeps_tensor_cores_and_fuses_the_sum():
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_split_tensor_core_convolution_keeps_tensor_cores_and_fuses_the_sum(layout):
     """ResNet-18's layer4 at batch 32 in fp16: the split convolution is still a tensor-core GEMM (its
     slices are the GEMM's batch), and the partial sum shares a kernel with the bias and ReLU."""
     mod = gpu.with_precision(_conv_module(32, 512, 512, 7, 1), "fp16")
     target = tvm.target.Target(CUDA)
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
+        mod = tvm.transform.Sequential(gpu._graph_passes("fp16", layout) + gpu._lower_passes())(mod)
     summary = gpu.schedule_summary(mod, target)
     assert summary.get("conv2d_split") == "TensorCoreMatmul", summary
     assert any(name.startswith("fused_split_sum") and "relu" in name for name in summary), summary
     assert not any("conv2d" in name and name != "conv2d_split" for name in summary), summary
 
 
-def test_stem_convolution_becomes_im2col_and_a_gemm():
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_stem_convolution_becomes_im2col_and_a_gemm(layout):
     """An fp16 7x7 stride-2 RGB stem: a gather with K padded to 160 (last) and a GEMM, same outputs."""
     mod = _conv_module(2, 3, 64, 32, 2, kernel=7, pad=3, dtype="float16", out_dtype="float32")
+    mod = _nhwc(mod) if layout == "NHWC" else mod
     rewritten = stem_convolutions()(mod)
     script = rewritten.script()
     assert "stem_cols" in script and "R.Tensor((2, 16, 16, 160)" in script and "R.nn.conv2d" not in script

@@ -29,7 +29,9 @@ pipeline signature stays `(mod, target) -> mod`; so does the convolution layout 
 the input, the rest of the graph follows; the weights are transposed at compile time). In NCHW the
 implicit-GEMM operand A gathers its K (channels x taps) across planes: scalar 2-byte loads, each
 behind divisions by H*W, W, 9 and 3 (ResNet-18's layer1 kernel). In NHWC, K runs along the
-channels: 8-byte vector loads with one division per K step. Not the default until measured on a GPU.
+channels: 8-byte vector loads with one division per K step. The tensor-core split and the stem
+rewrite run after the conversion, in NHWC (split-K through im2col, NCHW only, before it). Not the
+default until measured on a GPU.
 """
 
 from __future__ import annotations
@@ -95,12 +97,17 @@ def _graph_passes(precision: str, conv_layout: str = "NCHW") -> list[tvm.transfo
             relax.transform.InlinePrivateFunctions(),
             relax.transform.FoldConstant(),  # the weights become fp16 constants
         ]
-    # after the precision passes, so that the im2col it adds moves fp16 data in fp16 builds
-    passes.append(split_k_convolutions())  # few output tiles and a long K (batch-1 deep layers)
+    # after the precision passes, so that the im2col it adds moves fp16 data in fp16 builds; split-K
+    # through im2col (batch-1 deep layers) rewrites NCHW convolutions only, so it runs before ConvertLayout,
+    # the tensor-core split and the stem rewrite after it (in either layout)
+    if conv_layout == "NHWC":
+        passes += [split_k_convolutions(tensor_cores=False),
+                   relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+                   relax.transform.FoldConstant(),  # the weights' transposes fold into OHWI constants
+                   split_k_convolutions(im2col=False)]
+    else:
+        passes.append(split_k_convolutions())
     passes.append(stem_convolutions())  # fp16 RGB stems: im2col + a GEMM
-    if conv_layout == "NHWC":  # after split-K, which rewrites NCHW convolutions only
-        passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
-                   relax.transform.FoldConstant()]  # the weights' transposes fold into OHWI constants
     return passes
 
 

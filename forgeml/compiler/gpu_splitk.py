@@ -14,8 +14,10 @@ convolution over S channel slices writes S fp32 partial outputs, read back by an
 FuseOps merges with the epilogue. Their 128 x 128 tiles are fewer still (ResNet-18's layer4 at batch
 32: 52 tiles for 132 SMs), and an im2col copy of their large inputs costs more than it saves.
 
-Only NCHW/OIHW convolutions with groups = 1, dilation 1 and constant weights are rewritten; the
-im2col path re-lays the weights out in numpy, once, at compile time.
+Only convolutions with groups = 1, dilation 1 and constant weights are rewritten: NCHW/OIHW ones by
+the im2col path (which re-lays the weights out in numpy, once, at compile time), NCHW/OIHW and
+NHWC/OHWI ones by the tensor-core path (`forgeml compile --conv-layout NHWC` runs it after the
+layout conversion).
 """
 
 from __future__ import annotations
@@ -87,25 +89,32 @@ def tensor_core_splits(m: int, n: int, k: int, channels: int, sms: int = DEFAULT
     return best if cost(best) < (1 - MIN_TC_GAIN) * cost(1) else 1
 
 
-def _split_conv(data, weight, splits: int, strides: tuple[int, int], padding: tuple[int, int, int, int],
-                out_dtype: str):
-    """partial[s, b, o, y, x] = the convolution over input channels s*C/S .. (s+1)*C/S - 1 (an
-    implicit GEMM per slice, S as its batch axis: dlight's tensor-core rule schedules it as one)."""
+def _split_conv(data, weight, splits: int, conv: PlainConv):
+    """partial[s, b, o, y, x] (NHWC: partial[s, b, y, x, o]) = the convolution over input channels
+    s*C/S .. (s+1)*C/S - 1 (an implicit GEMM per slice, S as its batch axis: dlight's tensor-core rule
+    schedules it as one)."""
     from tvm import te, topi
 
-    _, channels, height, width = (int(d) for d in data.shape)
-    cout, _, kh, kw = (int(d) for d in weight.shape)
-    (sh, sw), (top, left, bottom, right) = strides, padding
-    oh, ow = (height + top + bottom - kh) // sh + 1, (width + left + right - kw) // sw + 1
-    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
-    part = channels // splits
+    (kh, kw), (oh, ow), (sh, sw) = conv.kernel, conv.out_hw, conv.strides
+    top, left, bottom, right = conv.padding
+    part = conv.channels // splits
     rc, ry, rx = te.reduce_axis((0, part), "rc"), te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-    return te.compute(
-        (splits, int(data.shape[0]), cout, oh, ow),
-        lambda s, b, o, y, x: te.sum(
-            padded[b, s * part + rc, y * sh + ry, x * sw + rx].astype(out_dtype)
-            * weight[o, s * part + rc, ry, rx].astype(out_dtype), axis=[rc, ry, rx]),
-        name="conv2d_split")
+
+    def product(b, o, y, x, s):
+        c, iy, ix = s * part + rc, y * sh + ry, x * sw + rx
+        if conv.layout == "NHWC":
+            a, w = padded[b, iy, ix, c], weight[o, ry, rx, c]
+        else:
+            a, w = padded[b, c, iy, ix], weight[o, c, ry, rx]
+        return a.astype(conv.out_dtype) * w.astype(conv.out_dtype)
+
+    if conv.layout == "NHWC":
+        padded = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], name="pad_temp")
+        return te.compute((splits, conv.batch, oh, ow, conv.cout),
+                          lambda s, b, y, x, o: te.sum(product(b, o, y, x, s), axis=[rc, ry, rx]), name="conv2d_split")
+    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    return te.compute((splits, conv.batch, conv.cout, oh, ow),
+                      lambda s, b, o, y, x: te.sum(product(b, o, y, x, s), axis=[rc, ry, rx]), name="conv2d_split")
 
 
 def _sum_slices(partial):
@@ -157,16 +166,48 @@ def _static_shape(expr) -> tuple[int, ...] | None:
         return None
 
 
+KERNEL_LAYOUTS = {"NCHW": "OIHW", "NHWC": "OHWI"}
+
+
 class PlainConv(NamedTuple):
-    """A conv2d that the GPU rewrites take: NCHW/OIHW, groups 1, dilation 1, constant weights, static shapes."""
+    """A conv2d that the GPU rewrites take: NCHW/OIHW or NHWC/OHWI, groups 1, dilation 1, constant
+    weights, static shapes."""
 
     x: relax.Expr
-    weight: np.ndarray
+    weight: np.ndarray  # OIHW or OHWI, as `layout` says
     x_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     strides: tuple[int, int]
     padding: tuple[int, int, int, int]
     out_dtype: str  # the convolution's accumulation dtype (fp16 builds: float32)
+    layout: str = "NCHW"
+
+    @property
+    def batch(self) -> int:
+        return self.x_shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.x_shape[3] if self.layout == "NHWC" else self.x_shape[1]
+
+    @property
+    def cout(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        kh, kw = self.weight.shape[1:3] if self.layout == "NHWC" else self.weight.shape[2:4]
+        return int(kh), int(kw)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return tuple(self.out_shape[1:3] if self.layout == "NHWC" else self.out_shape[2:4])
+
+    @property
+    def gemm(self) -> tuple[int, int, int]:
+        """(M, N, K) of the convolution as an implicit GEMM."""
+        (kh, kw), (oh, ow) = self.kernel, self.out_hw
+        return self.batch * oh * ow, self.cout, self.channels * kh * kw
 
 
 def plain_conv2d(call, lookup_binding) -> PlainConv | None:
@@ -174,7 +215,8 @@ def plain_conv2d(call, lookup_binding) -> PlainConv | None:
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
         return None
     attrs = call.attrs
-    if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
+    layout = str(attrs.data_layout)
+    if (KERNEL_LAYOUTS.get(layout) != attrs.kernel_layout or attrs.out_layout != layout
             or int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation)):
         return None
     x, w_expr = call.args
@@ -186,7 +228,8 @@ def plain_conv2d(call, lookup_binding) -> PlainConv | None:
     if str(weight.dtype) != dtype:
         return None
     return PlainConv(x, weight, x_shape, out_shape, tuple(int(s) for s in attrs.strides),
-                     tuple(int(p) for p in attrs.padding), dtype if out_dtype in ("", "None", "void") else out_dtype)
+                     tuple(int(p) for p in attrs.padding), dtype if out_dtype in ("", "None", "void") else out_dtype,
+                     layout)
 
 
 @relax.expr_functor.mutator
@@ -218,16 +261,16 @@ def conv_rewrite_pass(name: str, make_rewrite) -> tvm.transform.Pass:
     return run
 
 
-def _split_k(builder: relax.BlockBuilder, conv: PlainConv, sms: int):
-    batch, channels, _, _ = conv.x_shape
-    cout, _, kh, kw = conv.weight.shape
-    _, _, oh, ow = conv.out_shape
-    m, k = batch * oh * ow, channels * kh * kw
+def _split_k(builder: relax.BlockBuilder, conv: PlainConv, sms: int, im2col: bool, tensor_cores: bool):
+    m, cout, k = conv.gemm
     splits = split_factor(m, cout, k)
     if splits == 1:
-        if str(conv.weight.dtype) == "float16" and min(m, cout, k) >= 64:  # gpu.tensor_core_gemm's GEMMs
-            return _split_tensor_core(builder, conv, tensor_core_splits(m, cout, k, channels, sms))
+        if tensor_cores and str(conv.weight.dtype) == "float16" and min(m, cout, k) >= 64:  # tensor_core_gemm's
+            return _split_tensor_core(builder, conv, tensor_core_splits(m, cout, k, conv.channels, sms))
         return None
+    if not im2col or conv.layout != "NCHW":
+        return None
+    batch, (kh, kw), (oh, ow) = conv.batch, conv.kernel, conv.out_hw
     cols = builder.emit_te(_im2col, conv.x, splits, (kh, kw), conv.strides, conv.padding, (oh, ow),
                            primfunc_name_hint="im2col")  # [S, M, K/S]
     w_slices = np.ascontiguousarray(conv.weight.reshape(cout, splits, k // splits).transpose(1, 2, 0))
@@ -240,8 +283,8 @@ def _split_k(builder: relax.BlockBuilder, conv: PlainConv, sms: int):
 def _split_tensor_core(builder: relax.BlockBuilder, conv: PlainConv, splits: int):
     if splits == 1:
         return None
-    partial = builder.emit_te(_split_conv, conv.x, relax.const(conv.weight), splits, conv.strides,
-                              conv.padding, conv.out_dtype, primfunc_name_hint="conv2d_split")
+    partial = builder.emit_te(lambda data, weight: _split_conv(data, weight, splits, conv),
+                              conv.x, relax.const(conv.weight), primfunc_name_hint="conv2d_split")
     return builder.call_te(_sum_slices, partial, primfunc_name_hint="split_sum")
 
 
@@ -252,12 +295,13 @@ def sm_count(target: tvm.target.Target | None) -> int:
     return SM_COUNTS.get(arch, DEFAULT_SMS)
 
 
-def split_k_convolutions(sms: int | None = None) -> tvm.transform.Pass:
+def split_k_convolutions(sms: int | None = None, im2col: bool = True, tensor_cores: bool = True) -> tvm.transform.Pass:
     """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring), for a
-    GPU with `sms` SMs (default: the current target's, `sm_count`)."""
+    GPU with `sms` SMs (default: the current target's, `sm_count`): through im2col (NCHW only), along
+    channels on tensor cores (fp16), or both."""
 
     def make_rewrite():
         gpu_sms = sms or sm_count(tvm.target.Target.current(allow_none=True))
-        return lambda builder, conv: _split_k(builder, conv, gpu_sms)
+        return lambda builder, conv: _split_k(builder, conv, gpu_sms, im2col, tensor_cores)
 
     return conv_rewrite_pass("ForgemlSplitKConv2D", make_rewrite)

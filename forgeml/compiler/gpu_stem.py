@@ -14,8 +14,9 @@ K runs along the last axis of cols, so the GEMM's tile loads are contiguous 8-by
 convolution over NCHW cols would gather them 25 KB apart). The GEMM writes the model's NCHW output
 itself, so FuseOps merges the epilogue (bias, ReLU) into its kernel as before; K is padded with zero
 taps and zero weights to whole tensor-core steps.
-Only fp16 NCHW/OIHW convolutions with at most 4 input channels, a window larger than 1x1, 64+ output
-channels and constant weights are rewritten (the convolutions that go on tensor cores).
+Only fp16 convolutions (NCHW/OIHW, or NHWC/OHWI under `--conv-layout NHWC`) with at most 4 input
+channels, a window larger than 1x1, 64+ output channels and constant weights are rewritten (the
+convolutions that go on tensor cores).
 """
 
 from __future__ import annotations
@@ -31,50 +32,60 @@ MIN_OUT_CHANNELS = 64  # gpu.tensor_core_gemm's smallest extent
 K_STEP = 32  # two 16-wide tensor-core fragments
 
 
-def _stem_cols(data, kernel: tuple[int, int], strides: tuple[int, int], padding: tuple[int, int, int, int],
-               out_hw: tuple[int, int], k_padded: int):
-    """cols[b, y, x, k] = data[b, c, y*sh + ky - top, x*sw + kx - left] for k = c*KH*KW + ky*KW + kx (the
-    K order of an OIHW weight reshaped to [O, K]); 0 in the padding and for k past C*KH*KW."""
+def _stem_cols(data, conv: PlainConv, k_padded: int):
+    """cols[b, y, x, k] = the input at (b, c, y*sh + ky - top, x*sw + kx - left), in K order of the weight
+    reshaped to [O, K] (OIHW: k = c*KH*KW + ky*KW + kx; OHWI: k = (ky*KW + kx)*C + c); 0 in the padding
+    and for k past C*KH*KW."""
     from tvm import te, tirx
 
-    _, channels, height, width = (int(d) for d in data.shape)
-    (kh, kw), (sh, sw), (top, left, _, _), (oh, ow) = kernel, strides, padding, out_hw
+    channels, (kh, kw), (sh, sw), (oh, ow) = conv.channels, conv.kernel, conv.strides, conv.out_hw
+    top, left = conv.padding[:2]
+    height, width = conv.x_shape[1:3] if conv.layout == "NHWC" else conv.x_shape[2:4]
     k_real = channels * kh * kw
 
     def col(b, y, x, k):
-        c, r = k // (kh * kw), k % (kh * kw)
+        if conv.layout == "NHWC":
+            c, r = k % channels, k // channels
+        else:
+            c, r = k // (kh * kw), k % (kh * kw)
         iy = y * sh + r // kw - top
         ix = x * sw + r % kw - left
         inside = tirx.all(k < k_real, iy >= 0, iy < height, ix >= 0, ix < width)
-        value = data[b, tirx.min(c, channels - 1), tirx.max(iy, 0), tirx.max(ix, 0)]
+        c, iy, ix = tirx.min(c, channels - 1), tirx.max(iy, 0), tirx.max(ix, 0)
+        value = data[b, iy, ix, c] if conv.layout == "NHWC" else data[b, c, iy, ix]
         return tirx.if_then_else(inside, value, tirx.const(0, data.dtype))
 
-    return te.compute((int(data.shape[0]), oh, ow, k_padded), col, name="stem_cols")
+    return te.compute((conv.batch, oh, ow, k_padded), col, name="stem_cols")
 
 
-def _stem_gemm(cols, weight, out_dtype: str):
-    """out[b, o, y, x] = sum over k of cols[b, y, x, k] * weight[o, k], accumulated in `out_dtype`."""
+def _stem_gemm(cols, weight, out_dtype: str, layout: str):
+    """out[b, o, y, x] (NHWC: out[b, y, x, o]) = sum over k of cols[b, y, x, k] * weight[o, k],
+    accumulated in `out_dtype`."""
     from tvm import te
 
     batch, oh, ow, k_padded = (int(d) for d in cols.shape)
+    cout = int(weight.shape[0])
     k = te.reduce_axis((0, k_padded), "k")
-    return te.compute(
-        (batch, int(weight.shape[0]), oh, ow),
-        lambda b, o, y, x: te.sum(cols[b, y, x, k].astype(out_dtype) * weight[o, k].astype(out_dtype), axis=k),
-        name="stem_gemm")
+
+    def dot(b, o, y, x):
+        return te.sum(cols[b, y, x, k].astype(out_dtype) * weight[o, k].astype(out_dtype), axis=k)
+
+    if layout == "NHWC":
+        return te.compute((batch, oh, ow, cout), lambda b, y, x, o: dot(b, o, y, x), name="stem_gemm")
+    return te.compute((batch, cout, oh, ow), dot, name="stem_gemm")
 
 
 def _stem(builder: relax.BlockBuilder, conv: PlainConv):
-    cout, channels, kh, kw = conv.weight.shape
+    (kh, kw), channels, cout = conv.kernel, conv.channels, conv.cout
     if str(conv.weight.dtype) != "float16" or channels > MAX_CHANNELS or kh * kw == 1 or cout < MIN_OUT_CHANNELS:
         return None
     k_real = channels * kh * kw
     k_padded = -(-k_real // K_STEP) * K_STEP
-    cols = builder.emit_te(_stem_cols, conv.x, (int(kh), int(kw)), conv.strides, conv.padding,
-                           conv.out_shape[2:], k_padded, primfunc_name_hint="stem_cols")
+    cols = builder.emit_te(lambda data: _stem_cols(data, conv, k_padded), conv.x, primfunc_name_hint="stem_cols")
     w_cols = np.zeros((cout, k_padded), dtype=conv.weight.dtype)
-    w_cols[:, :k_real] = conv.weight.reshape(cout, k_real)
-    return builder.call_te(_stem_gemm, cols, relax.const(w_cols), conv.out_dtype, primfunc_name_hint="stem_gemm")
+    w_cols[:, :k_real] = conv.weight.reshape(cout, k_real)  # OIHW or OHWI: the K order of cols
+    return builder.call_te(_stem_gemm, cols, relax.const(w_cols), conv.out_dtype, conv.layout,
+                           primfunc_name_hint="stem_gemm")
 
 
 def stem_convolutions() -> tvm.transform.Pass:
