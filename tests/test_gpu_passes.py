@@ -73,6 +73,32 @@ def test_split_k_fp16_convolution_accumulates_in_fp32():
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
+def _dense_module(m: int, k: int, n: int) -> tvm.IRModule:
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    w = relax.const((rng.standard_normal((n, k)) * 0.05).astype("float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
+            out = bb.emit_output(relax.op.add(y, relax.const(rng.standard_normal(n).astype("float32"))))
+        bb.emit_func_output(out)
+    return relax.transform.FoldConstant()(bb.get())  # the transposed weights become one constant
+
+
+def test_split_k_dense_layer_with_few_tiles():
+    """ResNet's classifier at batch 32 ([32, 512] x [512, 1000]: 16 tiles) splits K in 4; at batch 1
+    it stays a GEMV (dlight's Reduction rule splits K itself)."""
+    mod = _dense_module(32, 512, 1000)
+    rewritten = split_k_convolutions()(mod)
+    assert "R.Tensor((4, 32, 1000)" in rewritten.script() and "split_sum" in rewritten.script()
+    x = np.random.default_rng(1).standard_normal((32, 512)).astype("float32")
+    expected, got = _run_cpu(mod, x), _run_cpu(rewritten, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert "split_sum" not in split_k_convolutions()(_dense_module(1, 512, 1000)).script()
+    assert "split_sum" not in split_k_convolutions()(_dense_module(256, 512, 1000)).script()  # 128 tiles
+
+
 def test_split_k_leaves_busy_convolutions_alone():
     mod = _conv_module(8, 64, 64, 56, 1)  # 8 x 56 x 56 outputs per channel: plenty of tiles
     assert "R.nn.conv2d" in split_k_convolutions()(mod).script()

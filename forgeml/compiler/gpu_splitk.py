@@ -232,27 +232,60 @@ def plain_conv2d(call, lookup_binding) -> PlainConv | None:
                      layout)
 
 
+class PlainDense(NamedTuple):
+    """A matmul of a static [M, K] input by constant [K, N] weights (a dense layer after FoldConstant)."""
+
+    x: relax.Expr
+    weight: np.ndarray
+    out_dtype: str
+
+    @property
+    def gemm(self) -> tuple[int, int, int]:
+        k, n = self.weight.shape
+        return _static_shape(self.x)[0], int(n), int(k)
+
+
+def plain_dense(call, lookup_binding) -> PlainDense | None:
+    """`call` as a PlainDense, or None for any other call."""
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
+        return None
+    x, w_expr = call.args
+    weight = constant_array(w_expr, lookup_binding)
+    x_shape = _static_shape(x)
+    if weight is None or weight.ndim != 2 or x_shape is None or len(x_shape) != 2:
+        return None
+    if str(weight.dtype) != str(x.ty.dtype):
+        return None
+    out_dtype = str(call.attrs.out_dtype)
+    return PlainDense(x, weight, str(x.ty.dtype) if out_dtype in ("", "None", "void") else out_dtype)
+
+
 @relax.expr_functor.mutator
 class _ConvRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, rewrite):
+    def __init__(self, mod: tvm.IRModule, rewrite, rewrite_dense):
         super().__init__(mod)
-        self.rewrite = rewrite
+        self.rewrite, self.rewrite_dense = rewrite, rewrite_dense
 
     def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
         call = self.visit_expr_post_order(call)
         conv = plain_conv2d(call, self.lookup_binding)
-        rewritten = None if conv is None else self.rewrite(self.builder_, conv)
+        if conv is not None:
+            rewritten = self.rewrite(self.builder_, conv)
+        else:
+            dense = plain_dense(call, self.lookup_binding) if self.rewrite_dense else None
+            rewritten = None if dense is None else self.rewrite_dense(self.builder_, dense)
         return call if rewritten is None else rewritten
 
 
-def conv_rewrite_pass(name: str, make_rewrite) -> tvm.transform.Pass:
+def conv_rewrite_pass(name: str, make_rewrite, make_dense_rewrite=None) -> tvm.transform.Pass:
     """A module pass that replaces each PlainConv of every Relax function with `rewrite(builder, conv)`
-    where that returns an expression (None keeps the convolution); `make_rewrite()` gives `rewrite`
-    when the pass runs (under the current target)."""
+    where that returns an expression (None keeps the convolution), and each PlainDense likewise with
+    `dense_rewrite(builder, dense)`; `make_rewrite()` and `make_dense_rewrite()` give them when the pass
+    runs (under the current target)."""
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _ConvRewriter(mod, make_rewrite())
+        rewriter = _ConvRewriter(mod, make_rewrite(), make_dense_rewrite() if make_dense_rewrite else None)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
@@ -280,6 +313,19 @@ def _split_k(builder: relax.BlockBuilder, conv: PlainConv, sms: int, im2col: boo
     return relax.op.permute_dims(total, [0, 3, 1, 2])
 
 
+def _split_dense(builder: relax.BlockBuilder, dense: PlainDense):
+    """A dense layer with few FMA tiles (ResNet's classifier at batch 32: [32, 512] x [512, 1000], 16
+    tiles) as S matmuls over K slices and an elementwise sum: x [M, K] -> [S, M, K/S]."""
+    m, n, k = dense.gemm
+    splits = split_factor(m, n, k)
+    if m < TILE_M or splits == 1:  # fewer rows go to dlight's GEMV rules, which split K themselves
+        return None
+    xs = builder.emit(relax.op.permute_dims(relax.op.reshape(dense.x, (m, splits, k // splits)), [1, 0, 2]))
+    ws = relax.const(np.ascontiguousarray(dense.weight.reshape(splits, k // splits, n)))
+    partial = builder.emit(relax.op.matmul(xs, ws, out_dtype=dense.out_dtype))  # [S, M, N]
+    return builder.call_te(_sum_slices, partial, primfunc_name_hint="split_sum")
+
+
 def _split_tensor_core(builder: relax.BlockBuilder, conv: PlainConv, splits: int):
     if splits == 1:
         return None
@@ -297,11 +343,11 @@ def sm_count(target: tvm.target.Target | None) -> int:
 
 def split_k_convolutions(sms: int | None = None, im2col: bool = True, tensor_cores: bool = True) -> tvm.transform.Pass:
     """Rewrite the convolutions that would leave the GPU mostly idle (see the module docstring), for a
-    GPU with `sms` SMs (default: the current target's, `sm_count`): through im2col (NCHW only), along
-    channels on tensor cores (fp16), or both."""
+    GPU with `sms` SMs (default: the current target's, `sm_count`): through im2col (NCHW only; dense
+    layers with few tiles too, `_split_dense`), along channels on tensor cores (fp16), or both."""
 
     def make_rewrite():
         gpu_sms = sms or sm_count(tvm.target.Target.current(allow_none=True))
         return lambda builder, conv: _split_k(builder, conv, gpu_sms, im2col, tensor_cores)
 
-    return conv_rewrite_pass("ForgemlSplitKConv2D", make_rewrite)
+    return conv_rewrite_pass("ForgemlSplitK", make_rewrite, (lambda: _split_dense) if im2col else None)
