@@ -186,3 +186,33 @@ def test_fp16_64_channel_convolution_uses_tensor_cores():
     summary = gpu.schedule_summary(mod, target)
     convs = {name: rule for name, rule in summary.items() if "conv2d" in name}
     assert convs and set(convs.values()) == {"TensorCoreMatmul"}, summary
+
+
+def _rows_module(rows: int, n: int) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((rows, n), "float32"))
+    gamma, beta = relax.const(np.ones(n, "float32")), relax.const(np.zeros(n, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.nn.softmax(x, axis=-1))
+            out = bb.emit_output(relax.op.nn.layer_norm(s, gamma, beta, axes=[-1]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("n,threads", [(128, 32), (1024, 256)])
+def test_short_rows_reduce_in_one_warp(n, threads):
+    """Softmax and layer norm over BERT's 128-long rows: one warp per row (shuffles), where dlight's
+    GeneralReduction used 256 threads; long rows keep dlight's 256."""
+    import re
+
+    target = tvm.target.Target(CUDA)
+    mod = _rows_module(256, n)
+    with target:
+        mod = tvm.transform.Sequential(gpu._graph_passes("fp32") + gpu._lower_passes())(mod)
+    assert set(gpu.schedule_summary(mod, target).values()) == {"WarpRowReduction"}
+    lib = tvm.compile(gpu.schedule_rest(mod, target), target=target)
+    source = next(m.inspect_source() for host in lib.mod.imports for m in host.imports if m.kind == "cuda")
+    bounds = dict((name, int(t)) for t, name in re.findall(r"__launch_bounds__\((\d+)\) (\w+)\(", source))
+    assert bounds == {"softmax_kernel": threads, "layer_norm_kernel": threads}, bounds
+    assert "__shfl_down_sync" in source

@@ -16,7 +16,10 @@ optional fp16 mixed precision, TVM's legalize + fuse, then `dlight.gpu` rules on
 - GEMV / LowBatchGEMV: matrix-vector products (batch-1 dense layers with [N, K] weights).
 - ShortReduction (forgeml's): kernels whose reduction is at most 49 long, i.e. depthwise convolutions
   and 7x7 pools: one thread per output element (dlight's row reductions wasted most threads on them).
-- Reduction / GeneralReduction: means, softmax, layer norms (one thread block per row).
+- Reduction: means and other single reductions (one thread block per row).
+- WarpRowReduction (`gpu_rows.py`, dlight's GeneralReduction with its threads per row as a
+  parameter): softmax, layer norms; one warp per row of at most 512 elements (BERT's 128), dlight's
+  256-thread block per row otherwise.
 - Transpose, Fallback: everything else (elementwise, pooling, depthwise convolutions).
 
 fp16 (`precision="fp16"`) is relax.transform.ToMixedPrecision(out_dtype="float32"): convolutions
@@ -41,6 +44,7 @@ import functools
 import tvm
 from tvm import relax
 
+from forgeml.compiler.gpu_rows import WarpRowReduction
 from forgeml.compiler.gpu_splitk import split_k_convolutions
 from forgeml.compiler.gpu_stem import stem_convolutions
 from forgeml.errors import InvalidInput
@@ -318,7 +322,7 @@ def default_rules() -> list:
         dl.gpu.LowBatchGEMV(),
         _short_reduction_rule(),  # before the row reductions, after every GEMM-shaped rule
         dl.gpu.Reduction(),
-        dl.gpu.GeneralReduction(),
+        WarpRowReduction(),  # dlight's GeneralReduction, a warp per short row (softmax, layer norm)
         dl.gpu.Transpose(),
         dl.gpu.Fallback(),
     ]
@@ -365,16 +369,14 @@ GPU_PIPELINES = {"O0": gpu_o0, "O2": gpu_o2}
 
 def schedule_summary(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
     """Which dlight rule schedules each kernel of a legalized, fused module (for tests and reports)."""
-    names = ["TensorCoreMatmul", "Matmul", "GEMV", "LowBatchGEMV", "ShortReduction", "Reduction", "GeneralReduction",
-             "Transpose",
-             "Fallback"]
+    rules = default_rules()
     summary = {}
     with target:
         for gv, func in mod.functions.items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
             summary[gv.name_hint] = "none"
-            for name, rule in zip(names, default_rules()):
+            for name, rule in zip([type(rule).__name__ for rule in rules], rules):
                 try:
                     if rule.apply(func, target, False) is not None:
                         summary[gv.name_hint] = name
