@@ -45,7 +45,7 @@ import tvm
 from tvm import relax
 
 from forgeml.compiler.gpu_rows import WarpRowReduction
-from forgeml.compiler.gpu_splitk import split_k_convolutions
+from forgeml.compiler.gpu_splitk import TENSOR_CORE_MIN_EXTENT, split_k_convolutions
 from forgeml.compiler.gpu_stem import stem_convolutions
 from forgeml.errors import InvalidInput
 
@@ -265,7 +265,8 @@ def gemm_extents(func) -> tuple[str, tuple[int, ...]] | None:
         return None
 
 
-def tensor_core_gemm(func, target, min_extent: int = 64, min_macs: int = 1 << 24) -> tuple[int, int, int] | None:
+def tensor_core_gemm(func, target, min_extent: int = TENSOR_CORE_MIN_EXTENT,
+                     min_macs: int = 1 << 24) -> tuple[int, int, int] | None:
     """(M, N, K) of an fp16 GEMM or convolution that goes on tensor cores on `target` (sm_70+): every
     extent at least `min_extent` and `min_macs` multiply-adds or more; None for any other kernel.
 
@@ -337,9 +338,8 @@ def gpu_o0(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalized kernels with the generic Fallback schedule only (GPU code needs thread bindings)."""
     from tvm.s_tir import dlight as dl
 
-    _check_target(target)
+    mod = gpu_tuning_input(mod, target)
     with target:
-        mod = tvm.transform.Sequential(_graph_passes(precision_of(mod), conv_layout_of(mod)) + _lower_passes())(mod)
         return dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
 
 
@@ -376,10 +376,10 @@ def schedule_summary(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, 
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
             summary[gv.name_hint] = "none"
-            for name, rule in zip([type(rule).__name__ for rule in rules], rules):
+            for rule in rules:
                 try:
                     if rule.apply(func, target, False) is not None:
-                        summary[gv.name_hint] = name
+                        summary[gv.name_hint] = type(rule).__name__
                         break
                 except Exception:  # noqa: BLE001 (a rule that does not fit may raise)
                     continue

@@ -35,6 +35,7 @@ TILE_M, TILE_N = 32, 64  # dlight Matmul's CUDA output tile (block 8x16 threads,
 TARGET_BLOCKS = 256  # about two blocks per SM on an H100/H200 (132 SMs)
 MIN_K_SLICE = 128  # shorter slices spend more on the partial sums than they save
 MIN_K = 512
+TENSOR_CORE_MIN_EXTENT = 64  # gpu.tensor_core_gemm: the smallest M, N and K that go on tensor cores
 
 # Tensor-core (wmma) convolutions, `tensor_core_splits`: dlight's 128 x 128 tile runs 512 threads of
 # 120 registers, so one block per SM (128 x 64 tiles for N = 64: 256 threads, two).
@@ -224,12 +225,16 @@ def plain_conv2d(call, lookup_binding) -> PlainConv | None:
     x_shape, out_shape = _static_shape(x), _static_shape(call)
     if weight is None or x_shape is None or out_shape is None or weight.ndim != 4:
         return None
-    dtype, out_dtype = str(x.ty.dtype), str(attrs.out_dtype)
-    if str(weight.dtype) != dtype:
+    if str(weight.dtype) != str(x.ty.dtype):
         return None
     return PlainConv(x, weight, x_shape, out_shape, tuple(int(s) for s in attrs.strides),
-                     tuple(int(p) for p in attrs.padding), dtype if out_dtype in ("", "None", "void") else out_dtype,
-                     layout)
+                     tuple(int(p) for p in attrs.padding), _accumulation_dtype(call), layout)
+
+
+def _accumulation_dtype(call) -> str:
+    """The dtype a conv2d or matmul call accumulates in: its out_dtype, else its input's."""
+    out_dtype = str(call.attrs.out_dtype)
+    return str(call.args[0].ty.dtype) if out_dtype in ("", "None", "void") else out_dtype
 
 
 class PlainDense(NamedTuple):
@@ -242,7 +247,7 @@ class PlainDense(NamedTuple):
     @property
     def gemm(self) -> tuple[int, int, int]:
         k, n = self.weight.shape
-        return _static_shape(self.x)[0], int(n), int(k)
+        return int(self.x.ty.shape[0]), int(n), int(k)
 
 
 def plain_dense(call, lookup_binding) -> PlainDense | None:
@@ -256,8 +261,7 @@ def plain_dense(call, lookup_binding) -> PlainDense | None:
         return None
     if str(weight.dtype) != str(x.ty.dtype):
         return None
-    out_dtype = str(call.attrs.out_dtype)
-    return PlainDense(x, weight, str(x.ty.dtype) if out_dtype in ("", "None", "void") else out_dtype)
+    return PlainDense(x, weight, _accumulation_dtype(call))
 
 
 @relax.expr_functor.mutator
@@ -298,7 +302,7 @@ def _split_k(builder: relax.BlockBuilder, conv: PlainConv, sms: int, im2col: boo
     m, cout, k = conv.gemm
     splits = split_factor(m, cout, k)
     if splits == 1:
-        if tensor_cores and str(conv.weight.dtype) == "float16" and min(m, cout, k) >= 64:  # tensor_core_gemm's
+        if tensor_cores and str(conv.weight.dtype) == "float16" and min(m, cout, k) >= TENSOR_CORE_MIN_EXTENT:
             return _split_tensor_core(builder, conv, tensor_core_splits(m, cout, k, conv.channels, sms))
         return None
     if not im2col or conv.layout != "NCHW":

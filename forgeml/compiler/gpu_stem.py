@@ -25,10 +25,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from forgeml.compiler.gpu_splitk import PlainConv, conv_rewrite_pass
+from forgeml.compiler.gpu_splitk import TENSOR_CORE_MIN_EXTENT, PlainConv, conv_rewrite_pass
 
 MAX_CHANNELS = 4
-MIN_OUT_CHANNELS = 64  # gpu.tensor_core_gemm's smallest extent
 K_STEP = 32  # two 16-wide tensor-core fragments
 
 
@@ -77,7 +76,7 @@ def _stem_gemm(cols, weight, out_dtype: str, layout: str):
 
 def _stem(builder: relax.BlockBuilder, conv: PlainConv):
     (kh, kw), channels, cout = conv.kernel, conv.channels, conv.cout
-    if str(conv.weight.dtype) != "float16" or channels > MAX_CHANNELS or kh * kw == 1 or cout < MIN_OUT_CHANNELS:
+    if str(conv.weight.dtype) != "float16" or channels > MAX_CHANNELS or kh * kw == 1 or cout < TENSOR_CORE_MIN_EXTENT:
         return None
     k_real = channels * kh * kw
     k_padded = -(-k_real // K_STEP) * K_STEP
