@@ -50,12 +50,14 @@ MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert_tiny")
 BATCHES = (1, 32)
 PRECISIONS = ("fp32", "fp16")
 # forgeml builds per case: name -> (precision, CUDA graph (None: the compiler's default, on), convolution
-# layout). Every build uses the tuning database's records where they beat the rules, except the
-# "untuned" ones (rules only).
-VARIANTS = {"fp32": ("fp32", None, "NCHW"), "fp16": ("fp16", None, "NCHW"), "fp32 no-graph": ("fp32", False, "NCHW"),
-            "fp16 no-graph": ("fp16", False, "NCHW"), "fp32 untuned": ("fp32", None, "NCHW"),
-            "fp16 untuned": ("fp16", None, "NCHW"), "fp32 nhwc": ("fp32", None, "NHWC"),
-            "fp16 nhwc": ("fp16", None, "NHWC"), "fp16 nhwc untuned": ("fp16", None, "NHWC")}
+# layout, tensor-core schedule). Every build uses the tuning database's records where they beat the
+# rules, except the "untuned" ones (rules only).
+VARIANTS = {"fp32": ("fp32", None, "NCHW", "wmma"), "fp16": ("fp16", None, "NCHW", "wmma"),
+            "fp32 no-graph": ("fp32", False, "NCHW", "wmma"), "fp16 no-graph": ("fp16", False, "NCHW", "wmma"),
+            "fp32 untuned": ("fp32", None, "NCHW", "wmma"), "fp16 untuned": ("fp16", None, "NCHW", "wmma"),
+            "fp32 nhwc": ("fp32", None, "NHWC", "wmma"), "fp16 nhwc": ("fp16", None, "NHWC", "wmma"),
+            "fp16 nhwc untuned": ("fp16", None, "NHWC", "wmma"), "fp16 mma": ("fp16", None, "NCHW", "mma"),
+            "fp16 nhwc mma": ("fp16", None, "NHWC", "mma")}
 
 
 def _say(msg: str) -> None:
@@ -123,7 +125,7 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
             case = {"id": cid, "model": model, "batch": batch, "onnx": f"onnx/{cid}.onnx",
                     "ref": f"refs/{cid}.npz", "artifacts": {}}
             for variant in variants:
-                precision, cuda_graph, conv_layout = VARIANTS[variant]
+                precision, cuda_graph, conv_layout, tensor_core_schedule = VARIANTS[variant]
                 out = work / "artifacts" / f"{cid}_{variant.replace(' ', '_')}.fml"
                 start = time.perf_counter()
                 if reuse and out.exists():
@@ -136,7 +138,8 @@ def prepare(work: Path, models: list[str], batches: list[int], target: str, reus
                     manifest = compile_model(onnx_path, out, CompileOptions(target=target, precision=precision,
                                                                             use_tuning_db="untuned" not in variant,
                                                                             cuda_graph=cuda_graph,
-                                                                            conv_layout=conv_layout))
+                                                                            conv_layout=conv_layout,
+                                                                            tensor_core_schedule=tensor_core_schedule))
                     compile_s = round(time.perf_counter() - start, 1)
                 case["artifacts"][variant] = {
                     "path": f"artifacts/{out.name}", "compile_s": compile_s,
@@ -484,8 +487,10 @@ def export_onnx(plan: dict, dest: Path) -> None:
 
 
 def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: bool = True,
-        memory: bool = True, onnx_dir: Path | None = None) -> dict:
-    """Check every artifact against the reference outputs and measure all engines, alternating."""
+        memory: bool = True, onnx_dir: Path | None = None, isolate: tuple[str, ...] = ()) -> dict:
+    """Check every artifact against the reference outputs and measure all engines, alternating. The
+    `isolate` variants (new kernels) first run in a process of their own and are left out where they
+    fail there."""
     import numpy as np
 
     import forgeml
@@ -529,6 +534,13 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
         runners = {}
         for variant, art in case["artifacts"].items():
             label = f"forgeml {variant}"
+            if variant in isolate:  # a kernel fault would poison this process's CUDA context for all
+                first = _memory_in_subprocess(base, "forgeml", model, batch, VARIANTS[variant][0],
+                                              str(base / art["path"]))
+                if "error" in first:
+                    engines[label] = {"error": f"failed in a process of its own, not run here: {first['error']}"}
+                    _say(f"{cid} {label}: {engines[label]['error']}")
+                    continue
             try:
                 before = device.cuda_memory()
                 session = forgeml.load(base / art["path"])
@@ -726,6 +738,8 @@ def main() -> None:
     parser.add_argument("--variants", default="fp32,fp16",
                         help=f"prepare: forgeml builds per case, of {', '.join(VARIANTS)}")
     parser.add_argument("--no-memory", action="store_true", help="run: skip the per-engine memory processes")
+    parser.add_argument("--isolate", default="",
+                        help="run: variants whose artifacts first run in a process of their own (dropped if they fail)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # mem: forgeml | torch
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
@@ -754,7 +768,8 @@ def main() -> None:
             _say(f"unpacking {args.bundle} into {base}")
             _unpack_to(Path(args.bundle), base)
         results = run(base, out, args.repeat, args.budget_s, torch_baseline=not args.no_torch,
-                      memory=not args.no_memory, onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None)
+                      memory=not args.no_memory, onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None,
+                      isolate=tuple(v.strip() for v in args.isolate.split(",") if v.strip()))
         print(markdown(results))
     if args.command == "mem":
         print(json.dumps(measure_memory(args.engine, models[0], batches[0], args.precision, args.artifact)))

@@ -78,6 +78,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--conv-layout", default="NCHW", show_default=True, type=click.Choice(["NCHW", "NHWC"]),
               help="GPU targets: the convolutions' data layout (NHWC: contiguous channel loads for the "
                    "tensor-core kernels; the model's inputs and outputs keep their layout).")
+@click.option("--tensor-core-schedule", default="wmma", show_default=True, type=click.Choice(["wmma", "mma"]),
+              help="GPU targets, fp16: how GEMMs and convolutions use tensor cores (mma: ldmatrix + mma.sync "
+                   "with a cp.async pipeline, sm_80+; opt-in until measured against wmma).")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="GPU targets: replay each call's kernel launches as one CUDA graph (fewer launches) "
                    "[default: on for GPU targets].")
@@ -86,14 +89,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--no-tuning-db", is_flag=True, help="Ignore tuning records; rule-based schedules only.")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
-                no_tuning_db: bool, precision: str, conv_layout: str, cuda_graph: bool | None) -> None:
+                no_tuning_db: bool, precision: str, conv_layout: str, tensor_core_schedule: str,
+                cuda_graph: bool | None) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
     options = CompileOptions(target=target, input_shapes=_parse_shapes(input_shapes), opt_level=opt_level,
                              verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
                              tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision,
-                             conv_layout=conv_layout, cuda_graph=cuda_graph)
+                             conv_layout=conv_layout, tensor_core_schedule=tensor_core_schedule,
+                             cuda_graph=cuda_graph)
     output = output or model.with_suffix(".fml")
     with TuningProgress() as tuning_bar, console.status("compiling") as status:
         manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),

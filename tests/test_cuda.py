@@ -228,9 +228,8 @@ def test_depthwise_conv_gets_one_thread_per_output():
     assert [rule for name, rule in summary.items() if "conv2d" in name] == ["ShortReduction"], summary
 
 
-def test_fp16_64_channel_convolution_builds_with_64_wide_tensor_core_tiles(tmp_path):
-    """N = 64 GEMMs get 128 x 64 wmma tiles (forgeml's copy of dlight's schedule); their fp32
-    staging tile must live in static shared memory, else TVM's lowering rejects the build."""
+def _conv64_model():
+    """A 64-channel 3x3 convolution + bias + ReLU at batch 8, 32x32: an fp16 tensor-core GEMM."""
     from conftest import _model
     from onnx import TensorProto, helper
 
@@ -239,18 +238,47 @@ def test_fp16_64_channel_convolution_builds_with_64_wide_tensor_core_tiles(tmp_p
                "b": rng.standard_normal(64).astype("float32")}
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["y"])]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64, 32, 32])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64, 32, 32])], weights)
-    path = save(model, tmp_path / "conv64.onnx")
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64, 32, 32])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64, 32, 32])], weights)
+
+
+def _check_on_gpu(onnx_path: Path, artifact: Path) -> None:
+    """Where a GPU is at hand: the artifact's output matches ONNX Runtime's within fp16's tolerance."""
+    if not _has_gpu():
+        return
+    import forgeml
+
+    x = np.random.default_rng(1).standard_normal((8, 64, 32, 32)).astype("float32")
+    got = forgeml.load(artifact).run({"x": x})["y"]
+    ref = ort_run(onnx_path, {"x": x})["y"]
+    assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))
+
+
+def test_fp16_64_channel_convolution_builds_with_64_wide_tensor_core_tiles(tmp_path):
+    """N = 64 GEMMs get 128 x 64 wmma tiles (forgeml's copy of dlight's schedule); their fp32
+    staging tile must live in static shared memory, else TVM's lowering rejects the build."""
+    path = save(_conv64_model(), tmp_path / "conv64.onnx")
     manifest = compile_model(path, tmp_path / "conv64.fml", CompileOptions(target="cuda-sm90", precision="fp16"))
     assert manifest.compile_options["precision"] == "fp16"
-    if _has_gpu():
-        x = rng.standard_normal((8, 64, 32, 32)).astype("float32")
-        import forgeml
+    _check_on_gpu(path, tmp_path / "conv64.fml")
 
-        got = forgeml.load(tmp_path / "conv64.fml").run({"x": x})["y"]
-        ref = ort_run(path, {"x": x})["y"]
-        assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))
+
+def test_mma_tensor_core_schedule_builds_and_is_recorded(tmp_path):
+    """`--tensor-core-schedule mma`: the fp16 convolutions on mma.sync + cp.async (nvcc builds them);
+    on a GPU, the outputs match ONNX Runtime's."""
+    path = save(_conv64_model(), tmp_path / "conv64.onnx")
+    mma = compile_model(path, tmp_path / "mma.fml", CompileOptions(target="cuda-sm90", precision="fp16",
+                                                                   tensor_core_schedule="mma"))
+    compile_model(path, tmp_path / "wmma.fml", CompileOptions(target="cuda-sm90", precision="fp16"))
+    assert mma.compile_options["tensor_core_schedule"] == "mma"
+    assert artifact_library(tmp_path / "mma.fml") != artifact_library(tmp_path / "wmma.fml")
+    _check_on_gpu(path, tmp_path / "mma.fml")
+    with pytest.raises(InvalidInput, match="add --precision fp16"):
+        compile_model(path, tmp_path / "x.fml", CompileOptions(target="cuda-sm90", tensor_core_schedule="mma"))
+    with pytest.raises(InvalidInput, match="needs an sm_80\\+ GPU target"):
+        compile_model(path, tmp_path / "x.fml", CompileOptions(target="x86-64", precision="fp16",
+                                                               tensor_core_schedule="mma"))
+    assert not (tmp_path / "x.fml").exists()
 
 
 def test_cuda_tuning_batch_builds_tensor_core_candidates_and_tuned_kernels_compile(tmp_path, monkeypatch):
@@ -321,23 +349,26 @@ def test_cuda_batch_of_tensor_core_tilings_alone(tmp_path, monkeypatch):
     batch_dir = tmp_path / "batch"
     summary = tune_model(path, "cuda-sm90", trials=0, precision="fp16", measure_elsewhere=batch_dir)
     assert summary.kernels_in_batch == 2 and summary.rule_candidates == 2  # the matmul and the input's cast
-    assert summary.variants == 10 and summary.candidates == 10 and summary.build_errors == 0  # 5 tilings x 2 A orders
+    # wmma: 5 tilings x 2 A orders; mma.sync: 128 x 64 and 64 x 64 tiles x 2 K steps x 2 C orders
+    assert summary.variants == 18 and summary.candidates == 18 and summary.build_errors == 0
     candidates = json.loads((batch_dir / "candidates.json").read_text())["candidates"]
     sources = [c["source"] for c in candidates if c["kind"] == "tuned"]
     assert "wmma 128x64x64 (4 warps, A by rows)" in sources and all(c["comparable"] for c in candidates)
+    fastest = "mma 128x64x32 (4 warps, 3 stages, 8-byte copies)"  # w is [K, N]: B's K is strided
+    assert fastest in sources, "; ".join(sources)
 
     if _has_gpu():
         from forgeml.runtime.measure import measure_batch
 
         measure_batch(batch_dir)
-    else:  # stand-in timings: the 4-warp A-by-rows tiling fastest
-        stand_in = {c["id"]: {"run_secs": [1e-5 if c.get("source") == sources[3] else 1e-3]} for c in candidates}
+    else:  # stand-in timings: an mma.sync tiling fastest
+        stand_in = {c["id"]: {"run_secs": [1e-5 if c.get("source") == fastest else 1e-3]} for c in candidates}
         (batch_dir / "results.json").write_text(json.dumps({"format": 1, "results": stand_in,
                                                             "device": {"name": "stand-in"}}))
     imported = import_measurements(batch_dir)
-    assert imported.records == 10 and imported.wrong == 0
+    assert imported.records == 18 and imported.wrong == 0
     if not _has_gpu():
-        assert {k["kernel"]: k["best_source"] for k in imported.kernels}["matmul"] == sources[3]
+        assert {k["kernel"]: k["best_source"] for k in imported.kernels}["matmul"] == fastest
     manifest = compile_model(path, tmp_path / "mm.fml", CompileOptions(target="cuda-sm90", precision="fp16"))
     if not _has_gpu():
         assert manifest.tuning["tuned_kernels_used"] == 1

@@ -34,11 +34,20 @@ class CompileOptions:
     use_tuning_db: bool = True  # apply records already in the target's tuning database
     precision: str = "fp32"  # "fp16": mixed precision (fp16 compute, fp32 accumulation), cuda targets only
     conv_layout: str = "NCHW"  # "NHWC": convolutions in NHWC (cuda targets only)
+    tensor_core_schedule: str = "wmma"  # "mma": fp16 GEMMs on mma.sync + cp.async (sm_80+, gpu_mma.py)
     cuda_graph: bool | None = None  # cuda targets: replay each call's static launches as one CUDA graph
     # (None: on for cuda targets; measured faster on every zoo model, benchmarks/results/gpu.md)
 
 
-def _check_gpu_options(spec, precision: str, conv_layout: str) -> None:
+def _check_gpu_options(spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> None:
+    if tensor_core_schedule != "wmma":
+        arch = str(spec.target.get("arch", ""))
+        if spec.device != "cuda" or not arch.startswith("sm_") or int(arch[3:5]) < 80:
+            raise InvalidInput(f"--tensor-core-schedule {tensor_core_schedule} needs an sm_80+ GPU target "
+                               f"(cuda-sm80, cuda-sm90, jetson-orin); '{spec.name}' is {arch or 'a CPU target'}")
+        if precision != "fp16":
+            raise InvalidInput(f"--tensor-core-schedule {tensor_core_schedule} schedules fp16 GEMMs: "
+                               "add --precision fp16")
     if spec.device == "cuda":
         return
     if precision != "fp32":
@@ -49,13 +58,15 @@ def _check_gpu_options(spec, precision: str, conv_layout: str) -> None:
                            f"'{spec.name}' uses forgeml's CPU convolution layouts")
 
 
-def _with_gpu_options(mod: Any, spec, precision: str, conv_layout: str) -> Any:
-    """The module marked with the GPU pipeline's options (precision, convolution layout)."""
+def _with_gpu_options(mod: Any, spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> Any:
+    """The module marked with the GPU pipeline's options (precision, convolution layout, tensor-core
+    schedule)."""
     if spec.device != "cuda":
         return mod
-    from forgeml.compiler.gpu import with_conv_layout, with_precision
+    from forgeml.compiler.gpu import with_conv_layout, with_precision, with_tensor_core_schedule
 
-    return with_conv_layout(with_precision(mod, precision), conv_layout)
+    return with_tensor_core_schedule(with_conv_layout(with_precision(mod, precision), conv_layout),
+                                     tensor_core_schedule)
 
 
 def _versions() -> dict[str, str]:
@@ -151,7 +162,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         raise InvalidInput(f"output path {output} is a directory; give a file name such as model.fml")
     spec = resolve_target(options.target)
     run_pipeline = pipeline.get_pipeline(options.opt_level)
-    _check_gpu_options(spec, options.precision, options.conv_layout)
+    _check_gpu_options(spec, options.precision, options.conv_layout, options.tensor_core_schedule)
     if options.cuda_graph and spec.device != "cuda":
         raise InvalidInput(f"--cuda-graph needs a GPU target (cuda, jetson-orin); '{spec.name}' runs on the CPU")
     cuda_graph = spec.device == "cuda" and options.cuda_graph is not False
@@ -168,7 +179,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
     target = tvm.target.Target(spec.tvm_target())
-    mod = _with_gpu_options(mod, spec, options.precision, options.conv_layout)
+    mod = _with_gpu_options(mod, spec, options.precision, options.conv_layout, options.tensor_core_schedule)
     tuning_summary = None
     if _uses_tuning(options, spec, target):
         from forgeml.compiler.tuning import Budget
@@ -201,7 +212,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                 "opset": max((o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")),
                              default=0)},
         compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
-                         "conv_layout": options.conv_layout, "cuda_graph": cuda_graph,
+                         "conv_layout": options.conv_layout, "tensor_core_schedule": options.tensor_core_schedule,
+                         "cuda_graph": cuda_graph,
                          "input_shapes": {k: list(v) for k, v in options.input_shapes.items()}},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},

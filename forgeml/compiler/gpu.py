@@ -53,6 +53,8 @@ PRECISION_ATTR = "forgeml_precision"
 PRECISIONS = ("fp32", "fp16")
 LAYOUT_ATTR = "forgeml_conv_layout"
 CONV_LAYOUTS = ("NCHW", "NHWC")
+TENSOR_CORE_ATTR = "forgeml_tensor_core_schedule"
+TENSOR_CORE_SCHEDULES = ("wmma", "mma")
 
 
 def with_precision(mod: tvm.IRModule, precision: str) -> tvm.IRModule:
@@ -71,6 +73,16 @@ def with_conv_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
 
 def conv_layout_of(mod: tvm.IRModule) -> str:
     return _option_of(mod, LAYOUT_ATTR, "NCHW")
+
+
+def with_tensor_core_schedule(mod: tvm.IRModule, schedule: str) -> tvm.IRModule:
+    """Mark `mod` for fp16 GEMMs scheduled with "wmma" (dlight's, `gpu_wmma.py`) or "mma" (mma.sync
+    with a cp.async pipeline, sm_80+, `gpu_mma.py`)."""
+    return _with_option(mod, TENSOR_CORE_ATTR, schedule, TENSOR_CORE_SCHEDULES, "tensor-core schedule")
+
+
+def tensor_core_schedule_of(mod: tvm.IRModule) -> str:
+    return _option_of(mod, TENSOR_CORE_ATTR, "wmma")
 
 
 def _with_option(mod: tvm.IRModule, attr: str, value: str, known: tuple[str, ...], what: str) -> tvm.IRModule:
@@ -289,10 +301,13 @@ def tensor_core_gemm(func, target, min_extent: int = TENSOR_CORE_MIN_EXTENT,
     return m, n, k
 
 
-def _tensor_core_rule():
-    """fp16 GEMMs on tensor cores (dlight's wmma schedule) where `tensor_core_gemm` says so."""
+def _tensor_core_rule(schedule: str = "wmma", conv_layout: str = "NCHW"):
+    """fp16 GEMMs on tensor cores where `tensor_core_gemm` says so: dlight's wmma schedule, or with
+    `schedule` "mma" on sm_80+, forgeml's mma.sync one (`gpu_mma.rule_tiles`)."""
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
     from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
+
+    from forgeml.compiler import gpu_mma
 
     class TensorCoreMatmul(GPUScheduleRule):
         def apply(self, func, target, tunable):
@@ -301,6 +316,8 @@ def _tensor_core_rule():
             found = tensor_core_gemm(func, target)
             if found is None:
                 return None
+            if schedule == "mma" and gpu_mma.supports(target):
+                return gpu_mma.mma_matmul(func, target, gpu_mma.rule_tiles(func, target, found[1], conv_layout))
             if found[1] <= 64:  # dlight's 128-wide N tile would be half padding
                 from forgeml.compiler.gpu_wmma import WmmaTiles, wmma_matmul
 
@@ -310,14 +327,14 @@ def _tensor_core_rule():
     return TensorCoreMatmul()
 
 
-def default_rules() -> list:
+def default_rules(tensor_core_schedule: str = "wmma", conv_layout: str = "NCHW") -> list:
     """The dlight GPU rules, most specific first; Fallback catches every remaining kernel."""
     from tvm.s_tir import dlight as dl
 
     _import_tensor_intrinsics()
 
     return [
-        _tensor_core_rule(),
+        _tensor_core_rule(tensor_core_schedule, conv_layout),
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),
         dl.gpu.LowBatchGEMV(),
@@ -355,7 +372,7 @@ def schedule_rest(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     from tvm.s_tir import dlight as dl
 
     with target:
-        mod = dl.ApplyDefaultSchedule(*default_rules())(mod)
+        mod = dl.ApplyDefaultSchedule(*default_rules(tensor_core_schedule_of(mod), conv_layout_of(mod)))(mod)
         return relax.transform.DeadCodeElimination()(mod)
 
 

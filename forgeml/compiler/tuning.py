@@ -395,11 +395,13 @@ def rule_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
 
 def rule_variants(kernel: tvm.IRModule, target: tvm.target.Target) -> list[tuple[str, Any]]:
     """forgeml's own parametrized schedules of `kernel`, named, for tuning batches to time beside
-    MetaSchedule's candidates: the tensor-core tilings of fp16 GEMMs on CUDA (`gpu_wmma.wmma_variants`);
-    none for other kernels and targets."""
+    MetaSchedule's candidates: the tensor-core tilings of fp16 GEMMs on CUDA, wmma
+    (`gpu_wmma.wmma_variants`) and, on sm_80+, mma.sync with cp.async (`gpu_mma.mma_variants`); none
+    for other kernels and targets."""
     if target.kind.name != "cuda":
         return []
     from forgeml.compiler import gpu
+    from forgeml.compiler.gpu_mma import mma_variants
     from forgeml.compiler.gpu_wmma import wmma_variants
 
     func = kernel["main"]
@@ -408,7 +410,8 @@ def rule_variants(kernel: tvm.IRModule, target: tvm.target.Target) -> list[tuple
         return []
     gpu._import_tensor_intrinsics()
     with target:
-        return [(f"wmma {tiles.name}", sch) for tiles, sch in wmma_variants(func, target, found[1], found[2])]
+        variants = [(f"wmma {tiles.name}", sch) for tiles, sch in wmma_variants(func, target, found[1], found[2])]
+        return variants + [(tiles.name, sch) for tiles, sch in mma_variants(func, target, found[1])]
 
 
 def rule_key(kernel: tvm.IRModule, target: tvm.target.Target) -> str:
