@@ -55,6 +55,10 @@ def test_mma_variants_copy_16_bytes_where_k_is_contiguous():
     wide = mma_variants(_tensor_core_kernel("NHWC", 128, 256), target, n=256)
     assert {t.block[:2] for t, _ in wide} == {(128, 128), (128, 64), (64, 64)}
     assert mma_variants(_tensor_core_kernel("NHWC"), tvm.target.Target({**CUDA, "arch": "sm_75"}), n=64) == []
+    # 99 KB of shared memory per block on sm_86: no 128 x 128 tile (128 KB with its fp32 C tile)
+    sm86 = tvm.target.Target({**CUDA, "arch": "sm_86"})
+    assert {t.block[:2] for t, _ in mma_variants(_tensor_core_kernel("NHWC", 128, 256), sm86, n=256)} == \
+        {(128, 64), (64, 64)}
 
 
 @pytest.mark.parametrize("layout,vector,c_rows_first", [("NCHW", 4, True), ("NHWC", 8, False)])

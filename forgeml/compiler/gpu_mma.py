@@ -45,7 +45,8 @@ VECTOR = 8  # fp16 elements per 16-byte copy
 
 class MmaTiles(NamedTuple):
     """An mma.sync GEMM tiling: warps_m x warps_n warps, each frags_m x frags_n fragments of 16 x 16,
-    K steps of 16 k_frags, `stages` K steps in flight."""
+    K steps of 16 k_frags, the copies `stages` K steps ahead of the multiply-adds (stages + 1 shared
+    buffers per operand)."""
 
     warps_m: int = 2
     warps_n: int = 2
@@ -70,7 +71,7 @@ class MmaTiles(NamedTuple):
     def shared_bytes(self) -> int:
         """Dynamic shared memory at most: the operands' pipeline buffers plus the fp32 C tile."""
         m, n, k = self.block
-        return 2 * (m + n) * k * self.stages + 4 * m * n
+        return 2 * (m + n) * k * (self.stages + 1) + 4 * m * n
 
 
 # 128 x 128 (CUTLASS's default Ampere tile: 4 warps of 64 x 64), 128 x 64 for 64-wide GEMMs, 64 x 64
@@ -94,7 +95,7 @@ def mma_variants(func: tirx.PrimFunc, target: Target, n: int) -> list[tuple[MmaT
     if not supports(target):
         return []
     vector = copy_vector(func, target)
-    shared_limit = 1024 * SHARED_KB.get(check_sm_version(str(target.attrs["arch"])), 99)
+    limit = shared_limit(target)
     out = []
     for warps_m, warps_n, frags_m, frags_n in VARIANT_TILES:
         if 16 * warps_n * frags_n > max(64, n):
@@ -102,7 +103,7 @@ def mma_variants(func: tirx.PrimFunc, target: Target, n: int) -> list[tuple[MmaT
         for k_frags in VARIANT_K_FRAGS:
             for c_rows_first in (False, True):
                 tiles = MmaTiles(warps_m, warps_n, frags_m, frags_n, k_frags, VARIANT_STAGES, vector, c_rows_first)
-                if tiles.shared_bytes() > shared_limit:
+                if tiles.shared_bytes() > limit:
                     continue
                 sch = mma_matmul(func, target, tiles)
                 if sch is not None:
@@ -110,13 +111,20 @@ def mma_variants(func: tirx.PrimFunc, target: Target, n: int) -> list[tuple[MmaT
     return out
 
 
+def shared_limit(target: Target) -> int:
+    """Bytes of dynamic shared memory a thread block may use on the target's GPU."""
+    return 1024 * SHARED_KB.get(check_sm_version(str(target.attrs["arch"])), 99)
+
+
 def rule_tiles(func: tirx.PrimFunc, target: Target, n: int, conv_layout: str) -> MmaTiles:
     """The untuned tiling (`forgeml compile --tensor-core-schedule mma`): 128 x 128 (128 x 64 where N
-    is at most 64), K steps of 32, 3 stages; 16-byte copies where K is contiguous; C copied out along
-    M where the output is an NCHW image (M runs along its rows), along N otherwise."""
+    is at most 64, or where 128 x 128 might not fit the GPU's shared memory), K steps of 32, 3
+    stages; 16-byte copies where K is contiguous; C copied out along M where the output is an NCHW
+    image (M runs along its rows), along N otherwise."""
     output = func.params[-1]  # a buffer (TVM 0.27 params are buffer-typed Vars); the last is the output
-    return MmaTiles(frags_n=2 if n <= 64 else 4, vector=copy_vector(func, target),
-                    c_rows_first=conv_layout == "NCHW" and len(output.shape) >= 4)
+    tiles = MmaTiles(frags_n=2 if n <= 64 else 4, vector=copy_vector(func, target),
+                     c_rows_first=conv_layout == "NCHW" and len(output.shape) >= 4)
+    return tiles if tiles.shared_bytes() <= shared_limit(target) else tiles._replace(frags_n=2)
 
 
 def copy_vector(func: tirx.PrimFunc, target: Target) -> int:
@@ -206,9 +214,9 @@ def mma_matmul(func: tirx.PrimFunc, target: Target, tiles: MmaTiles = DEFAULT_TI
     def to_ldmatrix_layout(b, x, y):
         return (b, x // 16, y // 16, *shared_16x16_to_ldmatrix_32x8_layout(x % 16, y % 16))
 
-    def fetch(operand: int, vector: int) -> None:
-        """Global -> shared (16-byte copies, swizzled) per K step; shared -> registers (ldmatrix)
-        per fragment column."""
+    def fetch(operand: int, vector: int):
+        """Global -> shared (`vector` elements per copy, swizzled) per K step; shared -> registers
+        (ldmatrix) per 16-wide K slice. Returns the register block."""
         shared = sch.cache_read(tile, operand, "shared.dyn")
         sch.compute_at(shared, k_step)
         auto_inline_producers(sch, shared)  # a convolution's im2col gather reads straight from its input
