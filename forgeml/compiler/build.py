@@ -41,8 +41,12 @@ class CompileOptions:
 
 def _check_gpu_options(spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> None:
     if tensor_core_schedule != "wmma":
+        import tvm
+
+        from forgeml.compiler.gpu_mma import supports
+
         arch = str(spec.target.get("arch", ""))
-        if spec.device != "cuda" or not arch.startswith("sm_") or int(arch[3:5]) < 80:
+        if not supports(tvm.target.Target(spec.tvm_target())):
             raise InvalidInput(f"--tensor-core-schedule {tensor_core_schedule} needs an sm_80+ GPU target "
                                f"(cuda-sm80, cuda-sm90, jetson-orin); '{spec.name}' is {arch or 'a CPU target'}")
         if precision != "fp16":

@@ -7,7 +7,8 @@ public schedule primitives and tensor intrinsics:
 
 - a thread block computes a (16 warps_m frags_m) x (16 warps_n frags_n) tile of C; each warp
   frags_m x frags_n fragments of 16 x 16 with `mma.sync.m16n8k16` (fp16 in, fp32 accumulators);
-- A and B tiles of 16 k_frags columns go to dynamic shared memory with 16-byte `cp.async` copies,
+- A and B tiles of 16 k_frags columns go to dynamic shared memory with `cp.async` copies (16
+  bytes where K is contiguous in memory, 8 where it is a gather: `copy_vector`),
   `stages` K steps in flight (TVM's software pipeline), swizzled (`permuted_layout`) so that the
   `ldmatrix` loads into registers are free of bank conflicts;
 - C goes through shared memory to global memory with the epilogue (bias, residual, ReLU, cast)
