@@ -50,14 +50,14 @@ MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert_tiny")
 BATCHES = (1, 32)
 PRECISIONS = ("fp32", "fp16")
 # forgeml builds per case: name -> (precision, CUDA graph (None: the compiler's default, on), convolution
-# layout, tensor-core schedule). Every build uses the tuning database's records where they beat the
-# rules, except the "untuned" ones (rules only).
-VARIANTS = {"fp32": ("fp32", None, "NCHW", "wmma"), "fp16": ("fp16", None, "NCHW", "wmma"),
-            "fp32 no-graph": ("fp32", False, "NCHW", "wmma"), "fp16 no-graph": ("fp16", False, "NCHW", "wmma"),
-            "fp32 untuned": ("fp32", None, "NCHW", "wmma"), "fp16 untuned": ("fp16", None, "NCHW", "wmma"),
-            "fp32 nhwc": ("fp32", None, "NHWC", "wmma"), "fp16 nhwc": ("fp16", None, "NHWC", "wmma"),
-            "fp16 nhwc untuned": ("fp16", None, "NHWC", "wmma"), "fp16 mma": ("fp16", None, "NCHW", "mma"),
-            "fp16 nhwc mma": ("fp16", None, "NHWC", "mma")}
+# layout ("auto": the compiler's default, NHWC in fp16), tensor-core schedule). Every build uses the tuning
+# database's records where they beat the rules, except the "untuned" ones (rules only).
+VARIANTS = {"fp32": ("fp32", None, "auto", "wmma"), "fp16": ("fp16", None, "auto", "wmma"),
+            "fp32 no-graph": ("fp32", False, "auto", "wmma"), "fp16 no-graph": ("fp16", False, "auto", "wmma"),
+            "fp32 untuned": ("fp32", None, "auto", "wmma"), "fp16 untuned": ("fp16", None, "auto", "wmma"),
+            "fp32 nhwc": ("fp32", None, "NHWC", "wmma"), "fp16 nchw": ("fp16", None, "NCHW", "wmma"),
+            "fp16 nchw untuned": ("fp16", None, "NCHW", "wmma"), "fp16 mma": ("fp16", None, "auto", "mma"),
+            "fp16 nchw mma": ("fp16", None, "NCHW", "mma")}
 
 
 def _say(msg: str) -> None:

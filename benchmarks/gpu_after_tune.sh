@@ -21,7 +21,7 @@ for dir in ${PACK_DIRS:-.gputune_var .gputune_nhwc .gputune}; do
 done
 WORK=${WORK:-build/gpu_next}; BUNDLE=${BUNDLE:-.gpunext}
 $PY benchmarks/gpu.py prepare --work "$WORK" --models "${MODELS:-resnet18}" --batches "${BATCHES:-32}" --reuse \
-  --variants "${VARIANTS:-fp16 untuned,fp16 nhwc untuned,fp16,fp16 nhwc}"
+  --variants "${VARIANTS:-fp16 untuned,fp16 nchw untuned,fp16,fp16 nchw}"
 $PY benchmarks/gpu.py pack --work "$WORK" --bundle "$BUNDLE"
 mkdir -p "$BUNDLE/wheels" && cp .gpubundle/wheels/apache_tvm_ffi-*cp312*.whl "$BUNDLE/wheels/"
 for dir in ${WITH_PACKS:-}; do

@@ -10,7 +10,8 @@ seeded by the tuning database, plus forgeml's tensor-core tilings of each fp16 G
 before, plus each kernel's rule-based schedule), and the runtime pieces a bare GPU machine needs:
 the TVM runtime libraries (xz) and the cp312 apache-tvm-ffi wheel (copied from --wheels).
 Everything is tarred with xz so that it fits one device call (64 MiB). `--trials 0` writes the
-tilings alone; `--conv-layouts NHWC` tunes the kernels of `forgeml compile --conv-layout NHWC`.
+tilings alone; `--conv-layouts NCHW` tunes the kernels of `forgeml compile --conv-layout NCHW` (the
+default, auto, those of the compiler's default layout: NHWC in fp16).
 The device script measures each batch with `python -m forgeml.runtime.measure` (numpy + forgeml's
 runtime; several packs in one call: PACKS="A/tune.tar.xz B/tune.tar.xz") and returns
 <pack>/<case>.results.json; `import` commits them to the target's tuning database, where the next
@@ -56,7 +57,7 @@ def write(out: Path, models: list[str], batches: list[int], precisions: list[str
                 _say(f"exporting {onnx_path.name}")
                 export_zoo_model(model, onnx_path, batch=batch)
             for precision, layout in itertools.product(precisions, conv_layouts):
-                case = f"{_case_id(model, batch)}_{precision}" + ("" if layout == "NCHW" else f"_{layout.lower()}")
+                case = f"{_case_id(model, batch)}_{precision}" + ("" if layout == "auto" else f"_{layout.lower()}")
                 _say(f"writing the batch for {case} ({trials} candidates, {target})")
                 summary = tune_model(onnx_path, target, trials=trials, precision=precision, refine=refine,
                                      measure_elsewhere=staging / "batches" / case, say=_say, conv_layout=layout)
@@ -111,7 +112,7 @@ def main() -> int:
     w.add_argument("--trials", type=int, default=400, help="candidates per batch")
     w.add_argument("--target", default="cuda-sm90")
     w.add_argument("--refine", action="store_true", help="search kernels that have records too")
-    w.add_argument("--conv-layouts", nargs="+", default=["NCHW"], choices=["NCHW", "NHWC"])
+    w.add_argument("--conv-layouts", nargs="+", default=["auto"], choices=["auto", "NCHW", "NHWC"])
     w.add_argument("--wheels", type=Path, default=ROOT / ".gpubundle" / "wheels")
     w.add_argument("--onnx-dir", type=Path, default=ROOT / "build" / "gpu" / "onnx")
     i = sub.add_parser("import", help="commit the device's results.json files to the tuning database")

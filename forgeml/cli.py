@@ -75,9 +75,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Max error relative to the output's scale [default: 1e-3 fp32, 2e-2 fp16].")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="fp16: mixed precision on GPU targets (fp16 compute, fp32 accumulation; float32 inputs/outputs).")
-@click.option("--conv-layout", default="NCHW", show_default=True, type=click.Choice(["NCHW", "NHWC"]),
+@click.option("--conv-layout", default="auto", show_default=True, type=click.Choice(["auto", "NCHW", "NHWC"]),
               help="GPU targets: the convolutions' data layout (NHWC: contiguous channel loads for the "
-                   "tensor-core kernels; the model's inputs and outputs keep their layout).")
+                   "tensor-core kernels; the model's inputs and outputs keep their layout). auto: NHWC "
+                   "with --precision fp16, else NCHW.")
 @click.option("--tensor-core-schedule", default="wmma", show_default=True, type=click.Choice(["wmma", "mma"]),
               help="GPU targets, fp16: how GEMMs and convolutions use tensor cores (mma: ldmatrix + mma.sync "
                    "with a cp.async pipeline, sm_80+; opt-in until measured against wmma).")
@@ -161,7 +162,7 @@ def _print_tuning(t: dict) -> None:
               help="Fix an input's shape (needed for symbolic dimensions). Repeatable.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="GPU targets: tune the kernels of this precision (as `forgeml compile --precision`).")
-@click.option("--conv-layout", default="NCHW", show_default=True, type=click.Choice(["NCHW", "NHWC"]),
+@click.option("--conv-layout", default="auto", show_default=True, type=click.Choice(["auto", "NCHW", "NHWC"]),
               help="GPU targets: tune the kernels of this convolution layout (as `forgeml compile --conv-layout`).")
 @click.option("--refine", is_flag=True, help="Also search kernels that already have records, starting from them.")
 @click.option("--measure-elsewhere", "measure_dir", type=click.Path(path_type=Path), metavar="DIR",

@@ -444,16 +444,21 @@ def test_nhwc_graph_computes_what_the_model_does(tmp_path, make_model):
     assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
 
 
-def test_nhwc_cuda_build(tmp_path):
-    """fp16 NHWC builds (kernels prebuilt, the layout recorded in the manifest) and, on a GPU, computes
-    what ONNX Runtime does; CPU targets refuse the option in one line."""
+def test_fp16_convolutions_default_to_nhwc(tmp_path, cuda_cnn_fp16, cuda_cnn_graph):
+    """fp16 GPU builds put the convolutions in NHWC by default (`--conv-layout auto`, the resolved
+    layout recorded in the manifest); NCHW is one option away and builds other kernels; fp32 builds
+    keep NCHW; CPU targets take `auto` and refuse NHWC in one line. On a GPU, both fp16 layouts
+    compute what ONNX Runtime does."""
     from forgeml.compiler.gpu import embedded_cuda_kernels
 
-    path = save(cnn_model(), tmp_path / "cnn.onnx")
-    manifest = compile_model(path, tmp_path / "cnn.fml",
-                             CompileOptions(target="cuda-sm90", precision="fp16", conv_layout="NHWC"))
-    assert manifest.compile_options["conv_layout"] == "NHWC"
-    assert [fmt for fmt, _ in embedded_cuda_kernels(artifact_library(tmp_path / "cnn.fml"))] == ["fatbin"]
+    path, nhwc_artifact, nhwc = cuda_cnn_fp16
+    assert nhwc.compile_options["conv_layout"] == "NHWC"
+    assert cuda_cnn_graph[2].compile_options["conv_layout"] == "NCHW"
+    nchw = compile_model(path, tmp_path / "nchw.fml",
+                         CompileOptions(target="cuda", precision="fp16", conv_layout="NCHW"))
+    assert nchw.compile_options["conv_layout"] == "NCHW"
+    assert [fmt for fmt, _ in embedded_cuda_kernels(artifact_library(tmp_path / "nchw.fml"))] == ["fatbin"]
+    assert artifact_library(tmp_path / "nchw.fml") != artifact_library(nhwc_artifact)
     with pytest.raises(InvalidInput, match="--conv-layout NHWC needs a GPU target"):
         compile_model(path, tmp_path / "cpu.fml", CompileOptions(target="x86-64", conv_layout="NHWC"))
     assert not (tmp_path / "cpu.fml").exists()
@@ -461,6 +466,7 @@ def test_nhwc_cuda_build(tmp_path):
         import forgeml
 
         x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")
-        got = forgeml.load(tmp_path / "cnn.fml").run({"x": x})["y"]
         ref = ort_run(path, {"x": x})["y"]
-        assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref))
+        for artifact in (nhwc_artifact, tmp_path / "nchw.fml"):
+            got = forgeml.load(artifact).run({"x": x})["y"]
+            assert np.max(np.abs(got - ref)) <= 2e-2 * np.max(np.abs(ref)), artifact.name

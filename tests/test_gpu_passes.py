@@ -10,7 +10,7 @@ from tvm import relax
 
 from forgeml.compiler import gpu
 from forgeml.compiler.gpu_splitk import sm_count, split_factor, split_k_convolutions, tensor_core_splits
-from forgeml.compiler.gpu_stem import stem_convolutions
+from forgeml.compiler.gpu_stem import schedule_stem_cols, stem_convolutions
 
 CUDA = {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
 
@@ -171,10 +171,35 @@ def test_stem_convolution_goes_on_tensor_cores():
         mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
     summary = gpu.schedule_summary(mod, target)
     gemms = {name: rule for name, rule in summary.items() if "stem_gemm" in name}
-    assert list(gemms.values()) == ["TensorCoreMatmul"] and "fused_cast_stem_cols" in summary, summary
+    assert list(gemms.values()) == ["TensorCoreMatmul"] and summary.get("fused_cast_stem_cols") == "StemCols", summary
     assert not any("conv2d" in name for name in summary), summary
     conv = next(f for gv, f in mod.functions_items() if gv.name_hint in gemms)
     assert gpu.tensor_core_gemm(conv, target) == (8 * 112 * 112, 64, 160)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_stem_cols_schedule_keeps_the_values(layout):
+    """StemCols' loop order (pixels split across warps and unrolled, K in 32-wide lanes, the input's cast
+    and transpose inlined) gathers the same columns as the plain kernel, on the CPU without the thread
+    bindings; with them, each warp writes 32 consecutive columns."""
+    mod = gpu.with_precision(_conv_module(2, 3, 64, 30, 2, kernel=7, pad=3), "fp16")
+    mod = _nhwc(mod) if layout == "NHWC" else mod
+    target = tvm.target.Target(CUDA)
+    with target:
+        mod = tvm.transform.Sequential(gpu._graph_passes("fp16", layout) + gpu._lower_passes())(mod)
+    name, func = next((gv.name_hint, f) for gv, f in mod.functions_items() if "stem_cols" in gv.name_hint)
+    plain = tvm.compile(func.with_attr("global_symbol", name), target="llvm")
+    unbound = tvm.compile(schedule_stem_cols(func, bind_threads=False).mod["main"].with_attr("global_symbol", name),
+                          target="llvm")
+    x = np.random.default_rng(0).standard_normal((2, 3, 30, 30)).astype("float32")
+    out_shape = [int(d) for d in func.params[-1].shape]
+    expected, got = (tvm.runtime.tensor(np.zeros(out_shape, "float16")) for _ in range(2))
+    plain[name](tvm.runtime.tensor(x), expected)
+    unbound[name](tvm.runtime.tensor(x), got)
+    assert np.abs(expected.numpy()).max() > 0 and out_shape[-1] == 160
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    bound = schedule_stem_cols(func).mod["main"].script()
+    assert 'T.thread_binding(T.int64(32), thread="threadIdx.x")' in bound, bound
 
 
 def test_fp16_64_channel_convolution_uses_tensor_cores():

@@ -46,7 +46,7 @@ from tvm import relax
 
 from forgeml.compiler.gpu_rows import WarpRowReduction
 from forgeml.compiler.gpu_splitk import TENSOR_CORE_MIN_EXTENT, split_k_convolutions
-from forgeml.compiler.gpu_stem import stem_convolutions
+from forgeml.compiler.gpu_stem import stem_cols_rule, stem_convolutions
 from forgeml.errors import InvalidInput
 
 PRECISION_ATTR = "forgeml_precision"
@@ -334,6 +334,7 @@ def default_rules(tensor_core_schedule: str = "wmma", conv_layout: str = "NCHW")
     _import_tensor_intrinsics()
 
     return [
+        stem_cols_rule(),
         _tensor_core_rule(tensor_core_schedule, conv_layout),
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),
