@@ -109,10 +109,10 @@ def _split_conv(data, weight, splits: int, conv: PlainConv):
             a, w = padded[b, c, iy, ix], weight[o, c, ry, rx]
         return a.astype(conv.out_dtype) * w.astype(conv.out_dtype)
 
-    if conv.layout == "NHWC":
+    if conv.layout == "NHWC":  # K ordered (ry, rx, rc): contiguous along the channels, as topi's NHWC conv2d
         padded = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], name="pad_temp")
         return te.compute((splits, conv.batch, oh, ow, conv.cout),
-                          lambda s, b, y, x, o: te.sum(product(b, o, y, x, s), axis=[rc, ry, rx]), name="conv2d_split")
+                          lambda s, b, y, x, o: te.sum(product(b, o, y, x, s), axis=[ry, rx, rc]), name="conv2d_split")
     padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
     return te.compute((splits, conv.batch, conv.cout, oh, ow),
                       lambda s, b, o, y, x: te.sum(product(b, o, y, x, s), axis=[rc, ry, rx]), name="conv2d_split")
