@@ -81,7 +81,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
                    "with --precision fp16, else NCHW.")
 @click.option("--tensor-core-schedule", default="wmma", show_default=True, type=click.Choice(["wmma", "mma"]),
               help="GPU targets, fp16: how GEMMs and convolutions use tensor cores (mma: ldmatrix + mma.sync "
-                   "with a cp.async pipeline, sm_80+; opt-in until measured against wmma).")
+                   "with a cp.async pipeline, sm_80+; slower than wmma on whole networks on an H200, "
+                   "faster on some kernels, which tuning picks).")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="GPU targets: replay each call's kernel launches as one CUDA graph (fewer launches) "
                    "[default: on for GPU targets].")

@@ -104,8 +104,11 @@ def schedule_stem_cols(func, pixels_per_thread: int = 4, warps: int = 4, bind_th
     names = [sch.get(b).name_hint for b in blocks]
     if names.count("stem_cols") != 1 or names[-1] != "stem_cols":
         return None
-    for block in blocks[:-1]:  # the input's cast and transpose
-        sch.compute_inline(block)
+    try:
+        for block in blocks[:-1]:  # the input's cast, transpose, normalization
+            sch.compute_inline(block)
+    except RuntimeError:  # tvm.s_tir.ScheduleError: a producer that cannot be inlined (Fallback takes it)
+        return None
     block = sch.get_sblock("stem_cols")
     *spatial, k = sch.get_loops(block)
     pixel = sch.fuse(*spatial)
