@@ -532,11 +532,12 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
         feeds, expected = _load_ref(base / case["ref"], model, batch)
         engines: dict[str, dict] = {}
         runners = {}
+        isolated: dict[str, dict] = {}  # label -> its run in a process of its own (also its memory figure)
         for variant, art in case["artifacts"].items():
             label = f"forgeml {variant}"
             if variant in isolate:  # a kernel fault would poison this process's CUDA context for all
-                first = _memory_in_subprocess(base, "forgeml", model, batch, VARIANTS[variant][0],
-                                              str(base / art["path"]))
+                first = isolated[label] = _memory_in_subprocess(base, "forgeml", model, batch, VARIANTS[variant][0],
+                                                                str(base / art["path"]))
                 if "error" in first:
                     engines[label] = {"error": f"failed in a process of its own, not run here: {first['error']}"}
                     _say(f"{cid} {label}: {engines[label]['error']}")
@@ -627,7 +628,7 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
                 engine, precision = ("forgeml", VARIANTS[variant][0]) if label.startswith("forgeml") else \
                     ("torch", label.split()[-1])
                 artifact = str(base / case["artifacts"][variant]["path"]) if engine == "forgeml" else None
-                mem = _memory_in_subprocess(base, engine, model, batch, precision, artifact)
+                mem = isolated.get(label) or _memory_in_subprocess(base, engine, model, batch, precision, artifact)
                 e["gpu_memory"] = mem
                 e["gpu_mem_mib"] = mem.get("process_mib")
         results["cases"].append({"id": cid, "model": model, "batch": batch, "engines": engines})
