@@ -99,10 +99,10 @@ def _propose(task: Any, target: tvm.target.Target, db: ms.database.Database, cou
     """Up to `count` new candidates for one kernel from MetaSchedule's evolutionary search, its cost model
     first trained on the kernel's records (what earlier batches measured); none measured before."""
     kernel = task.dispatched[0]
-    with tuning._without_tensor_intrinsics(target):
-        context = ms.TuneContext(mod=kernel, target=target, space_generator=tuning.space_generator(target),
-                                 search_strategy=tuning._search_strategy(max(128, 2 * count)), task_name=task.task_name,
-                                 num_threads=os.cpu_count() or 1)
+    tuning.register_tensor_intrinsics()
+    context = ms.TuneContext(mod=kernel, target=target, space_generator=tuning.space_generator(target),
+                             search_strategy=tuning._search_strategy(max(128, 2 * count)), task_name=task.task_name,
+                             num_threads=os.cpu_count() or 1)
     spaces = context.generate_design_space()
     cost_model = ms.cost_model.XGBModel(num_warmup_samples=0)
     measured, results, seen = _training_data(kernel, db)
