@@ -155,12 +155,12 @@ def compile_forgeml(model: onnx.ModelProto, level: str = "O2"):
     import tvm
     from tvm import relax
 
-    from forgeml.compiler import pipeline
+    from forgeml.compiler import graph, pipeline
 
     target = _target()
     t0 = time.perf_counter()
     mod = pipeline.get_pipeline(level)(_import(model), target)
-    mod, weights = pipeline.lift_weights(mod)
+    mod, weights = graph.lift_weights(mod)
     t1 = time.perf_counter()
     ex = tvm.compile(mod, target=target)
     t2 = time.perf_counter()

@@ -467,7 +467,7 @@ def export_cmd(source: str, input_shapes: tuple[str, ...], output: Path, opset: 
                dynamic_axes: tuple[str, ...]) -> None:
     """Export a PyTorch model to ONNX. SOURCE is `package.module:factory` (returns an nn.Module)
     or a saved torch.export program (`.pt2`)."""
-    from forgeml.compiler import export
+    from forgeml.compiler.frontend import torch_export as export
 
     shapes = export.parse_input_shapes(list(input_shapes))
     axes: dict[str, dict[int, str]] = {}

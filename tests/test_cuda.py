@@ -71,7 +71,7 @@ def test_cuda_graph_needs_a_gpu_target(tmp_path):
 
 
 def test_cuda_artifact_embeds_prebuilt_kernels(cuda_mlp):
-    from forgeml.compiler.gpu import FATBIN_MAGIC, embedded_cuda_kernels
+    from forgeml.compiler.cuda.fatbin import FATBIN_MAGIC, embedded_cuda_kernels
 
     _, artifact, manifest = cuda_mlp
     assert manifest.target["device"] == "cuda" and manifest.target["target"]["kind"] == "cuda"
@@ -118,22 +118,23 @@ def test_fp16_needs_a_gpu_target(tmp_path):
 def test_every_gpu_kernel_is_scheduled_convs_as_gemm():
     import tvm
 
-    from forgeml.compiler import frontend, gpu
-    from forgeml.compiler.build import _import_onnx
+    from forgeml.compiler.cuda import pipeline as cuda_pipeline
+    from forgeml.compiler.frontend import onnx_model
+    from forgeml.compiler.frontend.relax_import import import_onnx as _import_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = frontend.load_onnx(save(cnn_model(), Path(tmp) / "cnn.onnx"), {})
+        loaded = onnx_model.load_onnx(save(cnn_model(), Path(tmp) / "cnn.onnx"), {})
         mod = _import_onnx(loaded)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp32") + gpu._lower_passes())(mod)
-    summary = gpu.schedule_summary(mod, target)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp32") + cuda_pipeline.lower_passes())(mod)
+    summary = cuda_pipeline.schedule_summary(mod, target)
     assert "none" not in summary.values(), summary
     assert all(rule == "Matmul" for name, rule in summary.items() if "conv2d" in name), summary
 
 
 def test_module_blob_roundtrip():
-    from forgeml.compiler.gpu import _str, pack_module_blob, parse_module_blob, split_cuda_module
+    from forgeml.compiler.cuda.fatbin import _str, pack_module_blob, parse_module_blob, split_cuda_module
 
     cuda = _str(b"fatbin") + (0).to_bytes(8, "little") + _str(b"\x50\xed\x55\xba payload")
     blob = pack_module_blob([0, 1, 2, 2], [1, 2], [("relax.VMExecutable", b"exe"), ("_lib", None),
@@ -158,7 +159,7 @@ def test_cli_compiles_fp16_for_cuda(tmp_path):
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None and platform.machine() != "aarch64",
                     reason="jetson-orin needs g++-aarch64-linux-gnu (make toolchains)")
 def test_jetson_orin_cross_links_host_code(tmp_path):
-    from forgeml.compiler.gpu import embedded_cuda_kernels
+    from forgeml.compiler.cuda.fatbin import embedded_cuda_kernels
 
     path = save(mlp_model(), tmp_path / "m.onnx")
     manifest = compile_model(path, tmp_path / "m.fml", CompileOptions(target="jetson-orin"))
@@ -209,8 +210,9 @@ def test_depthwise_conv_gets_one_thread_per_output():
     import tvm
     from onnx import TensorProto, helper, numpy_helper
 
-    from forgeml.compiler import frontend, gpu
-    from forgeml.compiler.build import _import_onnx
+    from forgeml.compiler.cuda import pipeline as cuda_pipeline
+    from forgeml.compiler.frontend import onnx_model
+    from forgeml.compiler.frontend.relax_import import import_onnx as _import_onnx
 
     w = np.random.default_rng(0).standard_normal((32, 1, 3, 3)).astype("float32")
     graph = helper.make_graph(
@@ -220,11 +222,11 @@ def test_depthwise_conv_gets_one_thread_per_output():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(model, str(Path(tmp) / "dw.onnx"))
-        mod = _import_onnx(frontend.load_onnx(Path(tmp) / "dw.onnx", {}))
+        mod = _import_onnx(onnx_model.load_onnx(Path(tmp) / "dw.onnx", {}))
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp32") + gpu._lower_passes())(mod)
-    summary = gpu.schedule_summary(mod, target)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp32") + cuda_pipeline.lower_passes())(mod)
+    summary = cuda_pipeline.schedule_summary(mod, target)
     assert [rule for name, rule in summary.items() if "conv2d" in name] == ["ShortReduction"], summary
 
 
@@ -289,7 +291,7 @@ def test_cuda_tuning_batch_builds_tensor_core_candidates_and_tuned_kernels_compi
     import json
 
     from forgeml.compiler.build import import_measurements, tune_model
-    from forgeml.compiler.gpu import embedded_cuda_kernels
+    from forgeml.compiler.cuda.fatbin import embedded_cuda_kernels
     from forgeml.runtime.measure import measure_batch
 
     monkeypatch.setenv("FORGEML_CACHE", str(tmp_path / "cache"))
@@ -426,13 +428,14 @@ def test_nhwc_graph_computes_what_the_model_does(tmp_path, make_model):
     import tvm
     from tvm import relax
 
-    from forgeml.compiler import frontend, gpu
-    from forgeml.compiler.build import _import_onnx
+    from forgeml.compiler.cuda import pipeline as cuda_pipeline
+    from forgeml.compiler.frontend import onnx_model
+    from forgeml.compiler.frontend.relax_import import import_onnx as _import_onnx
 
     path = save(make_model(), tmp_path / "m.onnx")
-    loaded = frontend.load_onnx(path, {})
+    loaded = onnx_model.load_onnx(path, {})
     with tvm.target.Target("llvm"):
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp32", "NHWC"))(_import_onnx(loaded))
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp32", "NHWC"))(_import_onnx(loaded))
     text = mod.script(show_meta=False)
     assert 'data_layout="NCHW"' not in text
     assert ('data_layout="NHWC"' in text) != (make_model is _deep_conv_model)  # split-K: no convolution left
@@ -449,7 +452,7 @@ def test_fp16_convolutions_default_to_nhwc(tmp_path, cuda_cnn_fp16, cuda_cnn_gra
     layout recorded in the manifest); NCHW is one option away and builds other kernels; fp32 builds
     keep NCHW; CPU targets take `auto` and refuse NHWC in one line. On a GPU, both fp16 layouts
     compute what ONNX Runtime does."""
-    from forgeml.compiler.gpu import embedded_cuda_kernels
+    from forgeml.compiler.cuda.fatbin import embedded_cuda_kernels
 
     path, nhwc_artifact, nhwc = cuda_cnn_fp16
     assert nhwc.compile_options["conv_layout"] == "NHWC"

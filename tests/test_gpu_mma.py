@@ -1,4 +1,4 @@
-"""The mma.sync tensor-core schedule (`gpu_mma.py`): CUDA source only (no nvcc, no GPU); its outputs
+"""The mma.sync tensor-core schedule (`mma.py`): CUDA source only (no nvcc, no GPU); its outputs
 are checked on a GPU by the tuning batches that time it."""
 
 from __future__ import annotations
@@ -7,20 +7,22 @@ import pytest
 import tvm
 from test_gpu_passes import CUDA, _conv_module, _nhwc
 
-from forgeml.compiler import gpu
-from forgeml.compiler.gpu_mma import MmaTiles, mma_matmul, mma_variants, rule_tiles
+from forgeml.compiler.cuda import options as cuda_options
+from forgeml.compiler.cuda import pipeline as cuda_pipeline
+from forgeml.compiler.cuda import tensor_cores
+from forgeml.compiler.cuda.mma import MmaTiles, mma_matmul, mma_variants, rule_tiles
 
 
 def _tensor_core_kernel(layout: str = "NCHW", cin: int = 64, cout: int = 64) -> tvm.tirx.PrimFunc:
     """The fused fp16 3x3 convolution (+ bias + ReLU) of a small CNN as the GPU pipeline hands it to
     the schedule rules."""
     mod = _conv_module(32, cin, cout, 32, 1)  # 256+ tiles: not split along K (gpu_splitk)
-    mod = gpu.with_precision(_nhwc(mod) if layout == "NHWC" else mod, "fp16")
+    mod = cuda_options.with_precision(_nhwc(mod) if layout == "NHWC" else mod, "fp16")
     target = tvm.target.Target(CUDA)
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp16") + cuda_pipeline.lower_passes())(mod)
     return next(f for _, f in mod.functions_items()
-                if isinstance(f, tvm.tirx.PrimFunc) and gpu.tensor_core_gemm(f, target))
+                if isinstance(f, tvm.tirx.PrimFunc) and tensor_cores.tensor_core_gemm(f, target))
 
 
 def _cuda_source(sch, target: tvm.target.Target) -> str:

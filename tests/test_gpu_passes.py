@@ -8,9 +8,11 @@ import pytest
 import tvm
 from tvm import relax
 
-from forgeml.compiler import gpu, gpu_mma
-from forgeml.compiler.gpu_splitk import sm_count, split_factor, split_k_convolutions, tensor_core_splits
-from forgeml.compiler.gpu_stem import schedule_stem_cols, stem_convolutions
+from forgeml.compiler.cuda import mma, tensor_cores
+from forgeml.compiler.cuda import options as cuda_options
+from forgeml.compiler.cuda import pipeline as cuda_pipeline
+from forgeml.compiler.cuda.splitk import sm_count, split_factor, split_k_convolutions, tensor_core_splits
+from forgeml.compiler.cuda.stem import schedule_stem_cols, stem_convolutions
 
 CUDA = {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}}
 
@@ -137,18 +139,18 @@ def test_split_k_tensor_core_convolution_matches_the_convolution(hw, stride, lay
 def test_split_tensor_core_convolution_keeps_tensor_cores_and_fuses_the_sum(layout):
     """ResNet-18's layer4 at batch 32 in fp16: the split convolution is still a tensor-core GEMM (its
     slices are the GEMM's batch), and the partial sum shares a kernel with the bias and ReLU."""
-    mod = gpu.with_precision(_conv_module(32, 512, 512, 7, 1), "fp16")
+    mod = cuda_options.with_precision(_conv_module(32, 512, 512, 7, 1), "fp16")
     target = tvm.target.Target(CUDA)
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp16", layout) + gpu._lower_passes())(mod)
-    summary = gpu.schedule_summary(mod, target)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp16", layout) + cuda_pipeline.lower_passes())(mod)
+    summary = cuda_pipeline.schedule_summary(mod, target)
     assert summary.get("conv2d_split") == "TensorCoreMatmul", summary
     assert any(name.startswith("fused_split_sum") and "relu" in name for name in summary), summary
     assert not any("conv2d" in name and name != "conv2d_split" for name in summary), summary
     # NHWC slices reduce over (ky, kx, channel): K runs along the channels, so the operands copy in
     # 16-byte vectors (with channels outermost they were gathers: 139 vs 49 us per layer4 call, H200)
     split = next(f for gv, f in mod.functions_items() if gv.name_hint == "conv2d_split")
-    assert gpu_mma.copy_vector(split, target) == (8 if layout == "NHWC" else 4)
+    assert mma.copy_vector(split, target) == (8 if layout == "NHWC" else 4)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -169,16 +171,16 @@ def test_stem_convolution_becomes_im2col_and_a_gemm(layout):
 
 
 def test_stem_convolution_goes_on_tensor_cores():
-    mod = gpu.with_precision(_conv_module(8, 3, 64, 224, 2, kernel=7, pad=3), "fp16")
+    mod = cuda_options.with_precision(_conv_module(8, 3, 64, 224, 2, kernel=7, pad=3), "fp16")
     target = tvm.target.Target(CUDA)
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
-    summary = gpu.schedule_summary(mod, target)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp16") + cuda_pipeline.lower_passes())(mod)
+    summary = cuda_pipeline.schedule_summary(mod, target)
     gemms = {name: rule for name, rule in summary.items() if "stem_gemm" in name}
     assert list(gemms.values()) == ["TensorCoreMatmul"] and summary.get("fused_cast_stem_cols") == "StemCols", summary
     assert not any("conv2d" in name for name in summary), summary
     conv = next(f for gv, f in mod.functions_items() if gv.name_hint in gemms)
-    assert gpu.tensor_core_gemm(conv, target) == (8 * 112 * 112, 64, 160)
+    assert tensor_cores.tensor_core_gemm(conv, target) == (8 * 112 * 112, 64, 160)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -186,11 +188,11 @@ def test_stem_cols_schedule_keeps_the_values(layout):
     """StemCols' loop order (pixels split across warps and unrolled, K in 32-wide lanes, the input's cast
     and transpose inlined) gathers the same columns as the plain kernel, on the CPU without the thread
     bindings; with them, each warp writes 32 consecutive columns."""
-    mod = gpu.with_precision(_conv_module(2, 3, 64, 30, 2, kernel=7, pad=3), "fp16")
+    mod = cuda_options.with_precision(_conv_module(2, 3, 64, 30, 2, kernel=7, pad=3), "fp16")
     mod = _nhwc(mod) if layout == "NHWC" else mod
     target = tvm.target.Target(CUDA)
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp16", layout) + gpu._lower_passes())(mod)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp16", layout) + cuda_pipeline.lower_passes())(mod)
     name, func = next((gv.name_hint, f) for gv, f in mod.functions_items() if "stem_cols" in gv.name_hint)
     plain = tvm.compile(func.with_attr("global_symbol", name), target="llvm")
     unbound = tvm.compile(schedule_stem_cols(func, bind_threads=False).mod["main"].with_attr("global_symbol", name),
@@ -208,11 +210,11 @@ def test_stem_cols_schedule_keeps_the_values(layout):
 
 def test_fp16_64_channel_convolution_uses_tensor_cores():
     """dlight's Matmul rule wants every GEMM extent above 64; forgeml's takes N = 64 too."""
-    mod = gpu.with_precision(_conv_module(32, 64, 64, 56, 1), "fp16")
+    mod = cuda_options.with_precision(_conv_module(32, 64, 64, 56, 1), "fp16")
     target = tvm.target.Target(CUDA)
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp16") + gpu._lower_passes())(mod)
-    summary = gpu.schedule_summary(mod, target)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp16") + cuda_pipeline.lower_passes())(mod)
+    summary = cuda_pipeline.schedule_summary(mod, target)
     convs = {name: rule for name, rule in summary.items() if "conv2d" in name}
     assert convs and set(convs.values()) == {"TensorCoreMatmul"}, summary
 
@@ -238,9 +240,9 @@ def test_short_rows_reduce_in_one_warp(n, threads):
     target = tvm.target.Target(CUDA)
     mod = _rows_module(256, n)
     with target:
-        mod = tvm.transform.Sequential(gpu._graph_passes("fp32") + gpu._lower_passes())(mod)
-    assert set(gpu.schedule_summary(mod, target).values()) == {"WarpRowReduction"}
-    lib = tvm.compile(gpu.schedule_rest(mod, target), target=target)
+        mod = tvm.transform.Sequential(cuda_pipeline.graph_passes("fp32") + cuda_pipeline.lower_passes())(mod)
+    assert set(cuda_pipeline.schedule_summary(mod, target).values()) == {"WarpRowReduction"}
+    lib = tvm.compile(cuda_pipeline.schedule_rest(mod, target), target=target)
     source = next(m.inspect_source() for host in lib.mod.imports for m in host.imports if m.kind == "cuda")
     bounds = dict((name, int(t)) for t, name in re.findall(r"__launch_bounds__\((\d+)\) (\w+)\(", source))
     assert bounds == {"softmax_kernel": threads, "layer_norm_kernel": threads}, bounds

@@ -20,7 +20,9 @@ tvm = pytest.importorskip("tvm")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from forgeml.compiler import pipeline, schedules  # noqa: E402
+from forgeml.compiler import graph, pipeline  # noqa: E402
+from forgeml.compiler.cpu import common as cpu_common  # noqa: E402
+from forgeml.compiler.cpu import rules as cpu_rules  # noqa: E402
 from forgeml.targets.host import detect_host  # noqa: E402
 
 RTOL = ATOL = 1e-4
@@ -64,13 +66,13 @@ def _rules_used(model) -> dict[str, str]:
     """PrimFunc name -> the first rule that accepts it (after the graph passes)."""
     target = _target()
     with target:
-        mod = tvm.transform.Sequential(pipeline._graph_passes())(_import(model))
+        mod = tvm.transform.Sequential(graph.graph_passes())(_import(model))
         mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         used = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
-            for rule in schedules.default_rules():
+            for rule in cpu_rules.default_rules():
                 try:
                     sch = rule.apply(func, target, False)
                 except Exception:  # noqa: BLE001 - the pass guards rules the same way
@@ -87,7 +89,7 @@ def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     for gv, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc):
             assert func.attrs is not None and "tirx.is_scheduled" in func.attrs, gv.name_hint
-    mod, weights = pipeline.lift_weights(mod)
+    mod, weights = graph.lift_weights(mod)
     ex = tvm.compile(mod, target=target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     args = [tvm.runtime.tensor(v) for v in feeds.values()] + [tvm.runtime.tensor(w) for w in weights]
@@ -201,7 +203,7 @@ def test_numpy_constant_folding_matches_tvm_folding():
     fold = relax.transform.FoldConstant
     with _target():
         tvm_only = tvm.transform.Sequential([fold(), relax.transform.FoldBatchnormToConv2D(), fold()])(mod)
-        with_numpy = tvm.transform.Sequential(pipeline._graph_passes()[:5])(mod)
+        with_numpy = tvm.transform.Sequential(graph.graph_passes()[:5])(mod)
     tvm.ir.assert_structural_equal(tvm_only["main"], with_numpy["main"], map_free_vars=True)
 
 
@@ -303,9 +305,9 @@ def test_elementwise_and_transpose():
 
 
 def test_target_lanes():
-    assert schedules._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).lanes == 8
-    assert schedules._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).lanes == 8
-    assert schedules._cpu_of(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+    assert cpu_common._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).lanes == 8
+    assert cpu_common._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).lanes == 8
+    assert cpu_common._cpu_of(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                                                 "mcpu": "cortex-a72"})).lanes == 4
 
 

@@ -67,10 +67,11 @@ def test_tuning_input_has_no_unregistered_schedule_rules(tmp_path, target_json):
     and not for CUDA: MetaSchedule warned "Unknown schedule rule" per pool kernel. The tuning input drops it."""
     import tvm
 
-    from forgeml.compiler import frontend, pipeline
-    from forgeml.compiler.build import _import_onnx
+    from forgeml.compiler import pipeline
+    from forgeml.compiler.frontend import onnx_model
+    from forgeml.compiler.frontend.relax_import import import_onnx as _import_onnx
 
-    loaded = frontend.load_onnx(save(_pool_model(), tmp_path / "pool.onnx"), {})
+    loaded = onnx_model.load_onnx(save(_pool_model(), tmp_path / "pool.onnx"), {})
     target = tvm.target.Target(target_json)
     mod = pipeline.tuning_input(_import_onnx(loaded), target)
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}

@@ -223,39 +223,41 @@ def test_cuda_tuning_target_and_design_space():
     tensor-core design space only where the GPU has tensor cores (sm_70+)."""
     import tvm
 
-    from forgeml.compiler import tuning
+    from forgeml.compiler.tuning import database, search
 
     raw = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
-    full = tuning.tuning_target(raw)
+    full = database.tuning_target(raw)
     assert int(full.attrs["max_threads_per_block"]) == 1024 and full.host is not None
-    assert tuning.tuning_target(full).same_as(full)  # idempotent
-    assert tuning.target_key(raw) == tuning.target_key(full)
-    assert tuning.target_key(raw) != tuning.target_key(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
+    assert database.tuning_target(full).same_as(full)  # idempotent
+    assert database.target_key(raw) == database.target_key(full)
+    assert database.target_key(raw) != database.target_key(tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
     other_host = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mcpu": "znver4"}})
-    assert tuning.target_key(other_host) == tuning.target_key(raw)  # kernels do not depend on the host CPU
+    assert database.target_key(other_host) == database.target_key(raw)  # kernels do not depend on the host CPU
 
     def rule_names(arch):
-        space = tuning.space_generator(tvm.target.Target({"kind": "cuda", "arch": arch}))
+        space = search.space_generator(tvm.target.Target({"kind": "cuda", "arch": arch}))
         return [type(r).__name__ for r in space.sch_rules]
 
     assert "MultiLevelTilingTensorCore" in rule_names("sm_90")
     assert "MultiLevelTilingTensorCore" not in rule_names("sm_61")
-    assert tuning.space_generator(tvm.target.Target("llvm")) == "post-order-apply"
+    assert search.space_generator(tvm.target.Target("llvm")) == "post-order-apply"
 
 
 def test_candidates_are_shared_by_flops(tmp_path):
     """The heavier kernel gets more of a batch; every kernel covered gets the minimum; no more than asked."""
     import tvm
 
-    from forgeml.compiler import frontend, pipeline, tuning
-    from forgeml.compiler.build import _import_onnx
-    from forgeml.compiler.tuning_batch import MIN_PER_KERNEL, share_trials
+    from forgeml.compiler import pipeline
+    from forgeml.compiler.frontend import onnx_model
+    from forgeml.compiler.frontend.relax_import import import_onnx as _import_onnx
+    from forgeml.compiler.tuning import search
+    from forgeml.compiler.tuning.batch import MIN_PER_KERNEL, share_trials
 
-    loaded = frontend.load_onnx(save(mlp_model(batch=8, features=64, hidden=128), tmp_path / "mlp.onnx"), {})
+    loaded = onnx_model.load_onnx(save(mlp_model(batch=8, features=64, hidden=128), tmp_path / "mlp.onnx"), {})
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
-    kernels = sorted(tuning.extract(pipeline.tuning_input(_import_onnx(loaded), target), target),
-                     key=tuning.flops, reverse=True)
-    assert len(kernels) == 2 and tuning.flops(kernels[0]) > 5 * tuning.flops(kernels[1])
+    kernels = sorted(search.extract(pipeline.tuning_input(_import_onnx(loaded), target), target),
+                     key=search.flops, reverse=True)
+    assert len(kernels) == 2 and search.flops(kernels[0]) > 5 * search.flops(kernels[1])
     shares = share_trials(kernels, 100)
     assert len(shares) == 2 and sum(shares) <= 100 and shares[0] > 5 * shares[1] >= 5 * MIN_PER_KERNEL
     assert share_trials(kernels, 2 * MIN_PER_KERNEL) == [MIN_PER_KERNEL, MIN_PER_KERNEL]

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from forgeml.compiler.export import (
+from forgeml.compiler.frontend.torch_export import (
     export_callable,
     export_module,
     export_pt2,

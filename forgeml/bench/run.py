@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,22 +18,6 @@ from forgeml.errors import InvalidInput
 from forgeml.runtime.artifact import open_artifact
 
 
-def _source_onnx(artifact: Path, onnx_path: str | Path | None) -> Path:
-    """The ONNX model an artifact was compiled from: --onnx, else the path recorded at compile time."""
-    manifest = open_artifact(artifact).manifest
-    if onnx_path is not None:
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise InvalidInput(f"ONNX model not found: {path}")
-        return path
-    recorded = manifest.source.get("path")
-    if recorded and Path(recorded).is_file():
-        if hashlib.sha256(Path(recorded).read_bytes()).hexdigest() == manifest.source.get("sha256"):
-            return Path(recorded)
-    raise InvalidInput(f"the ONNX model {artifact} was compiled from is not where it was "
-                       f"({recorded or 'unknown'}) or has changed; give it with --onnx m.onnx")
-
-
 def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxruntime", threads: int = 2,
                   warmup: int = 10, repeat: int = 100, onnx_path: str | Path | None = None, memory: bool = True,
                   progress: Callable[[int, int], None] | None = None, emulate: bool = False, rpc: str | None = None,
@@ -48,7 +31,7 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
     import platform
 
     import forgeml
-    from forgeml.compiler.verify import onnxruntime_session, seeded_inputs
+    from forgeml.compiler.verify import onnxruntime_session, seeded_inputs, source_onnx
 
     remote = remote_info = None
     if rpc or tracker:
@@ -79,7 +62,7 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
             cases_meta[name] = dict(engine="forgeml", model=model_key, path=path, feeds=feeds,
                                     artifact_mb=path.stat().st_size / 1e6, device_extra=device_extra)
         if baseline == "onnxruntime" and f"onnxruntime:{model_key}" not in cases_meta:
-            source = _source_onnx(path, onnx_path)
+            source = source_onnx(path, onnx_path)
             ort = ort_by_model[model_key] = onnxruntime_session(source, threads=threads)
             ort_name = f"onnxruntime {source.name}"
             runners[ort_name] = (lambda s=ort, f=feeds: s.run(None, f))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from forgeml.errors import InvalidInput, ToolchainMissing, VerificationFailed
-from forgeml.runtime.artifact import WEIGHTS, Manifest, TensorSpec, pack_weights, write_artifact
+from forgeml.runtime.artifact import WEIGHTS, Manifest, pack_weights, write_artifact
 from forgeml.targets import TargetSpec, resolve_target
 from forgeml.targets.host import has_cuda_gpu
 
@@ -35,7 +35,7 @@ class CompileOptions:
     precision: str = "fp32"  # "fp16": mixed precision (fp16 compute, fp32 accumulation), cuda targets only
     conv_layout: str = "auto"  # "NHWC"/"NCHW": the convolutions' layout (cuda targets only); "auto": NHWC for
     # fp16 on GPU targets (ResNet-18 b32 on an H200: 1.57 vs 2.34 ms in NCHW), NCHW otherwise
-    tensor_core_schedule: str = "wmma"  # "mma": fp16 GEMMs on mma.sync + cp.async (sm_80+, gpu_mma.py)
+    tensor_core_schedule: str = "wmma"  # "mma": fp16 GEMMs on mma.sync + cp.async (sm_80+, cuda/mma.py)
     cuda_graph: bool | None = None  # cuda targets: replay each call's static launches as one CUDA graph
     # (None: on for cuda targets; measured faster on every zoo model, benchmarks/results/gpu.md)
 
@@ -44,7 +44,7 @@ def _check_gpu_options(spec, precision: str, conv_layout: str, tensor_core_sched
     if tensor_core_schedule != "wmma":
         import tvm
 
-        from forgeml.compiler.gpu_mma import supports
+        from forgeml.compiler.cuda.mma import supports
 
         arch = str(spec.target.get("arch", ""))
         if not supports(tvm.target.Target(spec.tvm_target())):
@@ -77,7 +77,7 @@ def _with_gpu_options(mod: Any, spec, precision: str, conv_layout: str, tensor_c
     schedule)."""
     if spec.device != "cuda":
         return mod
-    from forgeml.compiler.gpu import with_conv_layout, with_precision, with_tensor_core_schedule
+    from forgeml.compiler.cuda.options import with_conv_layout, with_precision, with_tensor_core_schedule
 
     return with_tensor_core_schedule(with_conv_layout(with_precision(mod, precision), conv_layout),
                                      tensor_core_schedule)
@@ -87,39 +87,9 @@ def _versions() -> dict[str, str]:
     import onnx
     import tvm
 
-    import forgeml
+    from forgeml.version import __version__
 
-    return {"forgeml": forgeml.__version__, "tvm": tvm.__version__, "onnx": onnx.__version__}
-
-
-def _import_onnx(loaded) -> Any:
-    """ONNX -> Relax with weights bound as constants."""
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
-    shapes = {spec.name: list(spec.shape) for spec in loaded.inputs}
-    dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
-    try:
-        mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
-    except Exception as e:
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise InvalidInput(f"{loaded.path.name}: the TVM ONNX importer failed: {message}") from None
-    mod, params = relax.frontend.detach_params(mod)
-    func = mod["main"]
-    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(loaded.inputs)
-    names = [p.name for p in func.params[num_input:]]
-    if params.get("main"):
-        mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
-    return mod
-
-
-def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
-    ret = mod["main"].ret_ty
-    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
-    specs = []
-    for name, ty in zip(names, fields):
-        specs.append(TensorSpec(name, tuple(int(s) for s in ty.shape), str(ty.dtype)))
-    return specs
+    return {"forgeml": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__}
 
 
 def _cross_compiler(spec: TargetSpec) -> str | None:
@@ -142,7 +112,7 @@ def _export_library(executable, spec: TargetSpec, out: Path) -> dict | None:
 
         fcompile = cc.cross_compiler(cross)
     if spec.device == "cuda":
-        from forgeml.compiler.gpu import export_cuda_library
+        from forgeml.compiler.cuda.fatbin import export_cuda_library
 
         return export_cuda_library(executable.mod, out, str(spec.target.get("arch")), fcompile=fcompile)
     executable.export_library(str(out), fcompile=fcompile)
@@ -167,7 +137,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
     import tvm
 
-    from forgeml.compiler import frontend, pipeline, verify
+    from forgeml.compiler import graph, pipeline, verify
+    from forgeml.compiler.frontend import onnx_model, relax_import
 
     options = options or CompileOptions()
     say = progress or (lambda _msg: None)
@@ -185,11 +156,11 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     clock = time.perf_counter()
 
     say("checking the ONNX model")
-    loaded = frontend.load_onnx(model_path, options.input_shapes)
+    loaded = onnx_model.load_onnx(model_path, options.input_shapes)
     say(f"importing into Relax ({len(loaded.model.graph.node)} nodes)")
-    mod = _import_onnx(loaded)
+    mod = relax_import.import_onnx(loaded)
     output_names = [o.name for o in loaded.model.graph.output]
-    outputs = _output_specs(mod, output_names)
+    outputs = relax_import.output_specs(mod, output_names)
     timings["import_s"] = time.perf_counter() - clock
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
@@ -197,14 +168,14 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     mod = _with_gpu_options(mod, spec, options.precision, conv_layout, options.tensor_core_schedule)
     tuning_summary = None
     if _uses_tuning(options, spec, target):
-        from forgeml.compiler.tuning import Budget
+        from forgeml.compiler.tuning.search import Budget
 
         budget = Budget(options.tune_minutes, options.tune_trials)
         say("applying the tuning database" if budget.empty else "tuning (results persist in the tuning database)")
         mod, tuning_summary = pipeline.tuned_o2(mod, target, budget, tune_progress)
     else:
         mod = run_pipeline(mod, target)
-    mod, weights = pipeline.lift_weights(mod)
+    mod, weights = graph.lift_weights(mod)
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
     say("generating code")
@@ -260,7 +231,7 @@ def _uses_tuning(options: CompileOptions, spec: TargetSpec, target) -> bool:
         return False
     if options.tune_minutes or options.tune_trials:
         return True
-    from forgeml.compiler.tuning import has_records
+    from forgeml.compiler.tuning.database import has_records
 
     return options.use_tuning_db and has_records(target)
 
@@ -273,10 +244,12 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
 
     With `measure_elsewhere`, nothing is measured here: a batch of candidates (about `trials`) is
     written to that directory for `python -m forgeml.runtime.measure` on a machine that runs the
-    target's kernels (tuning_batch.py); `import_measurements` brings the results back."""
+    target's kernels (tuning/batch.py); `import_measurements` brings the results back."""
     import tvm
 
-    from forgeml.compiler import frontend, pipeline, tuning
+    from forgeml.compiler import pipeline
+    from forgeml.compiler.frontend import onnx_model, relax_import
+    from forgeml.compiler.tuning import search
 
     spec = resolve_target(target_name)
     _check_gpu_options(spec, precision, conv_layout)
@@ -285,24 +258,24 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
         raise InvalidInput("--measure-elsewhere needs --trials: how many candidates to write")
     if measure_elsewhere is None and not minutes and not trials:
         raise InvalidInput("give a tuning budget: --minutes and/or --trials")
-    loaded = frontend.load_onnx(model_path, input_shapes or {})
+    loaded = onnx_model.load_onnx(model_path, input_shapes or {})
     target = tvm.target.Target(spec.tvm_target())
-    mod = _import_onnx(loaded)
+    mod = relax_import.import_onnx(loaded)
     mod = pipeline.tuning_input(_with_gpu_options(mod, spec, precision, conv_layout), target)
     if measure_elsewhere is not None:
-        from forgeml.compiler.tuning_batch import export_batch
+        from forgeml.compiler.tuning.batch import export_batch
 
         return export_batch(mod, target, measure_elsewhere, trials, refine=refine,
                             cross_compiler=_cross_compiler(spec), arch=spec.arch, progress=say)
     if spec.arch != platform.machine():
         raise InvalidInput(f"'{spec.name}' kernels run on {spec.arch}, this machine is {platform.machine()}: "
                            "tune with --measure-elsewhere DIR and measure the batch on the device")
-    return tuning.tune(mod, target, tuning.Budget(minutes, trials), progress, refine=refine)
+    return search.tune(mod, target, search.Budget(minutes, trials), progress, refine=refine)
 
 
 def import_measurements(batch_dir: str | Path):
     """Commit a measured batch (`tune_model(..., measure_elsewhere=DIR)`) to its target's tuning database."""
-    from forgeml.compiler.tuning_batch import import_results
+    from forgeml.compiler.tuning.batch import import_results
 
     return import_results(batch_dir)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from forgeml.runtime.artifact import TensorSpec
+from forgeml.errors import InvalidInput
+from forgeml.runtime.artifact import TensorSpec, open_artifact
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
 
@@ -120,3 +122,19 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     actual = session.run(feeds)
     max_abs, max_rel = compare(actual, expected)
     return VerifyResult(bool(max_rel <= tolerance), max_abs, max_rel, tolerance, seed)
+
+
+def source_onnx(artifact: Path, onnx_path: str | Path | None) -> Path:
+    """The ONNX model an artifact was compiled from: --onnx, else the path recorded at compile time."""
+    manifest = open_artifact(artifact).manifest
+    if onnx_path is not None:
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise InvalidInput(f"ONNX model not found: {path}")
+        return path
+    recorded = manifest.source.get("path")
+    if recorded and Path(recorded).is_file():
+        if hashlib.sha256(Path(recorded).read_bytes()).hexdigest() == manifest.source.get("sha256"):
+            return Path(recorded)
+    raise InvalidInput(f"the ONNX model {artifact} was compiled from is not where it was "
+                       f"({recorded or 'unknown'}) or has changed; give it with --onnx m.onnx")

@@ -1,6 +1,6 @@
 """Time a tuning batch's kernels where they run: `python -m forgeml.runtime.measure DIR`.
 
-The measuring side of `forgeml tune --measure-elsewhere` (see forgeml/compiler/tuning_batch.py): it
+The measuring side of `forgeml tune --measure-elsewhere` (see forgeml/compiler/tuning/batch.py): it
 needs numpy and forgeml's runtime only (tvm_ffi + libtvm_runtime, no compiler), so it runs on a GPU
 server or an edge device that cannot build anything. Each candidate library is loaded and timed with
 TVM's in-runtime timer (CUDA events on a GPU) on arguments filled once (floats random, integers zero:
@@ -31,7 +31,7 @@ from typing import Any
 
 from forgeml.errors import ArtifactError, InvalidInput
 
-BATCH_FORMAT = 1  # of batch.json and results.json (tuning_batch.py writes and reads the same)
+BATCH_FORMAT = 1  # of batch.json and results.json (compiler/tuning/batch.py writes and reads the same)
 BATCH_FILE = "batch.json"
 RESULTS_FILE = "results.json"
 REFERENCE_DIR = "references"  # the rule schedules' outputs while measuring

@@ -329,22 +329,28 @@ def verify_artifact(artifact: str | Path, onnx_path: str | Path | None = None, e
                     tolerance: float | None = None, seed: int = 0, progress: Progress | None = None):
     """Run an artifact (natively, or emulated for another architecture) and ONNX Runtime on the host on
     the same seeded inputs; returns a VerifyResult (passed or not: the caller decides what to do)."""
-    from forgeml.bench.run import _source_onnx
-    from forgeml.compiler.verify import DEFAULT_TOLERANCE, VerifyResult, compare, onnxruntime_session, seeded_inputs
+    from forgeml.compiler.verify import (
+        DEFAULT_TOLERANCE,
+        VerifyResult,
+        compare,
+        onnxruntime_session,
+        seeded_inputs,
+        source_onnx,
+    )
     from forgeml.runtime.artifact import open_artifact
 
     artifact = Path(artifact)
     manifest = open_artifact(artifact).manifest
     arch = manifest.target.get("arch", platform.machine())
-    source = _source_onnx(artifact, onnx_path)
+    source = source_onnx(artifact, onnx_path)
     if tolerance is None:
         tolerance = manifest.verification.get("tolerance") or DEFAULT_TOLERANCE.get(
             manifest.outputs[0].dtype if manifest.outputs else "float32", DEFAULT_TOLERANCE["float32"])
     feeds = seeded_inputs(manifest.inputs, seed)
     if arch == platform.machine():
-        import forgeml
+        from forgeml.runtime.session import load
 
-        actual = forgeml.load(artifact).run(feeds)
+        actual = load(artifact).run(feeds)
     elif emulate:
         actual, _ = run_emulated(artifact, feeds, progress=progress)
     else:

@@ -104,7 +104,7 @@ def example_inputs(name: str, seed: int = 0, batch: int | None = None) -> dict[s
 
 def export_zoo_model(name: str, path: str | Path, opset: int = 17, batch: int | None = None) -> Path:
     """Build zoo model `name` and export it to ONNX at `path`; returns the path written."""
-    from forgeml.compiler.export import export_module
+    from forgeml.compiler.frontend.torch_export import export_module
 
     model = get_model(name)
     return export_module(

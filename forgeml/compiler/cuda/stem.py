@@ -25,7 +25,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from forgeml.compiler.gpu_splitk import TENSOR_CORE_MIN_EXTENT, PlainConv, conv_rewrite_pass
+from forgeml.compiler.cuda.splitk import TENSOR_CORE_MIN_EXTENT, PlainConv, conv_rewrite_pass
 
 MAX_CHANNELS = 4
 K_STEP = 32  # two 16-wide tensor-core fragments

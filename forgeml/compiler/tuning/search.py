@@ -10,24 +10,30 @@
 - The rule-based schedule is measured with the same runner, and a tuned schedule is used only where
   it beats the rules.
 - CPU and CUDA targets alike. Candidates are measured here when this machine can run them (the
-  target's CPU, or a CUDA GPU); otherwise `tuning_batch` writes them out for a machine that has only
+  target's CPU, or a CUDA GPU); otherwise `batch.py` writes them out for a machine that has only
   forgeml's runtime (`python -m forgeml.runtime.measure`) and imports what it measured.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
+
+from forgeml.compiler.tensor_intrinsics import register_tensor_intrinsics
+from forgeml.compiler.tuning.database import (
+    database_dir,
+    open_database,
+    read_rule_latencies,
+    save_rule_latencies,
+    tuning_target,
+)
 
 TuneProgress = Callable[[dict[str, Any]], None]
 
@@ -38,28 +44,6 @@ def quiet_logs() -> None:
 
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FORGEML_CACHE", "~/.cache/forgeml")).expanduser()
-
-
-# Limits MetaSchedule's GPU rules read from the target (TVM's own "nvidia/..." tags carry them; a bare
-# {"kind": "cuda", "arch": ...} does not, and AutoBind then refuses to start).
-_CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
-                "registers_per_block": 65536, "thread_warp_size": 32}
-
-
-def tuning_target(target: tvm.target.Target) -> tvm.target.Target:
-    """The target as tuning sees it: CUDA targets get the GPU limits MetaSchedule needs (idempotent)."""
-    if target.kind.name != "cuda" or all(k in target.attrs for k in _CUDA_LIMITS):
-        return target
-    config = dict(target.export())
-    for key, value in _CUDA_LIMITS.items():
-        config.setdefault(key, value)
-    if target.host is not None:
-        config["host"] = dict(target.host.export())
-    return tvm.target.Target(config)
 
 
 def check_tunable(target: tvm.target.Target) -> None:
@@ -74,38 +58,6 @@ def check_tunable(target: tvm.target.Target) -> None:
 def device_of(target: tvm.target.Target) -> str:
     """Where the target's kernels run: "cuda" or "cpu" (MetaSchedule's device type names)."""
     return "cuda" if target.kind.name == "cuda" else "cpu"
-
-
-def target_key(target: tvm.target.Target) -> str:
-    """A readable, stable key for a target: kind-mcpu-cores-hash. A GPU target's key leaves out its host
-    CPU (the host code only launches kernels), so CUDA records stay valid on any host machine."""
-    target = tuning_target(target)
-    config = {k: str(v) for k, v in sorted(dict(target.export()).items())
-              if not (k == "host" and target.kind.name == "cuda")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    mcpu = str(target.attrs.get("mcpu", target.attrs.get("arch", "generic")))
-    cores = target.attrs.get("num-cores", "")
-    return f"{target.kind.name}-{mcpu}{f'-{cores}c' if cores else ''}-{digest}"
-
-
-def database_dir(target: tvm.target.Target) -> Path:
-    return cache_dir() / "tuning" / target_key(target)
-
-
-def open_database(target: tvm.target.Target) -> ms.database.JSONDatabase:
-    """The target's persistent database. Its records' traces may name tensor intrinsics (wmma on
-    CUDA, NEON on ARM), which must be registered before they are read."""
-    register_tensor_intrinsics()
-    path = database_dir(target)
-    path.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(path / "workloads.json"),
-                                    path_tuning_record=str(path / "records.json"), allow_missing=True)
-
-
-def has_records(target: tvm.target.Target) -> bool:
-    """Whether this target's database holds any tuning record (then compiles consult it)."""
-    records = database_dir(target) / "records.json"
-    return records.is_file() and records.stat().st_size > 0
 
 
 def fast_build(mod: tvm.IRModule, target: tvm.target.Target, _params: Any) -> Any:
@@ -128,7 +80,7 @@ def export_kernel(module: Any, cuda_arch: str | None = None, cross_compiler: str
         fcompile = cc.cross_compiler(cross_compiler)
     path = os.path.join(tempfile.mkdtemp(prefix="forgeml-kernel-"), "kernel.so")
     if cuda_arch:
-        from forgeml.compiler.gpu import export_cuda_library
+        from forgeml.compiler.cuda.fatbin import export_cuda_library
 
         export_cuda_library(module, path, cuda_arch, fcompile=fcompile)
     else:
@@ -218,25 +170,14 @@ def _builder_runner(target: tvm.target.Target) -> tuple[ms.builder.Builder, ms.r
     return builder(target), runner
 
 
-def register_tensor_intrinsics() -> None:
-    """Register TVM's tensor intrinsics before any tuning context or database read. MetaSchedule's rules
-    name them on every target family: wmma/mma on CUDA, NEON dot products on ARM, and on x86 hosts with
-    AVX-512 or VNNI (`dot_16x4_avx512`, `dot_16x4_vnni`). Imported the fast way (about 2 s)."""
-    from forgeml.compiler.gpu import _import_tensor_intrinsics
-
-    _import_tensor_intrinsics()
-
-
 def space_generator(target: tvm.target.Target) -> ms.space_generator.SpaceGenerator | str:
     """MetaSchedule's design space for the target. CUDA (sm_70+): TVM's tensor-core rules, except that
     the wmma accumulators are staged in static shared memory: TVM 0.27 merges the fp32 staging buffer
     into the fp16 dynamic shared memory of the operands, and every such candidate failed to build
-    ("tvm_access_ptr element type must match the source buffer", the same fix as gpu_wmma.py)."""
+    ("tvm_access_ptr element type must match the source buffer", the same fix as cuda/wmma.py)."""
     if target.kind.name != "cuda":
         return "post-order-apply"
-    from forgeml.compiler.gpu import _import_tensor_intrinsics
-
-    _import_tensor_intrinsics()
+    register_tensor_intrinsics()
     arch = str(target.attrs.get("arch", "sm_50"))
     if not arch.startswith("sm_") or int(arch[3:5]) < 70:  # no tensor cores (sm_XY, maybe "sm_90a")
         return ms.space_generator.PostOrderApply(sch_rules="cuda", postprocs="cuda", mutator_probs="cuda")
@@ -270,8 +211,14 @@ def extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[Any]:
 
 
 _TRIALS_PER_TASK = 32  # a first pass over every kernel before any kernel gets more
+
+
 _GROUP = 4  # kernels tuned together; the time budget is checked between groups
+
+
 _TRIALS_PER_ITER = 16  # candidates measured per search round: the smallest step a group can take
+
+
 _SECONDS_PER_TRIAL_GUESS = 1.5  # before any trial is measured (2-core EPYC: 1.2-2.5 s per trial)
 
 
@@ -350,8 +297,6 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
     return summary
 
 
-# -- choosing between tuned and rule-based schedules -------------------------------------------------
-
 def rule_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """A kernel scheduled by forgeml's rules, as the untuned pipeline schedules it (into a copy: dlight's
     ApplyDefaultSchedule rewrites the module it is given, and `kernel` is also a database workload)."""
@@ -360,10 +305,10 @@ def rule_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         if target.kind.name == "cuda":
             from tvm.s_tir import dlight as dl
 
-            from forgeml.compiler.gpu import default_rules
+            from forgeml.compiler.cuda.pipeline import default_rules
 
             return dl.ApplyDefaultSchedule(*default_rules())(kernel)
-        from forgeml.compiler.schedules import apply_cpu_schedules
+        from forgeml.compiler.cpu.rules import apply_cpu_schedules
 
         return apply_cpu_schedules(kernel, target)
 
@@ -371,19 +316,19 @@ def rule_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
 def rule_variants(kernel: tvm.IRModule, target: tvm.target.Target) -> list[tuple[str, Any]]:
     """forgeml's own parametrized schedules of `kernel`, named, for tuning batches to time beside
     MetaSchedule's candidates: the tensor-core tilings of fp16 GEMMs on CUDA, wmma
-    (`gpu_wmma.wmma_variants`) and, on sm_80+, mma.sync with cp.async (`gpu_mma.mma_variants`); none
+    (`wmma.wmma_variants`) and, on sm_80+, mma.sync with cp.async (`mma.mma_variants`); none
     for other kernels and targets."""
     if target.kind.name != "cuda":
         return []
-    from forgeml.compiler import gpu
-    from forgeml.compiler.gpu_mma import mma_variants
-    from forgeml.compiler.gpu_wmma import wmma_variants
+    from forgeml.compiler.cuda.mma import mma_variants
+    from forgeml.compiler.cuda.tensor_cores import tensor_core_gemm
+    from forgeml.compiler.cuda.wmma import wmma_variants
 
     func = kernel["main"]
-    found = gpu.tensor_core_gemm(func, target)
+    found = tensor_core_gemm(func, target)
     if found is None:
         return []
-    gpu._import_tensor_intrinsics()
+    register_tensor_intrinsics()
     with target:
         variants = [(f"wmma {tiles.name}", sch) for tiles, sch in wmma_variants(func, target, found[1], found[2])]
         return variants + [(tiles.name, sch) for tiles, sch in mma_variants(func, target, found[1])]
@@ -401,20 +346,6 @@ def schedule_key(scheduled: tvm.IRModule) -> str:
     import tvm_ffi
 
     return f"s{tvm_ffi.structural_hash(scheduled)}"
-
-
-def read_rule_latencies(target: tvm.target.Target) -> dict[str, float | None]:
-    path = database_dir(target) / "rule_latency.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_rule_latencies(target: tvm.target.Target, latencies: dict[str, float | None]) -> None:
-    """Merge `latencies` into the target's cached rule latencies (atomically)."""
-    path = database_dir(target) / "rule_latency.json"
-    merged = {**read_rule_latencies(target), **latencies}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(merged, indent=1))
-    os.replace(tmp, path)
 
 
 def _measure_rule_latencies(scheduled: list[tvm.IRModule], target: tvm.target.Target) -> list[float | None]:

@@ -1,6 +1,6 @@
 """Tensor-core GEMM schedule on ldmatrix + mma.sync with a cp.async pipeline (sm_80+).
 
-dlight's wmma schedule (`gpu_wmma.py`) loads operands synchronously and tops out near 70 TFLOP/s on an
+dlight's wmma schedule (`wmma.py`) loads operands synchronously and tops out near 70 TFLOP/s on an
 H200 (ResNet-18's layer2/3 convolutions at batch 32 in fp16); cuDNN reaches about twice that on the
 same convolutions. This schedule is the structure of CUTLASS's Ampere GEMMs, written with TVM's
 public schedule primitives and tensor intrinsics:
@@ -152,9 +152,9 @@ DEFAULT_TILES = MmaTiles()
 def mma_matmul(func: tirx.PrimFunc, target: Target, tiles: MmaTiles = DEFAULT_TILES) -> s_tir.Schedule | None:
     """`func`, a GEMM or implicit-GEMM convolution with fp16 operands and fp32 (or fp16) accumulation,
     on mma.sync tensor cores with `tiles`; None where the kernel is not such a GEMM."""
-    from forgeml.compiler.gpu import _import_tensor_intrinsics
+    from forgeml.compiler.tensor_intrinsics import register_tensor_intrinsics
 
-    _import_tensor_intrinsics()  # before importing tensor_intrin.cuda: 1-2 s instead of 80
+    register_tensor_intrinsics()  # before importing tensor_intrin.cuda: 1-2 s instead of 80
     from tvm.s_tir.tensor_intrin.cuda import get_mma_intrin_group, shared_16x16_to_ldmatrix_32x8_layout
 
     if not isinstance(func, tirx.PrimFunc) or "dlight.do_not_tensorize" in func.attrs.keys():

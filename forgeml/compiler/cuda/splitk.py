@@ -29,13 +29,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from forgeml.compiler.pipeline import constant_array
+from forgeml.compiler.graph import constant_array
 
 TILE_M, TILE_N = 32, 64  # dlight Matmul's CUDA output tile (block 8x16 threads, 4x4 each)
 TARGET_BLOCKS = 256  # about two blocks per SM on an H100/H200 (132 SMs)
 MIN_K_SLICE = 128  # shorter slices spend more on the partial sums than they save
 MIN_K = 512
-TENSOR_CORE_MIN_EXTENT = 64  # gpu.tensor_core_gemm: the smallest M, N and K that go on tensor cores
+TENSOR_CORE_MIN_EXTENT = 64  # tensor_cores.tensor_core_gemm: the smallest M, N and K that go on tensor cores
 
 # Tensor-core (wmma) convolutions, `tensor_core_splits`: dlight's 128 x 128 tile runs 512 threads of
 # 120 registers, so one block per SM (128 x 64 tiles for N = 64: 256 threads, two).

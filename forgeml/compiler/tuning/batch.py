@@ -30,7 +30,8 @@ from typing import Any
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from forgeml.compiler import tuning
+from forgeml.compiler.tensor_intrinsics import register_tensor_intrinsics
+from forgeml.compiler.tuning import database, search
 from forgeml.errors import InvalidInput
 from forgeml.runtime.measure import BATCH_FILE, BATCH_FORMAT, RESULTS_FILE, wrong_output
 
@@ -99,9 +100,9 @@ def _propose(task: Any, target: tvm.target.Target, db: ms.database.Database, cou
     """Up to `count` new candidates for one kernel from MetaSchedule's evolutionary search, its cost model
     first trained on the kernel's records (what earlier batches measured); none measured before."""
     kernel = task.dispatched[0]
-    tuning.register_tensor_intrinsics()
-    context = ms.TuneContext(mod=kernel, target=target, space_generator=tuning.space_generator(target),
-                             search_strategy=tuning._search_strategy(max(128, 2 * count)), task_name=task.task_name,
+    register_tensor_intrinsics()
+    context = ms.TuneContext(mod=kernel, target=target, space_generator=search.space_generator(target),
+                             search_strategy=search._search_strategy(max(128, 2 * count)), task_name=task.task_name,
                              num_threads=os.cpu_count() or 1)
     spaces = context.generate_design_space()
     cost_model = ms.cost_model.XGBModel(num_warmup_samples=0)
@@ -184,7 +185,7 @@ def share_trials(kernels: list[Any], trials: int) -> list[int]:
     if trials < MIN_PER_KERNEL:
         return [trials]
     covered = min(len(kernels), trials // MIN_PER_KERNEL)
-    weights = [tuning.flops(k) for k in kernels[:covered]]
+    weights = [search.flops(k) for k in kernels[:covered]]
     total = sum(weights)
     spare = trials - covered * MIN_PER_KERNEL
     return [MIN_PER_KERNEL + (int(spare * w / total) if total else spare // covered) for w in weights]
@@ -197,7 +198,7 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
 
     Kernels without records (all kernels with `refine`) share the candidates in proportion to their
     FLOPs x uses (`share_trials`). Kernels without records also get forgeml's own schedule variants
-    (`tuning.rule_variants`: tensor-core tilings on CUDA) on top; `trials` 0 writes those alone.
+    (`search.rule_variants`: tensor-core tilings on CUDA) on top; `trials` 0 writes those alone.
     The directory appears complete or not at all."""
     start = time.monotonic()
     say = progress or (lambda _msg: None)
@@ -205,12 +206,12 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
     _empty_dir(out_dir)
     if trials < 0 or (trials == 0 and target.kind.name != "cuda"):
         raise InvalidInput("--trials must be at least 1 (0, forgeml's tensor-core tilings alone, on CUDA targets)")
-    tuning.quiet_logs()
-    target = tuning.tuning_target(target)
-    tuning.check_tunable(target)
-    db = tuning.open_database(target)
-    tasks = tuning.extract(mod, target)
-    pending = tuning.pending_tasks(tasks, db, target, refine)
+    search.quiet_logs()
+    target = database.tuning_target(target)
+    search.check_tunable(target)
+    db = database.open_database(target)
+    tasks = search.extract(mod, target)
+    pending = search.pending_tasks(tasks, db, target, refine)
     summary = BatchSummary(directory=str(out_dir), kernels=len(tasks))
     if not pending:
         raise InvalidInput(f"every one of the {len(tasks)} kernels already has a tuning record for this target: "
@@ -229,8 +230,8 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
 
         searched = _propose(task, target, db, shares[i]) if shares[i] else []
         proposed = [("MetaSchedule", c.sch, c.args_info) for c in searched]
-        if not tuning._has_record(db, task, target):  # the variants are measured once per kernel
-            for name, sch in tuning.rule_variants(kernel, target):
+        if not search._has_record(db, task, target):  # the variants are measured once per kernel
+            for name, sch in search.rule_variants(kernel, target):
                 proposed.append((name, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
                 summary.variants += 1
         for source, sch, args_info in proposed:
@@ -242,10 +243,10 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
             modules.append(sch.mod)
         # the rule schedule goes in every batch: its latency, and its outputs as the reference that
         # each candidate's are checked against where they are measured
-        scheduled = tuning.rule_schedule(kernel, target)
+        scheduled = search.rule_schedule(kernel, target)
         args = _args_json(ms.arg_info.ArgInfo.from_entry_func(scheduled, remove_preproc=True))
         entries.append({"kind": "rules", "kernel": task.task_name, "workload": i,
-                        "rule_key": tuning.schedule_key(scheduled), "args": args, "outputs": outputs,
+                        "rule_key": search.schedule_key(scheduled), "args": args, "outputs": outputs,
                         "comparable": _comparable(args, own_args, scheduled)})
         modules.append(scheduled)
     if not any(e["kind"] == "tuned" for e in entries):
@@ -270,7 +271,7 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
             kept.append(entry)
         summary.candidates = sum(1 for e in kept if e["kind"] == "tuned")
         summary.rule_candidates = len(kept) - summary.candidates
-        device = tuning.device_of(target)
+        device = search.device_of(target)
         batch = {"format": BATCH_FORMAT, "device": device, "arch": arch, "target": str(target),
                  "candidates": [{k: e[k] for k in ("id", "kind", "kernel", "library", "args", "outputs", "comparable")}
                                 for e in kept]}
@@ -291,7 +292,7 @@ def export_batch(mod: tvm.IRModule, target: tvm.target.Target, out_dir: str | Pa
 def _build(modules: list[tvm.IRModule], target: tvm.target.Target, cross_compiler: str | None,
            say) -> list[tuple[str | None, str | None]]:
     """(library path, error) per module, built in parallel in chunks (for progress)."""
-    builder = tuning.builder(target, cross_compiler)
+    builder = search.builder(target, cross_compiler)
     out: list[tuple[str | None, str | None]] = []
     chunk = 4 * (os.cpu_count() or 1)
     for i in range(0, len(modules), chunk):
@@ -329,9 +330,9 @@ def import_results(batch_dir: str | Path) -> ImportSummary:
         when = _read_json(batch_dir / IMPORTED_FILE, "").get("time", "before")
         raise InvalidInput(f"{batch_dir} was already imported ({when}): its records are in the database")
     target = tvm.ir.load_json(json.dumps(meta["target"]))
-    db = tuning.open_database(target)
+    db = database.open_database(target)
     device = measured.get("device", {}).get("name", "")
-    summary = ImportSummary(database=str(tuning.database_dir(target)), device=device)
+    summary = ImportSummary(database=str(database.database_dir(target)), device=device)
     workloads = [db.commit_workload(tvm.ir.load_json(w)) for w in meta["workloads"]]
     results = measured.get("results", {})
     rule_latencies: dict[str, float | None] = {}
@@ -366,7 +367,7 @@ def import_results(batch_dir: str | Path) -> ImportSummary:
             stats["best_us"] = round(secs * 1e6, 2)
             stats["best_source"] = entry.get("source", "MetaSchedule")
     if rule_latencies:
-        tuning.save_rule_latencies(target, rule_latencies)
+        database.save_rule_latencies(target, rule_latencies)
     summary.rule_latencies = len(rule_latencies)
     for stats in best.values():  # rules / best tuned: above 1, tuning found a faster schedule
         rules, tuned = stats["rules_us"], stats["best_us"]
@@ -381,4 +382,4 @@ def _rule_key(entry: dict[str, Any], meta: dict[str, Any], target: tvm.target.Ta
     ("<rules source hash>:<kernel hash>") are keyed by the kernel's rule schedule today."""
     if ":" not in entry["rule_key"]:
         return entry["rule_key"]
-    return tuning.rule_key(tvm.ir.load_json(meta["workloads"][entry["workload"]]), target)
+    return search.rule_key(tvm.ir.load_json(meta["workloads"][entry["workload"]]), target)

@@ -1,0 +1,271 @@
+"""Convolution rules.
+
+- `Conv2DRule`: NCHW conv2d (groups == 1, or groups with >= one vector of output channels per group),
+  output channels vectorized, a register tile of output columns, weights prepacked at compile time.
+- `DepthwiseConvRule`: NCHW depthwise conv2d; the padded input is rewritten channel-blocked ([C/8, H, W, 8])
+  so every tap is one contiguous vector load, any stride."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+
+from forgeml.compiler.cpu.common import (
+    _MAX_ACC,
+    _TUNE,
+    _inline_copy_producers,
+    _inline_epilogue,
+    _int,
+    _is_spatial,
+    _iter_kinds,
+    _largest_divisor,
+    _layout_free,
+    _loop_depth,
+    _pack_weight,
+    _parallel,
+    _param_index,
+    _reduction_schedule,
+    _region_vars,
+    _trivial_binding,
+    _vectorize_inner,
+)
+from forgeml.compiler.cpu.generic import _schedule_block_generic
+
+
+@dataclass
+class _ConvInfo:
+    data_idx: int
+    w_idx: int
+    depthwise: bool
+    grouped: bool
+    oc: int
+    oc_per_group: int
+    oh: int
+    ow: int
+    kh: int
+    kw: int
+    flat_ok: bool  # 1x1, stride 1, same spatial shape: (y, x) may be fused into one pixel axis
+
+
+def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
+    block = sch.get(block_rv)
+    if _iter_kinds(block) != ["S", "S", "S", "S", "R", "R", "R"] or len(block.reads) != 2:
+        return None
+    if len(block.writes) != 1 or not _trivial_binding(sch, block_rv):
+        return None
+    nn, ff, yy, xx, rc, ry, rx = (iv.var for iv in block.iter_vars)
+    out = block.writes[0].region
+    if len(out) != 4 or not all(r.min.same_as(v) for r, v in zip(out, (nn, ff, yy, xx))):
+        return None
+    w_idx = data_idx = None
+    for n, rd in enumerate(block.reads):
+        mins = [r.min for r in rd.region]
+        if len(mins) == 4 and all(isinstance(m, tirx.Var) for m in mins) and all(
+                a.same_as(b) for a, b in zip(mins, [ff, rc, ry, rx])):
+            w_idx = n
+        else:
+            data_idx = n
+    if w_idx is None or data_idx is None:
+        return None
+    dims = _region_vars(block.reads[data_idx])
+    if len(dims) != 4 or dims[0] != {nn} or rc not in dims[1] or dims[2] != {yy, ry} or dims[3] != {xx, rx}:
+        return None
+    exts = [_int(iv.dom.extent) for iv in block.iter_vars]
+    oc, oh, ow, icg, kh, kw = exts[1], exts[2], exts[3], exts[4], exts[5], exts[6]
+    grouped = ff in dims[1]
+    depthwise = grouped and icg == 1
+    data_buf = block.reads[data_idx].source
+    oc_per_group = oc
+    if grouped and not depthwise:
+        groups = _int(data_buf.shape[1]) // icg
+        oc_per_group = oc // groups
+    flat_ok = (kh == 1 and kw == 1 and [_int(d) for d in data_buf.shape[2:]] == [oh, ow]
+               and not grouped)
+    return _ConvInfo(data_idx, w_idx, depthwise, grouped, oc, oc_per_group, oh, ow, kh, kw, flat_ok)
+
+
+def _choose_conv_tile(ocg: int, width: int, lanes: int, max_fv: int = 4) -> tuple[int, int]:
+    """(vectors of output channels, output columns) of the register tile."""
+    best, best_score = (1, 1), -1.0
+    for fv in range(1, max_fv + 1):
+        if ocg % (fv * lanes):
+            continue
+        xt = _largest_divisor(width, _MAX_ACC // fv)
+        score = fv * xt / (fv + xt) + 0.01 * fv * xt
+        if score > best_score:
+            best, best_score = (fv, xt), score
+    return best
+
+
+def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after) -> None:
+    """Tile n, f, y, x, rc, ry, rx into a register tile of fv vectors x xt columns."""
+    local = sch.cache_write(blk, 0, "local")
+    if after:
+        sch.reverse_compute_inline(after[0])
+    if info.flat_ok:
+        # one pixel axis p = y * OW + x, in the block, its write-back and the local tile
+        ow = info.ow
+        sch.transform_layout(blk, ("write", 0), lambda n, f, y, x: (n, y * ow + x, f))
+        sch.transform_block_layout(blk, lambda n, f, y, x, rc, ry, rx: (n, f, y * ow + x, rc, ry, rx))
+        sch.transform_block_layout(local, lambda n, f, y, x: (n, f, y * ow + x))
+        n, f, p, rc, ry, rx = sch.get_loops(blk)
+    else:
+        # channels innermost in the register tile: each accumulator is one contiguous vector
+        if _TUNE.get("conv_channel_last_tile", True):
+            sch.transform_layout(blk, ("write", 0), lambda n, f, y, x: (n, y, x, f))
+        n, f, y, x, rc, ry, rx = sch.get_loops(blk)
+    fo, fvl, fl = sch.split(f, [None, fv, lanes])
+    if info.flat_ok:
+        xt = _largest_divisor(info.oh * info.ow, _MAX_ACC // fv)
+        po, pt = sch.split(p, [None, xt])
+        sch.reorder(n, fo, po, rc, ry, rx, pt, fvl, fl)
+        # parallel over (n, fo, po-outer); keep a serial chunk of pixel tiles per task
+        n_tiles = info.oh * info.ow // xt
+        chunk = _largest_divisor(n_tiles, 8)
+        poo, poi = sch.split(po, [None, chunk])
+        _parallel(sch, [n, fo, poo])
+        at = poi
+    else:
+        xt = _largest_divisor(info.ow, _MAX_ACC // fv)
+        xo, xtl = sch.split(x, [None, xt])
+        sch.reorder(n, fo, y, xo, rc, ry, rx, xtl, fvl, fl)
+        _parallel(sch, [n, fo, y])
+        at = xo
+        pt = xtl
+    depth = _loop_depth(sch, blk, at)
+    sch.reverse_compute_at(local, at, preserve_unit_loops=True)
+    sch.unroll(pt)
+    sch.unroll(fvl)
+    sch.vectorize(fl)
+    if fv * xt <= 10 and info.kw <= 3:
+        sch.unroll(rx)
+    init = sch.decompose_reduction(blk, rc)
+    iloops = sch.get_loops(init)
+    sch.vectorize(iloops[-1])
+    for lp in iloops[-3:-1]:
+        sch.unroll(lp)
+    _tile_writeback(sch, sch.get_loops(local)[depth:], lanes)
+
+
+def _tile_writeback(sch, wloops, lanes: int) -> None:
+    """Write-back of an NCHW register tile: loops (n, f, y, x) or (n, f, p) after the compute_at."""
+    inner = wloops[-1]
+    ext = _int(sch.get(inner).extent)
+    if ext is not None and ext % lanes == 0:
+        _vectorize_inner(sch, inner, lanes, unroll_outer=True)
+    else:
+        sch.unroll(inner)
+    for lp in wloops[:-1]:
+        e = _int(sch.get(lp).extent)
+        if e is not None and e <= 64:
+            sch.unroll(lp)
+
+
+class Conv2DRule(ScheduleRule):
+    """NCHW conv2d: vectorized output channels, a register tile of columns, packed weights."""
+
+    def apply(self, func, target, tunable):
+        start = _reduction_schedule(func, target)
+        if start is None:
+            return None
+        cpu, sch, blk = start
+        name = sch.get(blk).name_hint
+        _inline_copy_producers(sch, blk)
+        blk = sch.get_sblock(name)
+        info = _analyze_conv(sch, blk, func)
+        if info is None or info.depthwise:
+            return None
+        if sch.get(blk).writes[0].source.dtype != "float32":
+            return None
+        lanes = cpu.lanes
+        width = info.oh * info.ow if info.flat_ok else info.ow
+        fv, _ = _choose_conv_tile(info.oc_per_group, width, lanes)
+        if info.oc_per_group % (fv * lanes):
+            return None
+        tw = fv * lanes
+        w_buf = sch.get(blk).reads[info.w_idx].source
+        w_param = _param_index(func, w_buf)
+        if w_param is None or w_param not in _layout_free(func):
+            return None  # runtime weights: not worth a repack per call
+        # everything after the conv is an elementwise epilogue; before it, at most the padding stage
+        after, before = _inline_epilogue(sch, blk)
+        blk = sch.get_sblock(name)
+        if len(after) > 1:
+            return None
+        _pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // tw, i, h, w, o % tw))
+        _conv_tile_schedule(sch, blk, info, lanes, fv, after)
+        for b in before:
+            _schedule_block_generic(sch, b, cpu)
+        return sch
+
+
+class DepthwiseConvRule(ScheduleRule):
+    """NCHW depthwise conv2d through a channel-blocked copy of the (padded) input."""
+
+    def apply(self, func, target, tunable):
+        start = _reduction_schedule(func, target)
+        if start is None:
+            return None
+        cpu, sch, blk = start
+        lanes = cpu.lanes
+        name = sch.get(blk).name_hint
+        info = _analyze_conv(sch, blk, func)
+        if info is None or not info.depthwise or info.oc % lanes:
+            return None
+        block = sch.get(blk)
+        if block.writes[0].source.dtype != "float32":
+            return None
+        data_buf = block.reads[info.data_idx].source
+        if _int(data_buf.shape[1]) != info.oc:
+            return None  # channel multiplier > 1
+        w_param = _param_index(func, block.reads[info.w_idx].source)
+        if w_param is None or w_param not in _layout_free(func):
+            return None
+        after, before = _inline_epilogue(sch, blk)
+        blk = sch.get_sblock(name)
+        if len(after) > 1:
+            return None
+        # the stage that produces the data: the padding block, or a fresh copy of the input
+        producers = [b for b in sch.get_producers(blk) if sch.get(b).writes[0].source.same_as(data_buf)]
+        if producers:
+            pad = producers[0]
+            if not _is_spatial(sch, pad) or not _trivial_binding(sch, pad):
+                return None
+        else:
+            pad = sch.cache_read(blk, info.data_idx, "global")
+        sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c // lanes, h, w, c % lanes))
+        sch.transform_block_layout(pad, lambda n, c, h, w: (n, c // lanes, h, w, c % lanes))
+        _pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // lanes, i, h, w, o % lanes))
+        # the blocked copy: parallel over (n, c-block, h), the 8 channels of a pixel in one vector
+        ploops = sch.get_loops(pad)
+        _parallel(sch, ploops[:3])
+        sch.vectorize(ploops[-1])
+        # the compute: a tile of xt columns x one vector of channels
+        local = sch.cache_write(blk, 0, "local")
+        if after:
+            sch.reverse_compute_inline(after[0])
+        sch.transform_layout(blk, ("write", 0), lambda n, f, y, x: (n, y, x, f))
+        n, f, y, x, rc, ry, rx = sch.get_loops(blk)
+        fo, fl = sch.split(f, [None, lanes])
+        xt = _largest_divisor(info.ow, _MAX_ACC)
+        xo, xtl = sch.split(x, [None, xt])
+        sch.reorder(n, fo, y, xo, rc, ry, rx, xtl, fl)
+        _parallel(sch, [n, fo, y])
+        depth = _loop_depth(sch, blk, xo)
+        sch.reverse_compute_at(local, xo, preserve_unit_loops=True)
+        sch.unroll(xtl)
+        sch.vectorize(fl)
+        if info.kh * info.kw <= 25:
+            sch.unroll(ry)
+            sch.unroll(rx)
+        init = sch.decompose_reduction(blk, rc)
+        iloops = sch.get_loops(init)
+        sch.vectorize(iloops[-1])
+        sch.unroll(iloops[-2])
+        _tile_writeback(sch, sch.get_loops(local)[depth:], lanes)
+        for b in before:
+            if not sch.get(b).same_as(sch.get(pad)):
+                _schedule_block_generic(sch, b, cpu)
+        return sch

@@ -1,0 +1,214 @@
+"""MatmulRule: dense / matmul / batch matmul (`C[..., i, j] += A[..., i, k] * B[..., k, j]`, B optionally
+transposed); a register micro tile of rows x vectors, constant weights prepacked to [N/tw, K, tw]."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+
+from forgeml.compiler.cpu.common import (
+    _MAX_ACC,
+    _PAR_MIN_MACS,
+    _extents,
+    _inline_copy_producers,
+    _inline_epilogue,
+    _int,
+    _iter_kinds,
+    _largest_divisor,
+    _layout_free,
+    _pack_weight,
+    _parallel,
+    _param_index,
+    _reduction_schedule,
+    _region_vars,
+    _trivial_binding,
+    _vectorize_inner,
+)
+
+
+@dataclass
+class _MatmulInfo:
+    block: object
+    a_idx: int
+    b_idx: int
+    b_trans: bool  # B[..., j, k]
+    batch: list[int]  # loop positions
+    i: int | None
+    j: int
+    k: int
+
+
+def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
+    block = sch.get(block_rv)
+    kinds = _iter_kinds(block)
+    if kinds.count("R") != 1 or "O" in kinds or kinds[-1] != "R" or len(block.reads) != 2:
+        return None
+    if len(block.writes) != 1 or not _trivial_binding(sch, block_rv):
+        return None
+    ivars = [iv.var for iv in block.iter_vars]
+    k_var = ivars[-1]
+    out = block.writes[0]
+    out_vars = []
+    for r in out.region:
+        if not isinstance(r.min, tirx.Var) or _int(r.extent) != 1:
+            return None
+        out_vars.append(r.min)
+    if len(out_vars) != len(ivars) - 1:
+        return None
+    j_var = out_vars[-1]
+    a_idx = b_idx = None
+    for n, rd in enumerate(block.reads):
+        dims = _region_vars(rd)
+        flat = set().union(*dims) if dims else set()
+        # each dimension must be a single iter var or constant
+        for r in rd.region:
+            if not (isinstance(r.min, tirx.Var) or _int(r.min) is not None) or _int(r.extent) != 1:
+                return None
+        if k_var in flat and j_var not in flat:
+            a_idx = n
+        elif k_var in flat and j_var in flat:
+            b_idx = n
+    if a_idx is None or b_idx is None or a_idx == b_idx:
+        return None
+    a_vars = set().union(*_region_vars(block.reads[a_idx]))
+    b_dims = block.reads[b_idx].region
+    b_last = b_dims[-1].min
+    if b_last.same_as(j_var):
+        b_trans = False
+    elif b_last.same_as(k_var) and len(b_dims) >= 2 and b_dims[-2].min.same_as(j_var):
+        b_trans = True
+    else:
+        return None
+    pos = {v: n for n, v in enumerate(ivars)}
+    i_pos = None
+    if len(out_vars) >= 2 and out_vars[-2] in a_vars:
+        b_vars = set().union(*_region_vars(block.reads[b_idx]))
+        if out_vars[-2] not in b_vars:
+            i_pos = pos[out_vars[-2]]
+    batch = [pos[v] for v in out_vars if pos[v] not in (i_pos, pos[j_var])]
+    return _MatmulInfo(block_rv, a_idx, b_idx, b_trans, batch, i_pos, pos[j_var], len(ivars) - 1)
+
+
+def _choose_gemm_tile(m: int, n: int, lanes: int) -> tuple[int, int]:
+    """(rows, vectors) of the register tile: divides M and N, <= _MAX_ACC accumulators."""
+    best, best_score = (1, 1), -1.0
+    for nv in (3, 2, 4, 1, 5, 6):
+        if n % (nv * lanes):
+            continue
+        mr = _largest_divisor(m, _MAX_ACC // nv)
+        score = mr * nv / (mr + nv) + 0.01 * mr * nv
+        if score > best_score:
+            best, best_score = (mr, nv), score
+    return best
+
+
+class MatmulRule(ScheduleRule):
+    """Dense / matmul / batch matmul with a register micro tile."""
+
+    def apply(self, func, target, tunable):
+        start = _reduction_schedule(func, target)
+        if start is None:
+            return None
+        cpu, sch, blk = start
+        info = _analyze_matmul(sch, blk)
+        if info is None:
+            return None
+        block = sch.get(blk)
+        if block.writes[0].source.dtype != "float32":
+            return None
+        _inline_copy_producers(sch, blk)
+        blk = sch.get_sblock(block.name_hint)
+        after, before = _inline_epilogue(sch, blk)
+        blk = sch.get_sblock(block.name_hint)
+        if len(after) > 1 or before:
+            return None
+        exts = _extents(sch, sch.get_loops(blk))
+        m = exts[info.i] if info.i is not None else 1
+        n = exts[info.j]
+        lanes = cpu.lanes
+        parallel = math.prod(exts) >= _PAR_MIN_MACS
+        if n % lanes and exts[info.k] % lanes == 0:
+            return _dot_schedule(sch, blk, info, func, lanes, n, parallel)
+        mr, nv = _choose_gemm_tile(m, n, lanes)
+        tw = nv * lanes
+        b_buf = sch.get(blk).reads[info.b_idx].source
+        b_param = _param_index(func, b_buf)
+        b_2d = len(b_buf.shape) == 2
+        if b_param is not None and b_param in _layout_free(func) and b_2d and n % tw == 0:
+            if info.b_trans:
+                _pack_weight(sch, blk, info.b_idx, lambda jj, kk: (jj // tw, kk, jj % tw))
+            else:
+                _pack_weight(sch, blk, info.b_idx, lambda kk, jj: (jj // tw, kk, jj % tw))
+        elif info.b_trans:
+            return None  # activation B^T: a gather per vector; leave to the generic rule
+        # the epilogue (if any) goes into the write-back of the local accumulator tile
+        local = sch.cache_write(blk, 0, "local")
+        if after:
+            sch.reverse_compute_inline(after[0])
+        loops = sch.get_loops(blk)
+        batch = [loops[p] for p in info.batch]
+        k_loop = loops[info.k]
+        if info.i is not None:
+            io, ii = sch.split(loops[info.i], [None, mr])
+        else:
+            io, ii = None, None
+        jo, jv, jl = sch.split(loops[info.j], [None, nv, lanes])
+        order = batch + [jo] + ([io] if io is not None else []) + [k_loop] + \
+            ([ii] if ii is not None else []) + [jv, jl]
+        sch.reorder(*order)
+        outer = batch + [jo] + ([io] if io is not None else [])
+        fused = _parallel(sch, outer, parallel)
+        sch.reverse_compute_at(local, fused, preserve_unit_loops=True)
+        if ii is not None:
+            sch.unroll(ii)
+        sch.unroll(jv)
+        sch.vectorize(jl)
+        init = sch.decompose_reduction(blk, k_loop)
+        # init block: unroll rows/vectors, vectorize lanes
+        iloops = sch.get_loops(init)[1:]
+        sch.vectorize(iloops[-1])
+        for lp in iloops[:-1]:
+            sch.unroll(lp)
+        wloops = sch.get_loops(local)[1:]
+        _vectorize_inner(sch, wloops[-1], lanes, unroll_outer=True)
+        for lp in wloops[:-1]:
+            sch.unroll(lp)
+        return sch
+
+
+def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int, n: int, parallel: bool):
+    """Matmul whose N is not a multiple of the vector width (a 10-class head): dot products along K.
+
+    B is packed to [N, K] so each output is a vectorized dot product: `lanes` partial sums per output
+    (rfactor over K's inner lanes), with the outputs of one row unrolled so their FMA chains overlap,
+    then a short sum of the lanes. Avoids the predicated, partly scalar column tile.
+    """
+    b_buf = sch.get(blk).reads[info.b_idx].source
+    if not info.b_trans:
+        b_param = _param_index(func, b_buf)
+        if b_param is None or b_param not in _layout_free(func) or len(b_buf.shape) != 2:
+            return None
+        _pack_weight(sch, blk, info.b_idx, lambda kk, jj: (jj, kk))
+    loops = sch.get_loops(blk)
+    n_out = len(loops) - 1
+    _, kl = sch.split(loops[info.k], [None, lanes])
+    rf = sch.rfactor(kl, n_out)  # partial sums [..., i, j, lane]
+    loops = sch.get_loops(rf)
+    batch = [loops[p] for p in info.batch]
+    i_loop = [loops[info.i]] if info.i is not None else []
+    j_loop, ko, kl = loops[info.j], loops[n_out], loops[n_out + 1]
+    if n <= _MAX_ACC:
+        sch.reorder(*batch, *i_loop, ko, j_loop, kl)
+        sch.unroll(j_loop)
+    else:
+        sch.reorder(*batch, *i_loop, j_loop, ko, kl)
+    sch.vectorize(kl)
+    outer = batch + i_loop
+    if parallel and outer:
+        _parallel(sch, outer)
+    init = sch.decompose_reduction(rf, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch

@@ -1,0 +1,112 @@
+"""GenericRule, for every kernel the other rules decline: inline injective stages, parallelize leading
+spatial loops, vectorize the innermost one (reductions keep a parallel spatial nest)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+
+from forgeml.compiler.cpu.common import (
+    _CPU,
+    _PAR_MIN,
+    _blocks,
+    _cpu_of,
+    _extents,
+    _inline_injective,
+    _int,
+    _iter_kinds,
+    _parallel,
+    _trivial_binding,
+)
+from forgeml.compiler.cpu.rows import _row_schedule
+
+logger = logging.getLogger(__name__)
+
+
+def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: _CPU) -> None:
+    block = sch.get(block_rv)
+    loops = sch.get_loops(block_rv)
+    if not loops:
+        return
+    kinds = _iter_kinds(block)
+    if not _trivial_binding(sch, block_rv):
+        # unknown structure: parallelize the outermost loop only
+        if _int(sch.get(loops[0]).extent) not in (None, 1):
+            sch.parallel(loops[0])
+        return
+    exts = _extents(sch, loops)
+    if all(k == "S" for k in kinds):
+        total = 1
+        for e in exts:
+            total *= e
+        if exts[-1] % cpu.lanes == 0 or exts[-1] >= 4 * cpu.lanes or len(loops) == 1:
+            head, inner = loops[:-1], loops[-1]
+        else:
+            # short innermost row: vectorize over the flattened nest instead
+            head, inner = [], sch.fuse(*loops)
+        iext = _int(sch.get(inner).extent)
+        if iext % cpu.lanes == 0 and iext > cpu.lanes:
+            outer, vec = sch.split(inner, [None, cpu.lanes])
+            head = head + [outer]
+            sch.vectorize(vec)
+        elif iext <= 2 * cpu.lanes and iext > 1:
+            sch.vectorize(inner)
+        else:
+            head = head + [inner]
+        if total >= _PAR_MIN and head:
+            _parallel(sch, head)
+        return
+    # reduction: spatial loops must lead
+    n_s = 0
+    while n_s < len(kinds) and kinds[n_s] == "S":
+        n_s += 1
+    if any(k != "R" for k in kinds[n_s:]):
+        return
+    s_loops, r_loops = loops[:n_s], loops[n_s:]
+    r_total = 1
+    for e in exts[n_s:]:
+        r_total *= e
+    s_total = 1
+    for e in exts[:n_s]:
+        s_total *= e
+    if n_s and exts[n_s - 1] % cpu.lanes == 0 and r_total <= 64 and exts[n_s - 1] >= cpu.lanes:
+        # small window reductions (pooling): the reduction goes outside a vector of outputs
+        outer, vec = sch.split(s_loops[-1], [None, cpu.lanes])
+        sch.reorder(outer, *r_loops, vec)
+        head = list(s_loops[:-1]) + [outer]
+        if s_total * r_total >= _PAR_MIN:
+            _parallel(sch, head)
+        sch.vectorize(vec)
+        init = sch.decompose_reduction(block_rv, r_loops[0])
+        init_loops = sch.get_loops(init)
+        sch.vectorize(init_loops[-1])
+        return
+    if n_s and s_total > 1 and s_total * r_total >= _PAR_MIN:
+        _parallel(sch, s_loops)
+
+
+@dataclass
+class GenericRule(ScheduleRule):
+    """Inline injective stages; row-fused reductions (softmax, norms); else parallel + vectorize each block."""
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        cpu = _cpu_of(target)
+        try:
+            sch = _row_schedule(func, cpu)
+            if sch is not None:
+                return sch
+        except Exception as err:  # noqa: BLE001 - fall back to block-by-block
+            logger.debug("generic: row schedule failed: %s", err)
+        sch = s_tir.Schedule(func)
+        _inline_injective(sch)
+        for block_rv in _blocks(sch):
+            try:
+                _schedule_block_generic(sch, block_rv, cpu)
+            except Exception as err:  # noqa: BLE001 - a block we cannot schedule stays serial
+                logger.debug("generic: block left as is: %s", err)
+        return sch
