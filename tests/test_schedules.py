@@ -305,9 +305,9 @@ def test_elementwise_and_transpose():
 
 
 def test_target_lanes():
-    assert cpu_common._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).lanes == 8
-    assert cpu_common._cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).lanes == 8
-    assert cpu_common._cpu_of(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+    assert cpu_common.cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).lanes == 8
+    assert cpu_common.cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).lanes == 8
+    assert cpu_common.cpu_of(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                                                 "mcpu": "cortex-a72"})).lanes == 4
 
 

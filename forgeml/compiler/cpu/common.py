@@ -8,73 +8,73 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, tirx
 
-_PREPROC = "meta_schedule.layout_rewrite_preproc"
+PREPROC = "meta_schedule.layout_rewrite_preproc"
 
 
-_MAX_ACC = 12  # accumulator vectors in a register tile (16 ymm registers on x86)
+MAX_ACC = 12  # accumulator vectors in a register tile (16 ymm registers on x86)
 
 
-_PAR_MIN = 16384  # elements below which a stage stays serial (a parallel launch costs more)
+PAR_MIN = 16384  # elements below which a stage stays serial (a parallel launch costs more)
 
 
 # multiply-adds below which a matmul stays serial: measured on a 2-core EPYC, a 512x512 GEMV (262k MACs)
 # took 23.6 us on one thread and 27.4 us on two (the pool's wake-up costs more than the split saves)
-_PAR_MIN_MACS = 1 << 19
+PAR_MIN_MACS = 1 << 19
 
 
-_TUNE: dict = {}  # knobs for experiments (benchmarks/ops_cpu.py); empty means the defaults
+TUNE: dict = {}  # knobs for experiments (benchmarks/ops_cpu.py); empty means the defaults
 
 
 @dataclass(frozen=True)
-class _CPU:
+class CPUFacts:
     lanes: int  # f32 lanes of the vector tiles
     cores: int
 
 
-_AVX2_CPUS = ("haswell", "broadwell", "skylake", "znver", "alderlake", "icelake", "cascadelake",
+AVX2_CPUS = ("haswell", "broadwell", "skylake", "znver", "alderlake", "icelake", "cascadelake",
               "cooperlake", "tigerlake", "sapphirerapids", "rocketlake", "x86-64-v3", "x86-64-v4",
               "cannonlake", "raptorlake", "meteorlake", "emeraldrapids", "graniterapids")
 
 
-def _cpu_of(target: tvm.target.Target) -> _CPU:
+def cpu_of(target: tvm.target.Target) -> CPUFacts:
     attrs = target.attrs
     mcpu = str(attrs.get("mcpu", "") or "").lower()
     mattr = [str(a).lower() for a in (attrs.get("mattr", None) or [])]
     triple = str(attrs.get("mtriple", "") or "").lower()
     cores = int(attrs.get("num-cores", 0) or 0) or 1
     lanes = 4  # SSE / NEON: 128-bit
-    if any(m in ("+avx2", "+avx512f") for m in mattr) or any(mcpu.startswith(c) for c in _AVX2_CPUS):
+    if any(m in ("+avx2", "+avx512f") for m in mattr) or any(mcpu.startswith(c) for c in AVX2_CPUS):
         lanes = 8  # AVX2 and AVX-512 alike: 8-lane tiles (16-lane ones measured slower)
     if triple.startswith(("aarch64", "arm64", "riscv")):
         lanes = 4
-    return _CPU(lanes=lanes, cores=cores)
+    return CPUFacts(lanes=lanes, cores=cores)
 
 
-def _int(x) -> int | None:
+def as_int(x) -> int | None:
     return int(x) if isinstance(x, tirx.IntImm) else None
 
 
-def _vars_in(expr) -> set:
+def vars_in(expr) -> set:
     return set(tirx.analysis.undefined_vars(expr))
 
 
-def _region_vars(region) -> list[set]:
+def region_vars(region) -> list[set]:
     """Variables used by each dimension of a buffer region (by its min)."""
-    return [_vars_in(r.min) for r in region.region]
+    return [vars_in(r.min) for r in region.region]
 
 
-def _iter_kinds(block: tirx.SBlock) -> list[str]:
+def iter_kinds(block: tirx.SBlock) -> list[str]:
     kinds = []
     for iv in block.iter_vars:
         kinds.append({0: "S", 2: "R"}.get(int(iv.iter_type), "O"))
     return kinds
 
 
-def _extents(sch: s_tir.Schedule, loops) -> list[int | None]:
-    return [_int(sch.get(lp).extent) for lp in loops]
+def loop_extents(sch: s_tir.Schedule, loops) -> list[int | None]:
+    return [as_int(sch.get(lp).extent) for lp in loops]
 
 
-def _trivial_binding(sch: s_tir.Schedule, block_rv) -> bool:
+def trivial_binding(sch: s_tir.Schedule, block_rv) -> bool:
     """Each block iter is bound to exactly one loop, in order."""
     block = sch.get(block_rv)
     loops = sch.get_loops(block_rv)
@@ -85,42 +85,42 @@ def _trivial_binding(sch: s_tir.Schedule, block_rv) -> bool:
         loop = sch.get(lp)
         if not (isinstance(val, tirx.Var) and val.same_as(loop.loop_var)):
             return False
-        if _int(loop.extent) is None or _int(iv.dom.extent) != _int(loop.extent):
+        if as_int(loop.extent) is None or as_int(iv.dom.extent) != as_int(loop.extent):
             return False
     return True
 
 
-def _blocks(sch: s_tir.Schedule) -> list:
+def child_blocks(sch: s_tir.Schedule) -> list:
     """The blocks directly under the root block, in program order."""
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
-def _is_spatial(sch: s_tir.Schedule, block_rv) -> bool:
-    return all(k == "S" for k in _iter_kinds(sch.get(block_rv)))
+def is_spatial(sch: s_tir.Schedule, block_rv) -> bool:
+    return all(k == "S" for k in iter_kinds(sch.get(block_rv)))
 
 
-def _layout_free(func: tirx.PrimFunc) -> set[int]:
+def layout_free(func: tirx.PrimFunc) -> set[int]:
     attr = func.attrs.get("layout_free_buffers", None) if func.attrs is not None else None
     return {int(i) for i in attr} if attr is not None else set()
 
 
-def _param_index(func: tirx.PrimFunc, buf) -> int | None:
+def param_index(func: tirx.PrimFunc, buf) -> int | None:
     for i, p in enumerate(func.params):
         if p.same_as(buf):
             return i
     return None
 
 
-def _largest_divisor(n: int, limit: int) -> int:
+def largest_divisor(n: int, limit: int) -> int:
     for d in range(min(n, limit), 0, -1):
         if n % d == 0:
             return d
     return 1
 
 
-def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int, unroll_outer: bool = False) -> None:
+def vectorize_inner(sch: s_tir.Schedule, loop, lanes: int, unroll_outer: bool = False) -> None:
     """Vectorize `loop` by `lanes` (or whole, if short); unroll the outer part when asked."""
-    ext = _int(sch.get(loop).extent)
+    ext = as_int(sch.get(loop).extent)
     if ext is None or ext == 1:
         return
     if ext % lanes == 0 and ext > lanes:
@@ -134,37 +134,37 @@ def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int, unroll_outer: bool =
         sch.unroll(loop)
 
 
-def _parallel(sch: s_tir.Schedule, loops, parallel: bool = True):
+def parallelize(sch: s_tir.Schedule, loops, parallel: bool = True):
     """Fuse `loops` (all spatial, outermost first) and, when `parallel`, parallelize the fused loop;
     returns it."""
     loops = list(loops)
     if not loops:
         return None
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if parallel and _int(sch.get(fused).extent) != 1:
+    if parallel and as_int(sch.get(fused).extent) != 1:
         sch.parallel(fused)
     return fused
 
 
-def _blocks_under(sch: s_tir.Schedule, loop) -> list:
+def blocks_under(sch: s_tir.Schedule, loop) -> list:
     return list(sch.get_child_blocks(loop))
 
 
-def _expr_size(stmt) -> int:
+def expr_size(stmt) -> int:
     """Rough node count of a block body (how costly it is to recompute)."""
     return len(str(stmt))  // 12
 
 
-def _inline_injective(sch: s_tir.Schedule, keep=()) -> None:
+def inline_injective(sch: s_tir.Schedule, keep=()) -> None:
     """Inline spatial blocks into their consumers (or producers) where legal."""
     changed = True
     while changed:
         changed = False
-        for block_rv in _blocks(sch):
+        for block_rv in child_blocks(sch):
             name = sch.get(block_rv).name_hint
-            if name in keep or not _is_spatial(sch, block_rv):
+            if name in keep or not is_spatial(sch, block_rv):
                 continue
-            if len(sch.get_consumers(block_rv)) > 1 and _expr_size(sch.get(block_rv).body) > 40:
+            if len(sch.get_consumers(block_rv)) > 1 and expr_size(sch.get(block_rv).body) > 40:
                 continue  # e.g. exp feeding both a sum and a division: computing it twice costs more
             try:
                 sch.compute_inline(block_rv)
@@ -174,12 +174,12 @@ def _inline_injective(sch: s_tir.Schedule, keep=()) -> None:
                 pass
         if changed:
             continue
-        for block_rv in reversed(_blocks(sch)):
+        for block_rv in reversed(child_blocks(sch)):
             name = sch.get(block_rv).name_hint
-            if name in keep or not _is_spatial(sch, block_rv):
+            if name in keep or not is_spatial(sch, block_rv):
                 continue
             producers = sch.get_producers(block_rv)
-            if len(producers) != 1 or not _is_spatial(sch, producers[0]):
+            if len(producers) != 1 or not is_spatial(sch, producers[0]):
                 continue
             try:
                 sch.reverse_compute_inline(block_rv)
@@ -189,32 +189,32 @@ def _inline_injective(sch: s_tir.Schedule, keep=()) -> None:
                 pass
 
 
-def _find_reduction_block(sch: s_tir.Schedule):
+def find_reduction_block(sch: s_tir.Schedule):
     """The single reduction block of a function whose other blocks are spatial (else None)."""
-    red = [b for b in _blocks(sch) if not _is_spatial(sch, b)]
+    red = [b for b in child_blocks(sch) if not is_spatial(sch, b)]
     if len(red) != 1:
         return None
     return red[0]
 
 
-def _pack_weight(sch, block_rv, read_idx: int, index_map) -> None:
+def pack_weight(sch, block_rv, read_idx: int, index_map) -> None:
     """cache_read + transform_layout a constant read buffer, tagged for compile-time folding."""
     cached = sch.cache_read(block_rv, read_idx, "global")
     sch.transform_layout(block_rv, ("read", read_idx), index_map, pad_value=None)
-    sch.annotate(cached, _PREPROC, True)
+    sch.annotate(cached, PREPROC, True)
 
 
-def _inline_epilogue(sch: s_tir.Schedule, main_rv) -> tuple[list, list]:
+def inline_epilogue(sch: s_tir.Schedule, main_rv) -> tuple[list, list]:
     """Inline the spatial stages after the main block into one; returns (blocks after, blocks before)."""
     name = sch.get(main_rv).name_hint
     changed = True
     while changed:
         changed = False
-        blocks = _blocks(sch)
+        blocks = child_blocks(sch)
         names = [sch.get(b).name_hint for b in blocks]
         after = blocks[names.index(name) + 1:]
         for b in after[:-1]:
-            if not _is_spatial(sch, b):
+            if not is_spatial(sch, b):
                 continue
             try:
                 sch.compute_inline(b)
@@ -222,26 +222,26 @@ def _inline_epilogue(sch: s_tir.Schedule, main_rv) -> tuple[list, list]:
                 break
             except Exception:  # noqa: BLE001
                 pass
-    blocks = _blocks(sch)
+    blocks = child_blocks(sch)
     names = [sch.get(b).name_hint for b in blocks]
     pos = names.index(name)
     return blocks[pos + 1:], blocks[:pos]
 
 
-def _reduction_schedule(func, target):
+def reduction_schedule(func, target):
     """(cpu, schedule, its main reduction block) for a PrimFunc with a reduction, else None."""
     if not isinstance(func, tirx.PrimFunc):
         return None
     sch = s_tir.Schedule(func)
-    blk = _find_reduction_block(sch)
-    return None if blk is None else (_cpu_of(target), sch, blk)
+    blk = find_reduction_block(sch)
+    return None if blk is None else (cpu_of(target), sch, blk)
 
 
-def _inline_copy_producers(sch: s_tir.Schedule, main_rv) -> None:
+def inline_copy_producers(sch: s_tir.Schedule, main_rv) -> None:
     """Inline spatial producers of the main block that are pure copies/reshapes (no padding branch)."""
     for prod in sch.get_producers(main_rv):
         block = sch.get(prod)
-        if not _is_spatial(sch, prod):
+        if not is_spatial(sch, prod):
             continue
         body = block.body
         value = getattr(body, "value", None)
@@ -252,7 +252,7 @@ def _inline_copy_producers(sch: s_tir.Schedule, main_rv) -> None:
                 pass
 
 
-def _loop_depth(sch, block_rv, loop) -> int:
+def loop_depth(sch, block_rv, loop) -> int:
     """Number of loops of `block_rv` down to and including `loop`."""
     target = sch.get(loop)
     for n, lp in enumerate(sch.get_loops(block_rv)):

@@ -12,25 +12,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from forgeml.compiler.cpu.common import (
-    _MAX_ACC,
-    _TUNE,
-    _inline_copy_producers,
-    _inline_epilogue,
-    _int,
-    _is_spatial,
-    _iter_kinds,
-    _largest_divisor,
-    _layout_free,
-    _loop_depth,
-    _pack_weight,
-    _parallel,
-    _param_index,
-    _reduction_schedule,
-    _region_vars,
-    _trivial_binding,
-    _vectorize_inner,
-)
+from forgeml.compiler.cpu import common
 from forgeml.compiler.cpu.generic import _schedule_block_generic
 
 
@@ -51,9 +33,9 @@ class _ConvInfo:
 
 def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
     block = sch.get(block_rv)
-    if _iter_kinds(block) != ["S", "S", "S", "S", "R", "R", "R"] or len(block.reads) != 2:
+    if common.iter_kinds(block) != ["S", "S", "S", "S", "R", "R", "R"] or len(block.reads) != 2:
         return None
-    if len(block.writes) != 1 or not _trivial_binding(sch, block_rv):
+    if len(block.writes) != 1 or not common.trivial_binding(sch, block_rv):
         return None
     nn, ff, yy, xx, rc, ry, rx = (iv.var for iv in block.iter_vars)
     out = block.writes[0].region
@@ -69,19 +51,19 @@ def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
             data_idx = n
     if w_idx is None or data_idx is None:
         return None
-    dims = _region_vars(block.reads[data_idx])
+    dims = common.region_vars(block.reads[data_idx])
     if len(dims) != 4 or dims[0] != {nn} or rc not in dims[1] or dims[2] != {yy, ry} or dims[3] != {xx, rx}:
         return None
-    exts = [_int(iv.dom.extent) for iv in block.iter_vars]
+    exts = [common.as_int(iv.dom.extent) for iv in block.iter_vars]
     oc, oh, ow, icg, kh, kw = exts[1], exts[2], exts[3], exts[4], exts[5], exts[6]
     grouped = ff in dims[1]
     depthwise = grouped and icg == 1
     data_buf = block.reads[data_idx].source
     oc_per_group = oc
     if grouped and not depthwise:
-        groups = _int(data_buf.shape[1]) // icg
+        groups = common.as_int(data_buf.shape[1]) // icg
         oc_per_group = oc // groups
-    flat_ok = (kh == 1 and kw == 1 and [_int(d) for d in data_buf.shape[2:]] == [oh, ow]
+    flat_ok = (kh == 1 and kw == 1 and [common.as_int(d) for d in data_buf.shape[2:]] == [oh, ow]
                and not grouped)
     return _ConvInfo(data_idx, w_idx, depthwise, grouped, oc, oc_per_group, oh, ow, kh, kw, flat_ok)
 
@@ -92,7 +74,7 @@ def _choose_conv_tile(ocg: int, width: int, lanes: int, max_fv: int = 4) -> tupl
     for fv in range(1, max_fv + 1):
         if ocg % (fv * lanes):
             continue
-        xt = _largest_divisor(width, _MAX_ACC // fv)
+        xt = common.largest_divisor(width, common.MAX_ACC // fv)
         score = fv * xt / (fv + xt) + 0.01 * fv * xt
         if score > best_score:
             best, best_score = (fv, xt), score
@@ -113,28 +95,28 @@ def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after) -
         n, f, p, rc, ry, rx = sch.get_loops(blk)
     else:
         # channels innermost in the register tile: each accumulator is one contiguous vector
-        if _TUNE.get("conv_channel_last_tile", True):
+        if common.TUNE.get("conv_channel_last_tile", True):
             sch.transform_layout(blk, ("write", 0), lambda n, f, y, x: (n, y, x, f))
         n, f, y, x, rc, ry, rx = sch.get_loops(blk)
     fo, fvl, fl = sch.split(f, [None, fv, lanes])
     if info.flat_ok:
-        xt = _largest_divisor(info.oh * info.ow, _MAX_ACC // fv)
+        xt = common.largest_divisor(info.oh * info.ow, common.MAX_ACC // fv)
         po, pt = sch.split(p, [None, xt])
         sch.reorder(n, fo, po, rc, ry, rx, pt, fvl, fl)
         # parallel over (n, fo, po-outer); keep a serial chunk of pixel tiles per task
         n_tiles = info.oh * info.ow // xt
-        chunk = _largest_divisor(n_tiles, 8)
+        chunk = common.largest_divisor(n_tiles, 8)
         poo, poi = sch.split(po, [None, chunk])
-        _parallel(sch, [n, fo, poo])
+        common.parallelize(sch, [n, fo, poo])
         at = poi
     else:
-        xt = _largest_divisor(info.ow, _MAX_ACC // fv)
+        xt = common.largest_divisor(info.ow, common.MAX_ACC // fv)
         xo, xtl = sch.split(x, [None, xt])
         sch.reorder(n, fo, y, xo, rc, ry, rx, xtl, fvl, fl)
-        _parallel(sch, [n, fo, y])
+        common.parallelize(sch, [n, fo, y])
         at = xo
         pt = xtl
-    depth = _loop_depth(sch, blk, at)
+    depth = common.loop_depth(sch, blk, at)
     sch.reverse_compute_at(local, at, preserve_unit_loops=True)
     sch.unroll(pt)
     sch.unroll(fvl)
@@ -152,13 +134,13 @@ def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after) -
 def _tile_writeback(sch, wloops, lanes: int) -> None:
     """Write-back of an NCHW register tile: loops (n, f, y, x) or (n, f, p) after the compute_at."""
     inner = wloops[-1]
-    ext = _int(sch.get(inner).extent)
+    ext = common.as_int(sch.get(inner).extent)
     if ext is not None and ext % lanes == 0:
-        _vectorize_inner(sch, inner, lanes, unroll_outer=True)
+        common.vectorize_inner(sch, inner, lanes, unroll_outer=True)
     else:
         sch.unroll(inner)
     for lp in wloops[:-1]:
-        e = _int(sch.get(lp).extent)
+        e = common.as_int(sch.get(lp).extent)
         if e is not None and e <= 64:
             sch.unroll(lp)
 
@@ -167,12 +149,12 @@ class Conv2DRule(ScheduleRule):
     """NCHW conv2d: vectorized output channels, a register tile of columns, packed weights."""
 
     def apply(self, func, target, tunable):
-        start = _reduction_schedule(func, target)
+        start = common.reduction_schedule(func, target)
         if start is None:
             return None
         cpu, sch, blk = start
         name = sch.get(blk).name_hint
-        _inline_copy_producers(sch, blk)
+        common.inline_copy_producers(sch, blk)
         blk = sch.get_sblock(name)
         info = _analyze_conv(sch, blk, func)
         if info is None or info.depthwise:
@@ -186,15 +168,15 @@ class Conv2DRule(ScheduleRule):
             return None
         tw = fv * lanes
         w_buf = sch.get(blk).reads[info.w_idx].source
-        w_param = _param_index(func, w_buf)
-        if w_param is None or w_param not in _layout_free(func):
+        w_param = common.param_index(func, w_buf)
+        if w_param is None or w_param not in common.layout_free(func):
             return None  # runtime weights: not worth a repack per call
         # everything after the conv is an elementwise epilogue; before it, at most the padding stage
-        after, before = _inline_epilogue(sch, blk)
+        after, before = common.inline_epilogue(sch, blk)
         blk = sch.get_sblock(name)
         if len(after) > 1:
             return None
-        _pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // tw, i, h, w, o % tw))
+        common.pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // tw, i, h, w, o % tw))
         _conv_tile_schedule(sch, blk, info, lanes, fv, after)
         for b in before:
             _schedule_block_generic(sch, b, cpu)
@@ -205,7 +187,7 @@ class DepthwiseConvRule(ScheduleRule):
     """NCHW depthwise conv2d through a channel-blocked copy of the (padded) input."""
 
     def apply(self, func, target, tunable):
-        start = _reduction_schedule(func, target)
+        start = common.reduction_schedule(func, target)
         if start is None:
             return None
         cpu, sch, blk = start
@@ -218,12 +200,12 @@ class DepthwiseConvRule(ScheduleRule):
         if block.writes[0].source.dtype != "float32":
             return None
         data_buf = block.reads[info.data_idx].source
-        if _int(data_buf.shape[1]) != info.oc:
+        if common.as_int(data_buf.shape[1]) != info.oc:
             return None  # channel multiplier > 1
-        w_param = _param_index(func, block.reads[info.w_idx].source)
-        if w_param is None or w_param not in _layout_free(func):
+        w_param = common.param_index(func, block.reads[info.w_idx].source)
+        if w_param is None or w_param not in common.layout_free(func):
             return None
-        after, before = _inline_epilogue(sch, blk)
+        after, before = common.inline_epilogue(sch, blk)
         blk = sch.get_sblock(name)
         if len(after) > 1:
             return None
@@ -231,16 +213,16 @@ class DepthwiseConvRule(ScheduleRule):
         producers = [b for b in sch.get_producers(blk) if sch.get(b).writes[0].source.same_as(data_buf)]
         if producers:
             pad = producers[0]
-            if not _is_spatial(sch, pad) or not _trivial_binding(sch, pad):
+            if not common.is_spatial(sch, pad) or not common.trivial_binding(sch, pad):
                 return None
         else:
             pad = sch.cache_read(blk, info.data_idx, "global")
         sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c // lanes, h, w, c % lanes))
         sch.transform_block_layout(pad, lambda n, c, h, w: (n, c // lanes, h, w, c % lanes))
-        _pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // lanes, i, h, w, o % lanes))
+        common.pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // lanes, i, h, w, o % lanes))
         # the blocked copy: parallel over (n, c-block, h), the 8 channels of a pixel in one vector
         ploops = sch.get_loops(pad)
-        _parallel(sch, ploops[:3])
+        common.parallelize(sch, ploops[:3])
         sch.vectorize(ploops[-1])
         # the compute: a tile of xt columns x one vector of channels
         local = sch.cache_write(blk, 0, "local")
@@ -249,11 +231,11 @@ class DepthwiseConvRule(ScheduleRule):
         sch.transform_layout(blk, ("write", 0), lambda n, f, y, x: (n, y, x, f))
         n, f, y, x, rc, ry, rx = sch.get_loops(blk)
         fo, fl = sch.split(f, [None, lanes])
-        xt = _largest_divisor(info.ow, _MAX_ACC)
+        xt = common.largest_divisor(info.ow, common.MAX_ACC)
         xo, xtl = sch.split(x, [None, xt])
         sch.reorder(n, fo, y, xo, rc, ry, rx, xtl, fl)
-        _parallel(sch, [n, fo, y])
-        depth = _loop_depth(sch, blk, xo)
+        common.parallelize(sch, [n, fo, y])
+        depth = common.loop_depth(sch, blk, xo)
         sch.reverse_compute_at(local, xo, preserve_unit_loops=True)
         sch.unroll(xtl)
         sch.vectorize(fl)

@@ -9,24 +9,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from forgeml.compiler.cpu.common import (
-    _MAX_ACC,
-    _PAR_MIN_MACS,
-    _extents,
-    _inline_copy_producers,
-    _inline_epilogue,
-    _int,
-    _iter_kinds,
-    _largest_divisor,
-    _layout_free,
-    _pack_weight,
-    _parallel,
-    _param_index,
-    _reduction_schedule,
-    _region_vars,
-    _trivial_binding,
-    _vectorize_inner,
-)
+from forgeml.compiler.cpu import common
 
 
 @dataclass
@@ -43,17 +26,17 @@ class _MatmulInfo:
 
 def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
     block = sch.get(block_rv)
-    kinds = _iter_kinds(block)
+    kinds = common.iter_kinds(block)
     if kinds.count("R") != 1 or "O" in kinds or kinds[-1] != "R" or len(block.reads) != 2:
         return None
-    if len(block.writes) != 1 or not _trivial_binding(sch, block_rv):
+    if len(block.writes) != 1 or not common.trivial_binding(sch, block_rv):
         return None
     ivars = [iv.var for iv in block.iter_vars]
     k_var = ivars[-1]
     out = block.writes[0]
     out_vars = []
     for r in out.region:
-        if not isinstance(r.min, tirx.Var) or _int(r.extent) != 1:
+        if not isinstance(r.min, tirx.Var) or common.as_int(r.extent) != 1:
             return None
         out_vars.append(r.min)
     if len(out_vars) != len(ivars) - 1:
@@ -61,11 +44,11 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
     j_var = out_vars[-1]
     a_idx = b_idx = None
     for n, rd in enumerate(block.reads):
-        dims = _region_vars(rd)
+        dims = common.region_vars(rd)
         flat = set().union(*dims) if dims else set()
         # each dimension must be a single iter var or constant
         for r in rd.region:
-            if not (isinstance(r.min, tirx.Var) or _int(r.min) is not None) or _int(r.extent) != 1:
+            if not (isinstance(r.min, tirx.Var) or common.as_int(r.min) is not None) or common.as_int(r.extent) != 1:
                 return None
         if k_var in flat and j_var not in flat:
             a_idx = n
@@ -73,7 +56,7 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
             b_idx = n
     if a_idx is None or b_idx is None or a_idx == b_idx:
         return None
-    a_vars = set().union(*_region_vars(block.reads[a_idx]))
+    a_vars = set().union(*common.region_vars(block.reads[a_idx]))
     b_dims = block.reads[b_idx].region
     b_last = b_dims[-1].min
     if b_last.same_as(j_var):
@@ -85,7 +68,7 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
     pos = {v: n for n, v in enumerate(ivars)}
     i_pos = None
     if len(out_vars) >= 2 and out_vars[-2] in a_vars:
-        b_vars = set().union(*_region_vars(block.reads[b_idx]))
+        b_vars = set().union(*common.region_vars(block.reads[b_idx]))
         if out_vars[-2] not in b_vars:
             i_pos = pos[out_vars[-2]]
     batch = [pos[v] for v in out_vars if pos[v] not in (i_pos, pos[j_var])]
@@ -93,12 +76,12 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
 
 
 def _choose_gemm_tile(m: int, n: int, lanes: int) -> tuple[int, int]:
-    """(rows, vectors) of the register tile: divides M and N, <= _MAX_ACC accumulators."""
+    """(rows, vectors) of the register tile: divides M and N, <= common.MAX_ACC accumulators."""
     best, best_score = (1, 1), -1.0
     for nv in (3, 2, 4, 1, 5, 6):
         if n % (nv * lanes):
             continue
-        mr = _largest_divisor(m, _MAX_ACC // nv)
+        mr = common.largest_divisor(m, common.MAX_ACC // nv)
         score = mr * nv / (mr + nv) + 0.01 * mr * nv
         if score > best_score:
             best, best_score = (mr, nv), score
@@ -109,7 +92,7 @@ class MatmulRule(ScheduleRule):
     """Dense / matmul / batch matmul with a register micro tile."""
 
     def apply(self, func, target, tunable):
-        start = _reduction_schedule(func, target)
+        start = common.reduction_schedule(func, target)
         if start is None:
             return None
         cpu, sch, blk = start
@@ -119,29 +102,29 @@ class MatmulRule(ScheduleRule):
         block = sch.get(blk)
         if block.writes[0].source.dtype != "float32":
             return None
-        _inline_copy_producers(sch, blk)
+        common.inline_copy_producers(sch, blk)
         blk = sch.get_sblock(block.name_hint)
-        after, before = _inline_epilogue(sch, blk)
+        after, before = common.inline_epilogue(sch, blk)
         blk = sch.get_sblock(block.name_hint)
         if len(after) > 1 or before:
             return None
-        exts = _extents(sch, sch.get_loops(blk))
+        exts = common.loop_extents(sch, sch.get_loops(blk))
         m = exts[info.i] if info.i is not None else 1
         n = exts[info.j]
         lanes = cpu.lanes
-        parallel = math.prod(exts) >= _PAR_MIN_MACS
+        parallel = math.prod(exts) >= common.PAR_MIN_MACS
         if n % lanes and exts[info.k] % lanes == 0:
             return _dot_schedule(sch, blk, info, func, lanes, n, parallel)
         mr, nv = _choose_gemm_tile(m, n, lanes)
         tw = nv * lanes
         b_buf = sch.get(blk).reads[info.b_idx].source
-        b_param = _param_index(func, b_buf)
+        b_param = common.param_index(func, b_buf)
         b_2d = len(b_buf.shape) == 2
-        if b_param is not None and b_param in _layout_free(func) and b_2d and n % tw == 0:
+        if b_param is not None and b_param in common.layout_free(func) and b_2d and n % tw == 0:
             if info.b_trans:
-                _pack_weight(sch, blk, info.b_idx, lambda jj, kk: (jj // tw, kk, jj % tw))
+                common.pack_weight(sch, blk, info.b_idx, lambda jj, kk: (jj // tw, kk, jj % tw))
             else:
-                _pack_weight(sch, blk, info.b_idx, lambda kk, jj: (jj // tw, kk, jj % tw))
+                common.pack_weight(sch, blk, info.b_idx, lambda kk, jj: (jj // tw, kk, jj % tw))
         elif info.b_trans:
             return None  # activation B^T: a gather per vector; leave to the generic rule
         # the epilogue (if any) goes into the write-back of the local accumulator tile
@@ -160,7 +143,7 @@ class MatmulRule(ScheduleRule):
             ([ii] if ii is not None else []) + [jv, jl]
         sch.reorder(*order)
         outer = batch + [jo] + ([io] if io is not None else [])
-        fused = _parallel(sch, outer, parallel)
+        fused = common.parallelize(sch, outer, parallel)
         sch.reverse_compute_at(local, fused, preserve_unit_loops=True)
         if ii is not None:
             sch.unroll(ii)
@@ -173,7 +156,7 @@ class MatmulRule(ScheduleRule):
         for lp in iloops[:-1]:
             sch.unroll(lp)
         wloops = sch.get_loops(local)[1:]
-        _vectorize_inner(sch, wloops[-1], lanes, unroll_outer=True)
+        common.vectorize_inner(sch, wloops[-1], lanes, unroll_outer=True)
         for lp in wloops[:-1]:
             sch.unroll(lp)
         return sch
@@ -188,10 +171,10 @@ def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int,
     """
     b_buf = sch.get(blk).reads[info.b_idx].source
     if not info.b_trans:
-        b_param = _param_index(func, b_buf)
-        if b_param is None or b_param not in _layout_free(func) or len(b_buf.shape) != 2:
+        b_param = common.param_index(func, b_buf)
+        if b_param is None or b_param not in common.layout_free(func) or len(b_buf.shape) != 2:
             return None
-        _pack_weight(sch, blk, info.b_idx, lambda kk, jj: (jj, kk))
+        common.pack_weight(sch, blk, info.b_idx, lambda kk, jj: (jj, kk))
     loops = sch.get_loops(blk)
     n_out = len(loops) - 1
     _, kl = sch.split(loops[info.k], [None, lanes])
@@ -200,7 +183,7 @@ def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int,
     batch = [loops[p] for p in info.batch]
     i_loop = [loops[info.i]] if info.i is not None else []
     j_loop, ko, kl = loops[info.j], loops[n_out], loops[n_out + 1]
-    if n <= _MAX_ACC:
+    if n <= common.MAX_ACC:
         sch.reorder(*batch, *i_loop, ko, j_loop, kl)
         sch.unroll(j_loop)
     else:
@@ -208,7 +191,7 @@ def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int,
     sch.vectorize(kl)
     outer = batch + i_loop
     if parallel and outer:
-        _parallel(sch, outer)
+        common.parallelize(sch, outer)
     init = sch.decompose_reduction(rf, ko)
     sch.vectorize(sch.get_loops(init)[-1])
     return sch

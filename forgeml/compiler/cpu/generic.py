@@ -10,34 +10,34 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
 from forgeml.compiler.cpu.common import (
-    _CPU,
-    _PAR_MIN,
-    _blocks,
-    _cpu_of,
-    _extents,
-    _inline_injective,
-    _int,
-    _iter_kinds,
-    _parallel,
-    _trivial_binding,
+    PAR_MIN,
+    CPUFacts,
+    as_int,
+    child_blocks,
+    cpu_of,
+    inline_injective,
+    iter_kinds,
+    loop_extents,
+    parallelize,
+    trivial_binding,
 )
 from forgeml.compiler.cpu.rows import _row_schedule
 
 logger = logging.getLogger(__name__)
 
 
-def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: _CPU) -> None:
+def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: CPUFacts) -> None:
     block = sch.get(block_rv)
     loops = sch.get_loops(block_rv)
     if not loops:
         return
-    kinds = _iter_kinds(block)
-    if not _trivial_binding(sch, block_rv):
+    kinds = iter_kinds(block)
+    if not trivial_binding(sch, block_rv):
         # unknown structure: parallelize the outermost loop only
-        if _int(sch.get(loops[0]).extent) not in (None, 1):
+        if as_int(sch.get(loops[0]).extent) not in (None, 1):
             sch.parallel(loops[0])
         return
-    exts = _extents(sch, loops)
+    exts = loop_extents(sch, loops)
     if all(k == "S" for k in kinds):
         total = 1
         for e in exts:
@@ -47,7 +47,7 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: _CPU) -> None:
         else:
             # short innermost row: vectorize over the flattened nest instead
             head, inner = [], sch.fuse(*loops)
-        iext = _int(sch.get(inner).extent)
+        iext = as_int(sch.get(inner).extent)
         if iext % cpu.lanes == 0 and iext > cpu.lanes:
             outer, vec = sch.split(inner, [None, cpu.lanes])
             head = head + [outer]
@@ -56,8 +56,8 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: _CPU) -> None:
             sch.vectorize(inner)
         else:
             head = head + [inner]
-        if total >= _PAR_MIN and head:
-            _parallel(sch, head)
+        if total >= PAR_MIN and head:
+            parallelize(sch, head)
         return
     # reduction: spatial loops must lead
     n_s = 0
@@ -77,15 +77,15 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: _CPU) -> None:
         outer, vec = sch.split(s_loops[-1], [None, cpu.lanes])
         sch.reorder(outer, *r_loops, vec)
         head = list(s_loops[:-1]) + [outer]
-        if s_total * r_total >= _PAR_MIN:
-            _parallel(sch, head)
+        if s_total * r_total >= PAR_MIN:
+            parallelize(sch, head)
         sch.vectorize(vec)
         init = sch.decompose_reduction(block_rv, r_loops[0])
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
         return
-    if n_s and s_total > 1 and s_total * r_total >= _PAR_MIN:
-        _parallel(sch, s_loops)
+    if n_s and s_total > 1 and s_total * r_total >= PAR_MIN:
+        parallelize(sch, s_loops)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class GenericRule(ScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc):
             return None
-        cpu = _cpu_of(target)
+        cpu = cpu_of(target)
         try:
             sch = _row_schedule(func, cpu)
             if sch is not None:
@@ -103,8 +103,8 @@ class GenericRule(ScheduleRule):
         except Exception as err:  # noqa: BLE001 - fall back to block-by-block
             logger.debug("generic: row schedule failed: %s", err)
         sch = s_tir.Schedule(func)
-        _inline_injective(sch)
-        for block_rv in _blocks(sch):
+        inline_injective(sch)
+        for block_rv in child_blocks(sch):
             try:
                 _schedule_block_generic(sch, block_rv, cpu)
             except Exception as err:  # noqa: BLE001 - a block we cannot schedule stays serial

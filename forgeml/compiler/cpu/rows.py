@@ -6,21 +6,21 @@ from __future__ import annotations
 from tvm import s_tir
 
 from forgeml.compiler.cpu.common import (
-    _CPU,
-    _PAR_MIN,
-    _blocks,
-    _blocks_under,
-    _extents,
-    _inline_injective,
-    _is_spatial,
-    _iter_kinds,
-    _loop_depth,
-    _trivial_binding,
-    _vectorize_inner,
+    PAR_MIN,
+    CPUFacts,
+    blocks_under,
+    child_blocks,
+    inline_injective,
+    is_spatial,
+    iter_kinds,
+    loop_depth,
+    loop_extents,
+    trivial_binding,
+    vectorize_inner,
 )
 
 
-def _row_schedule(func, cpu: _CPU):
+def _row_schedule(func, cpu: CPUFacts):
     """Softmax / layer-norm shaped functions: every stage computed per row, under one parallel row loop.
 
     Matches when the last block is spatial over (rows..., j) and every other block is either spatial
@@ -28,23 +28,23 @@ def _row_schedule(func, cpu: _CPU):
     Row reductions are vectorized with rfactor when the row length is a multiple of the vector width.
     """
     sch = s_tir.Schedule(func)
-    _inline_injective(sch)
-    blocks = _blocks(sch)
+    inline_injective(sch)
+    blocks = child_blocks(sch)
     if len(blocks) < 2:
         return None
     last = blocks[-1]
-    if not _is_spatial(sch, last) or not _trivial_binding(sch, last):
+    if not is_spatial(sch, last) or not trivial_binding(sch, last):
         return None
-    dom = _extents(sch, sch.get_loops(last))
+    dom = loop_extents(sch, sch.get_loops(last))
     if len(dom) < 2 or any(e is None for e in dom):
         return None
     rows, row_len = dom[:-1], dom[-1]
     reductions = []
     for b in blocks[:-1]:
-        if not _trivial_binding(sch, b):
+        if not trivial_binding(sch, b):
             return None
-        kinds = _iter_kinds(sch.get(b))
-        ext = _extents(sch, sch.get_loops(b))
+        kinds = iter_kinds(sch.get(b))
+        ext = loop_extents(sch, sch.get_loops(b))
         if all(k == "S" for k in kinds):
             if ext != dom:
                 return None
@@ -64,25 +64,25 @@ def _row_schedule(func, cpu: _CPU):
             rf = sch.rfactor(ki, 0)
             rf_names.append(sch.get(rf).name_hint)
     red_names = {sch.get(b).name_hint for b in reductions}
-    blocks = _blocks(sch)
+    blocks = child_blocks(sch)
     last = blocks[-1]
     row_loops = sch.get_loops(last)[:-1]
     row = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
     for b in reversed(blocks[:-1]):
         sch.compute_at(b, row, preserve_unit_loops=True)
-    if n_rows > 1 and n_rows * row_len >= _PAR_MIN:
+    if n_rows > 1 and n_rows * row_len >= PAR_MIN:
         sch.parallel(row)
-    for b in _blocks_under(sch, row):
+    for b in blocks_under(sch, row):
         name = sch.get(b).name_hint
         loops = sch.get_loops(b)
         if name in rf_names:
             # loops under the row: (lane, 1.., chunk): put the lane loop innermost
-            depth = _loop_depth(sch, b, row)
+            depth = loop_depth(sch, b, row)
             lane, chunk = loops[depth], loops[-1]
             sch.reorder(chunk, lane)
             sch.vectorize(lane)
             init = sch.decompose_reduction(b, chunk)
             sch.vectorize(sch.get_loops(init)[-1])
         elif name not in red_names:
-            _vectorize_inner(sch, loops[-1], lanes)
+            vectorize_inner(sch, loops[-1], lanes)
     return sch
