@@ -156,7 +156,16 @@ def load_runtime(device: str = "cpu") -> ModuleType:
 
 
 _SHARE_ALL_CORES = -3  # TVM's kSpecifyThreadShareAllCore: every pool thread may run on any of `cpus`
-_pool = threading.local()  # per calling thread (TVM's pool is thread-local): the thread count it was given
+
+
+class _PoolState(threading.local):
+    """Per calling thread (TVM's pool is thread-local): the thread count `set_num_threads` gave its pool
+    here, None before. An attribute, not a function: `Session.run` reads it on every call."""
+
+    threads: int | None = None
+
+
+POOL = _PoolState()
 
 
 def caller_cpus() -> list[int]:
@@ -176,11 +185,6 @@ def default_threads() -> int:
     return 0
 
 
-def pool_threads() -> int | None:
-    """The thread count `set_num_threads` gave the calling thread's pool, None before it was called here."""
-    return getattr(_pool, "threads", None)
-
-
 def set_num_threads(threads: int) -> None:
     """Size TVM's CPU thread pool for the calling thread (0: one thread per core it may use), leaving
     the calling thread's CPU affinity as it was.
@@ -197,7 +201,8 @@ def set_num_threads(threads: int) -> None:
         raise ValueError(f"threads must be >= 0, got {threads}")
     ffi = load_runtime("cpu")
     config = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
-    if config is None:
+    if config is None:  # a runtime built without the pool: nothing to size, nothing that binds
+        POOL.threads = threads
         return
     cpus = caller_cpus()
     # TVM sizes a new pool to len(cpus): one entry per thread wanted, cores repeated past the caller's
@@ -205,4 +210,4 @@ def set_num_threads(threads: int) -> None:
     config(_SHARE_ALL_CORES, int(threads), slots)
     if hasattr(os, "sched_setaffinity") and caller_cpus() != cpus:
         os.sched_setaffinity(0, cpus)
-    _pool.threads = threads
+    POOL.threads = threads

@@ -205,7 +205,7 @@ class Session:
     def run(self, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model on `feeds` (input name -> array); returns output name -> array."""
         with self._lock:
-            if self._threads is not None and native.pool_threads() != self._threads:
+            if self._threads is not None and native.POOL.threads != self._threads:
                 native.set_num_threads(self._threads)  # a thread's first run, or another session's count
             args = self._fast_inputs(feeds) if self._on_cpu else None
             if args is None:
