@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -154,9 +155,59 @@ def load_runtime(device: str = "cpu") -> ModuleType:
     return ffi
 
 
+_SHARE_ALL_CORES = -3  # TVM's kSpecifyThreadShareAllCore: every pool thread may run on any of `cpus`
+
+
+class _PoolState(threading.local):
+    """Per calling thread (TVM's pool is thread-local): the thread count `set_num_threads` gave its pool
+    here, None before. An attribute, not a function: `Session.run` reads it on every call."""
+
+    threads: int | None = None
+
+
+POOL = _PoolState()
+
+
+def caller_cpus() -> list[int]:
+    """The cores the calling thread may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    """Threads when none are asked for: $TVM_NUM_THREADS or $OMP_NUM_THREADS, else 0 (one per core the
+    calling thread may use)."""
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def set_num_threads(threads: int) -> None:
-    """Size TVM's CPU thread pool for this process (0: one thread per core)."""
+    """Size TVM's CPU thread pool for the calling thread (0: one thread per core it may use), leaving
+    the calling thread's CPU affinity as it was.
+
+    TVM's pool is thread-local. Its default configuration (kBig) binds each worker to one core and the
+    calling thread, which runs task 0, to the first cores of the machine (core 0 alone on a 2-core x86
+    host, whose pool it also sizes to cores / 2): every thread or process the caller creates afterwards
+    inherits that. Here the pool is configured over the caller's own cores instead, all of its threads
+    sharing them (kSpecifyThreadShareAllCore, which also sets the caller to exactly those cores, i.e.
+    leaves it unchanged), with `threads` threads, and the caller's mask is restored in case a TVM build
+    set it otherwise. The pool's size is fixed when TVM first creates it in a thread: it gets at least
+    one worker per core, so a later, larger `threads` up to that count still applies."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
     ffi = load_runtime("cpu")
     config = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
-    if config is not None:
-        config(1, int(threads))  # affinity mode 1 (kBig: all cores on a homogeneous CPU)
+    if config is None:  # a runtime built without the pool: nothing to size, nothing that binds
+        POOL.threads = threads
+        return
+    cpus = caller_cpus()
+    # TVM sizes a new pool to len(cpus): one entry per thread wanted, cores repeated past the caller's
+    slots = [str(cpus[n % len(cpus)]) for n in range(max(threads, len(cpus)))]
+    config(_SHARE_ALL_CORES, int(threads), slots)
+    if hasattr(os, "sched_setaffinity") and caller_cpus() != cpus:
+        os.sched_setaffinity(0, cpus)
+    POOL.threads = threads

@@ -62,7 +62,9 @@ def _check_compatible(manifest: Manifest, where: Path) -> None:
 class Session:
     """A loaded model. `run({"x": array}) -> {"y": array}`, like onnxruntime.InferenceSession.run.
 
-    Safe to call from many threads: calls into one session are serialized.
+    Safe to call from many threads: calls into one session are serialized. `threads` sizes TVM's CPU
+    thread pool (None: $TVM_NUM_THREADS, else one thread per core the caller may use) in each thread
+    that loads or runs the session; the calling thread's CPU affinity is never changed.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None):
@@ -74,8 +76,11 @@ class Session:
         self.device = self.manifest.target.get("device", "cpu")
         self._on_cpu = self.device == "cpu"
         ffi = native.load_runtime(self.device)
-        if threads is not None:
-            native.set_num_threads(threads)
+        # CPU: always configure the pool (TVM's default pins the calling thread to core 0); a GPU session's
+        # host code seldom uses the pool, so it is sized only when asked
+        self._threads = native.default_threads() if threads is None and self._on_cpu else threads
+        if self._threads is not None:
+            native.set_num_threads(self._threads)
         self._ffi = ffi
         self._dev = ffi.device(self.device, 0)
         self._vm = self._load_vm(artifact)
@@ -200,6 +205,8 @@ class Session:
     def run(self, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model on `feeds` (input name -> array); returns output name -> array."""
         with self._lock:
+            if self._threads is not None and native.POOL.threads != self._threads:
+                native.set_num_threads(self._threads)  # a thread's first run, or another session's count
             args = self._fast_inputs(feeds) if self._on_cpu else None
             if args is None:
                 args = self._upload_inputs(self._check_inputs(feeds))
