@@ -6,14 +6,22 @@ DistilBERT with an attention mask, torch's TorchScript exporter) stop at a Const
 output is a scalar ("broadcast_to expects the input shape to have the number of ndim at least as the
 input tensor's"). Once every input shape is fixed, all of that computes to constants.
 
-The folding is onnxscript's constant folder (`FoldConstantsPass`, the optimizer torch's own exporter
-uses), with ConstantOfShape allowed to fold (onnxscript keeps it by default, to keep files small);
-then dead nodes are dropped. Nothing else is rewritten: no fusions, no renaming, the graph's
-inputs and outputs stay as they were. Measured against ONNX Runtime's basic-level offline optimizer,
-which also makes these models import, in docs/ or the commit that added this file: both give the
-same compiled outputs, onnxscript's folder leaves the graph closer to the user's (ORT fuses
-MatMul+Add into Gemm behind extra Reshapes, and folds BatchNorm into Conv), runs in memory, and is
-deterministic: the same model in gives the same bytes out.
+The folding is onnxscript's constant folder (`fold_constants`, from the optimizer torch's own exporter
+uses), with ConstantOfShape allowed to fold (onnxscript keeps it by default, to keep files small, and
+without it none of the four imports); then dead nodes are dropped. Nothing else is rewritten: no
+fusions, no renaming, the graph's inputs and outputs stay as they were, and a model with nothing to fold
+comes back as the same object.
+
+Chosen over onnxscript's whole `optimize` (with the same ConstantOfShape hook) and ONNX Runtime's basic-
+level offline optimizer (measured on the four transformers models above, with mask, [1, 16], and on the
+zoo). All three make the four import, compile at O2 and verify with the same max abs error vs ORT on the
+original (4.8e-7, DistilBERT 7.2e-7; folded BERT-base [1, 128]: 6.9e-6), and all three are
+deterministic. But `optimize` and ORT also fuse: BatchNorm into Conv (ResNet-18 69 -> 49 nodes,
+MobileNet-V2 222 -> 100; forgeml's exporter keeps BatchNorm on purpose), ORT turns MatMul+Add into Gemm
+behind Reshapes, and both change bert_tiny; the folder alone leaves every zoo model untouched (byte-
+identical). Nodes, BERT/GPT-2/RoBERTa/DistilBERT: fold 180->118, 198->152, 189->128, 160->114; optimize
+->88, 94, 96, 85; ORT ->90, 98, 100, 89. Time on BERT-base: fold 1.2 s, optimize 3.1 s, ORT 6.8 s (it
+writes the model out to a file and reads it back).
 """
 
 from __future__ import annotations
