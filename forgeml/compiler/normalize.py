@@ -12,16 +12,16 @@ without it none of the four imports); then dead nodes are dropped. Nothing else 
 fusions, no renaming, the graph's inputs and outputs stay as they were, and a model with nothing to fold
 comes back as the same object.
 
-Chosen over onnxscript's whole `optimize` (with the same ConstantOfShape hook) and ONNX Runtime's basic-
-level offline optimizer (measured on the four transformers models above, with mask, [1, 16], and on the
-zoo). All three make the four import, compile at O2 and verify with the same max abs error vs ORT on the
-original (4.8e-7, DistilBERT 7.2e-7; folded BERT-base [1, 128]: 6.9e-6), and all three are
+Chosen over onnxscript's whole `optimize` (with the same ConstantOfShape hook) and ONNX Runtime's
+basic-level offline optimizer (measured on the four transformers models above, with mask, [1, 16], and
+on the zoo). All three make the four import, compile at O2 and verify with the same max abs error vs ORT
+on the original (4.8e-7, DistilBERT 7.2e-7; folded BERT-base [1, 128]: 6.9e-6), and all three are
 deterministic. But `optimize` and ORT also fuse: BatchNorm into Conv (ResNet-18 69 -> 49 nodes,
 MobileNet-V2 222 -> 100; forgeml's exporter keeps BatchNorm on purpose), ORT turns MatMul+Add into Gemm
-behind Reshapes, and both change bert_tiny; the folder alone leaves every zoo model untouched (byte-
-identical). Nodes, BERT/GPT-2/RoBERTa/DistilBERT: fold 180->118, 198->152, 189->128, 160->114; optimize
-->88, 94, 96, 85; ORT ->90, 98, 100, 89. Time on BERT-base: fold 1.2 s, optimize 3.1 s, ORT 6.8 s (it
-writes the model out to a file and reads it back).
+behind Reshapes, and both change bert_tiny; the folder alone leaves every zoo model untouched
+(byte-identical). Nodes, BERT/GPT-2/RoBERTa/DistilBERT: fold 180->118, 198->152, 189->128, 160->114;
+optimize ->88, 94, 96, 85; ORT ->90, 98, 100, 89. Time on BERT-base: fold 1.2 s, optimize 3.1 s, ORT 6.8
+s (it writes the model out to a file and reads it back).
 """
 
 from __future__ import annotations
