@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import tempfile
@@ -139,6 +140,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
     from forgeml.compiler import graph, pipeline, verify
     from forgeml.compiler.frontend import onnx_model, relax_import
+    from forgeml.compiler.frontend.normalize import normalize
 
     options = options or CompileOptions()
     say = progress or (lambda _msg: None)
@@ -157,6 +159,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
     say("checking the ONNX model")
     loaded = onnx_model.load_onnx(model_path, options.input_shapes)
+    folded, normalized = normalize(loaded.model)  # after --input-shape pinned the inputs: shapes fold
+    loaded = dataclasses.replace(loaded, model=folded)
     say(f"importing into Relax ({len(loaded.model.graph.node)} nodes)")
     mod = relax_import.import_onnx(loaded)
     output_names = [o.name for o in loaded.model.graph.output]
@@ -200,7 +204,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
                          "conv_layout": conv_layout, "tensor_core_schedule": options.tensor_core_schedule,
                          "cuda_graph": cuda_graph,
-                         "input_shapes": {k: list(v) for k, v in options.input_shapes.items()}},
+                         "input_shapes": {k: list(v) for k, v in options.input_shapes.items()},
+                         "normalize": normalized.to_json()},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},
     )
@@ -249,6 +254,7 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
 
     from forgeml.compiler import pipeline
     from forgeml.compiler.frontend import onnx_model, relax_import
+    from forgeml.compiler.frontend.normalize import normalize
     from forgeml.compiler.tuning import search
 
     spec = resolve_target(target_name)
@@ -259,6 +265,7 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
     if measure_elsewhere is None and not minutes and not trials:
         raise InvalidInput("give a tuning budget: --minutes and/or --trials")
     loaded = onnx_model.load_onnx(model_path, input_shapes or {})
+    loaded = dataclasses.replace(loaded, model=normalize(loaded.model)[0])
     target = tvm.target.Target(spec.tvm_target())
     mod = relax_import.import_onnx(loaded)
     mod = pipeline.tuning_input(_with_gpu_options(mod, spec, precision, conv_layout), target)
