@@ -354,7 +354,9 @@ def _inline_injective(sch: s_tir.Schedule, keep=()) -> None:
             name = sch.get(block_rv).name_hint
             if name in keep or not _is_spatial(sch, block_rv):
                 continue
-            if len(sch.get_consumers(block_rv)) > 1 and _expr_size(sch.get(block_rv).body) > 40:
+            body = sch.get(block_rv).body
+            copy = type(getattr(body, "value", None)).__name__ in ("BufferLoad", "TensorLoad")
+            if len(sch.get_consumers(block_rv)) > 1 and not copy and _expr_size(body) > 40:
                 continue  # e.g. exp feeding both a sum and a division: computing it twice costs more
             try:
                 sch.compute_inline(block_rv)
@@ -370,6 +372,10 @@ def _inline_injective(sch: s_tir.Schedule, keep=()) -> None:
                 continue
             producers = sch.get_producers(block_rv)
             if len(producers) != 1 or not _is_spatial(sch, producers[0]):
+                continue
+            if len(sch.get_consumers(producers[0])) != 1:
+                # e.g. one output of a Split: TVM would still inline it and drop the buffer that the
+                # other outputs read ("used before its definition" at build time)
                 continue
             try:
                 sch.reverse_compute_inline(block_rv)
