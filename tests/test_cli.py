@@ -92,6 +92,27 @@ def test_unsupported_operator_exit_2(tmp_path):
     assert not (tmp_path / "bad.fml").exists()
 
 
+def test_importer_failure_is_one_line_naming_the_node(tmp_path):
+    """The TVM importer prints the failing node's inputs as IR and logs a BlockBuilder warning (Swin,
+    MobileViT: a screenful); forgeml reports one line with the node instead."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Add", ["s", "zero"], ["s2"], name="shape_plus"),
+             helper.make_node("Reshape", ["a", "s2"], ["y"], name="reshape_dyn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+                                           helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+                              [numpy_helper.from_array(np.zeros(2, "int64"), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "dyn_reshape.onnx")
+    proc = forgeml("compile", path, "-o", tmp_path / "m.fml")
+    assert_one_line_error(proc, 2, "TVM ONNX importer failed at node 'reshape_dyn' (Reshape)")
+    assert proc.stdout.strip() == "" and "BlockBuilder" not in proc.stderr
+    assert not (tmp_path / "m.fml").exists()
+
+
 def test_unknown_target(tmp_path):
     path = save(mlp_model(), tmp_path / "m.onnx")
     assert_one_line_error(forgeml("compile", path, "-t", "pdp11"), 2, "unknown target 'pdp11'", "x86-64")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +104,18 @@ def _import_onnx(loaded) -> Any:
 
     shapes = {spec.name: list(spec.shape) for spec in loaded.inputs}
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
-    try:
-        mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
-    except Exception as e:
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise InvalidInput(f"{loaded.path.name}: the TVM ONNX importer failed: {message}") from None
+    failure = None
+    # the importer prints the failing node's inputs as IR (a screenful on a real model), and TVM logs a
+    # BlockBuilder warning to fd 2 when the failed import is collected: keep both off the terminal
+    with _silenced_output():
+        try:
+            mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
+        except Exception as e:
+            failure = _importer_failure(e, loaded.path.name)
+            del e
+            gc.collect()
+    if failure is not None:
+        raise failure
     mod, params = relax.frontend.detach_params(mod)
     func = mod["main"]
     num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(loaded.inputs)
@@ -111,6 +123,42 @@ def _import_onnx(loaded) -> Any:
     if params.get("main"):
         mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
     return mod
+
+
+@contextlib.contextmanager
+def _silenced_output() -> Iterator[None]:
+    """Discard what is written to stdout and stderr (Python and C++ alike) inside the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(io.StringIO()):
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _importer_failure(e: BaseException, file_name: str) -> InvalidInput:
+    """The importer's exception as one line naming the node it was converting (from its traceback)."""
+    node = None
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_construct_nodes":
+            node = tb.tb_frame.f_locals.get("node", node)
+        tb = tb.tb_next
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(e).__name__
+    at = ""
+    if node is not None and hasattr(node, "op_type"):
+        at = f" at node '{node.name or node.output[0]}' ({node.op_type})"
+    return InvalidInput(f"{file_name}: the TVM ONNX importer failed{at}: {reason}")
 
 
 def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
