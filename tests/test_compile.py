@@ -97,3 +97,39 @@ def test_relax_module_serializes(tmp_path):
     text = tvm.ir.save_json(mod)
     assert len(text) > 1000
     assert "main" in [gv.name_hint for gv in tvm.ir.load_json(text).get_global_vars()]
+
+
+def _ir3_conv_gemm_model(seed: int = 0) -> onnx.ModelProto:
+    """A model as the classic ONNX model zoo's exporters wrote it: IR version 3, opset 9, every weight
+    listed as a graph input as well as an initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = {"conv_w": rng.standard_normal((8, 3, 3, 3)).astype("float32") * 0.3,
+               "conv_b": rng.standard_normal(8).astype("float32") * 0.1,
+               "fc_w": rng.standard_normal((10, 8 * 6 * 6)).astype("float32") * 0.05,
+               "fc_b": rng.standard_normal(10).astype("float32") * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])] + [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, list(w.shape)) for name, w in weights.items()]
+    graph = helper.make_graph(nodes, "ir3", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_ir3_weights_listed_as_inputs(tmp_path):
+    """Inputs with an initializer are weights: they were imported twice ("Function contains multiple
+    parameters with name 'conv_w'")."""
+    path = save(_ir3_conv_gemm_model(), tmp_path / "ir3.onnx")
+    manifest = compile_model(path, tmp_path / "ir3.fml")
+    assert [spec.name for spec in manifest.inputs] == ["x"]
+    assert manifest.verification["passed"] is True
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype("float32")
+    got = forgeml.load(tmp_path / "ir3.fml").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(path, {"x": x})["y"], rtol=1e-4, atol=1e-4)

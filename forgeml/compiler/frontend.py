@@ -37,6 +37,18 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in weights]
 
 
+def _drop_weight_inputs(model: onnx.ModelProto) -> None:
+    """Remove graph inputs that have an initializer: weights, not user inputs. Exporters before ONNX IR 4
+    (the classic model zoo) list every weight as an input too; the importer then made two parameters of
+    one name ("Function contains multiple parameters with name ...")."""
+    weights = {init.name for init in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in weights]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)  # IR 4 lets initializers be more than input defaults
+
+
 def _read_model(path: Path) -> tuple[onnx.ModelProto, str]:
     if not path.exists():
         raise InvalidInput(f"model file not found: {path}")
@@ -118,6 +130,7 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     unsupported = find_unsupported(model)
     if unsupported:
         raise UnsupportedOperator(unsupported)
+    _drop_weight_inputs(model)
     _fix_input_shapes(model, input_shapes or {}, path)
     try:
         model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
