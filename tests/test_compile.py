@@ -133,3 +133,32 @@ def test_ir3_weights_listed_as_inputs(tmp_path):
     x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype("float32")
     got = forgeml.load(tmp_path / "ir3.fml").run({"x": x})["y"]
     np.testing.assert_allclose(got, ort_run(path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_shape_and_data_dependent_outputs(tmp_path):
+    """A `Shape` output imports as a Relax shape (no dtype, no tensor shape) and NonZero's count is known
+    only at run time: both failed in `_output_specs`. They compile to int64 tensors; the unknown
+    dimension is recorded as -1."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"),
+             helper.make_node("Shape", ["y"], ["s"], name="shape"),
+             helper.make_node("NonZero", ["y"], ["nz"], name="nonzero")]
+    graph = helper.make_graph(nodes, "outs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5]),
+                               helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+                               helper.make_tensor_value_info("nz", TensorProto.INT64, [2, None])])
+    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "outs.onnx")
+    manifest = compile_model(path, tmp_path / "outs.fml")
+    assert [(o.name, o.shape, o.dtype) for o in manifest.outputs] == [
+        ("y", (3, 5), "float32"), ("s", (2,), "int64"), ("nz", (2, -1), "int64")]
+    assert manifest.verification["passed"] is True
+    assert manifest.outputs[2].describe() == "nz: int64[2, ?]"
+    session = forgeml.load(tmp_path / "outs.fml")
+    for seed in (4, 5):
+        x = np.random.default_rng(seed).standard_normal((3, 5)).astype("float32")
+        got, want = session.run({"x": x}), ort_run(path, {"x": x})
+        for name in ("y", "s", "nz"):
+            np.testing.assert_array_equal(got[name], want[name])

@@ -122,7 +122,7 @@ def _import_onnx(loaded) -> Any:
     names = [p.name for p in func.params[num_input:]]
     if params.get("main"):
         mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
-    return mod
+    return _shapes_as_tensors(mod)
 
 
 @contextlib.contextmanager
@@ -161,12 +161,45 @@ def _importer_failure(e: BaseException, file_name: str) -> InvalidInput:
     return InvalidInput(f"{file_name}: the TVM ONNX importer failed{at}: {reason}")
 
 
-def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
+def _shapes_as_tensors(mod):
+    """`main` returning int64 tensors where it returned Relax shapes: ONNX `Shape` outputs import as
+    shape values, which have no dtype or tensor shape and which the VM hands back as a ShapeTuple."""
+    from tvm import relax
+
+    func = mod["main"]
+    out = func.body.body
+    is_tuple = isinstance(out.ty, relax.TupleType)
+    items = [relax.TupleGetItem(out, i) for i in range(len(out.ty.fields))] if is_tuple else [out]
+    types = list(out.ty.fields) if is_tuple else [out.ty]
+    if not any(isinstance(ty, relax.ShapeType) for ty in types):
+        return mod
+    items = [relax.op.shape_to_tensor(item) if isinstance(ty, relax.ShapeType) else item
+             for item, ty in zip(items, types)]
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks, relax.Tuple(items) if is_tuple
+                                                        else items[0]))
+    mod["main"] = relax.Function(func.params, body, None, func.is_pure, func.attrs)
+    return mod
+
+
+def _output_specs(mod, onnx_outputs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
+    """Each output's spec: Relax's type, with dimensions it leaves open taken from ONNX shape inference
+    where that knows them; a dimension known only at run time (NonZero's count) is -1."""
+    from tvm import relax, tirx
+
     ret = mod["main"].ret_ty
-    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     specs = []
-    for name, ty in zip(names, fields):
-        specs.append(TensorSpec(name, tuple(int(s) for s in ty.shape), str(ty.dtype)))
+    for onnx_spec, ty in zip(onnx_outputs, fields):
+        name = onnx_spec.name
+        if not isinstance(ty, relax.TensorType) or ty.ndim < 0:
+            what = "tensor of unknown rank" if isinstance(ty, relax.TensorType) else type(ty).__name__
+            raise InvalidInput(f"output '{name}' imports as a {what}; forgeml needs every output to be a "
+                               "tensor of known rank")
+        values = getattr(ty.shape, "values", None) or [None] * ty.ndim
+        dims = [int(d) if isinstance(d, tirx.IntImm) else -1 for d in values]
+        if len(onnx_spec.shape) == len(dims):
+            dims = [o if d < 0 else d for d, o in zip(dims, onnx_spec.shape)]
+        specs.append(TensorSpec(name, tuple(dims), str(ty.dtype)))
     return specs
 
 
@@ -236,8 +269,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     loaded = frontend.load_onnx(model_path, options.input_shapes)
     say(f"importing into Relax ({len(loaded.model.graph.node)} nodes)")
     mod = _import_onnx(loaded)
-    output_names = [o.name for o in loaded.model.graph.output]
-    outputs = _output_specs(mod, output_names)
+    outputs = _output_specs(mod, loaded.outputs)
     timings["import_s"] = time.perf_counter() - clock
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
