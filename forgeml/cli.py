@@ -27,8 +27,8 @@ def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
             shapes[name] = tuple(int(d) for d in dims.split(","))
         except ValueError:
             raise InvalidInput(f"--input-shape '{item}' is not NAME=D1,D2,... (e.g. x=1,3,224,224)") from None
-        if any(d <= 0 for d in shapes[name]):
-            raise InvalidInput(f"--input-shape '{item}': dimensions must be positive")
+        if any(d < 0 for d in shapes[name]):
+            raise InvalidInput(f"--input-shape '{item}': dimensions must be sizes (0 or more)")
     return shapes
 
 

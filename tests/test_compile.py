@@ -162,3 +162,22 @@ def test_shape_and_data_dependent_outputs(tmp_path):
         got, want = session.run({"x": x}), ort_run(path, {"x": x})
         for name in ("y", "s", "nz"):
             np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_zero_size_dimension(tmp_path):
+    """A dimension of 0 is a size, not a symbolic dimension: the model compiles, verifies and runs on
+    empty inputs (numpy may give an empty array zero strides, which TVM refused as not compact)."""
+    path = save(mlp_model(batch=0), tmp_path / "empty.onnx")
+    manifest = compile_model(path, tmp_path / "empty.fml")
+    assert manifest.inputs[0].shape == (0, 16) and manifest.outputs[0].shape == (0, 10)
+    assert manifest.verification["passed"] is True
+    session = forgeml.load(tmp_path / "empty.fml")
+    buffer = np.empty(64 + 16, "float32")
+    offset = (-buffer.ctypes.data % 64) // 4
+    zero_strides = np.ndarray((0, 16), "float32", buffer=buffer[offset:offset + 16], strides=(0, 0))
+    assert zero_strides.ctypes.data % 64 == 0 and zero_strides.flags.c_contiguous
+    for x in (np.zeros((0, 16), "float32"), zero_strides):
+        assert session.run({"x": x})["y"].shape == (0, 10)
+    dyn = save(mlp_model(batch="N"), tmp_path / "dyn.onnx")
+    manifest = compile_model(dyn, tmp_path / "dyn.fml", CompileOptions(input_shapes={"x": (0, 16)}))
+    assert manifest.inputs[0].shape == (0, 16)

@@ -82,7 +82,7 @@ def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
                 dim.ClearField("dim_param")
                 dim.dim_value = size
         for axis, dim in enumerate(dims):
-            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            if not dim.HasField("dim_value") or dim.dim_value < 0:
                 label = dim.dim_param or "?"
                 raise InvalidInput(
                     f"input '{name}' of {path.name} has a symbolic dimension '{label}' (axis {axis}); "
