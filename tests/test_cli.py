@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,14 @@ import pytest
 from conftest import mlp_model, ort_run, save, unsupported_model
 
 FORGEML = [sys.executable, "-m", "forgeml.cli"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def forgeml(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*FORGEML, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+    """Run the CLI of this checkout (also from another working directory)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([*FORGEML, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
@@ -129,3 +134,45 @@ def test_wrong_input_at_run_time(compiled_mlp, tmp_path):
     assert_one_line_error(proc, 2, "nope.npy")
     proc = forgeml("run", tmp_path / "missing.fml")
     assert_one_line_error(proc, 2, "artifact not found")
+
+
+_EMBEDDING_MODEL = """
+import torch
+
+
+class TokenClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, input_ids):
+        return self.head(torch.relu(self.embed(input_ids))).mean(dim=1)
+
+
+def make():
+    return TokenClassifier()
+"""
+
+
+def test_export_token_ids_keeps_int64(tmp_path):
+    """`--input-shape input_ids=1,12:int64` used to drop the dtype: the ids were exported as float32
+    and the Embedding failed (or took float indices)."""
+    (tmp_path / "tokmodel.py").write_text(_EMBEDDING_MODEL)
+    proc = forgeml("export", "tokmodel:make", "--input-shape", "input_ids=1,12:int64", "-o", "tok.onnx",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import onnx
+
+    (ids,) = onnx.load(str(tmp_path / "tok.onnx")).graph.input
+    assert ids.name == "input_ids" and ids.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    proc = forgeml("compile", "tok.onnx", "-o", "tok.fml", cwd=tmp_path)
+    assert proc.returncode == 0 and "verified against ONNX Runtime" in proc.stderr, proc.stderr
+    ids_value = np.random.default_rng(0).integers(0, 50, (1, 12)).astype("int64")
+    np.save(tmp_path / "ids.npy", ids_value)
+    proc = forgeml("run", "tok.fml", "--input", "input_ids=ids.npy", "-o", "out.npz", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["output"],
+                               ort_run(tmp_path / "tok.onnx", {"input_ids": ids_value})["output"], rtol=1e-4,
+                               atol=1e-5)
