@@ -176,3 +176,26 @@ def test_export_token_ids_keeps_int64(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["output"],
                                ort_run(tmp_path / "tok.onnx", {"input_ids": ids_value})["output"], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_external_data_resolved_next_to_the_model(tmp_path):
+    """Weights saved with `save_as_external_data` are read from the model's folder: compiling from another
+    working directory failed the checker ("should be stored in m.weights, but it is not regular file")."""
+    import onnx
+
+    (tmp_path / "model").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    onnx.save(mlp_model(), str(tmp_path / "model" / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
+    assert (tmp_path / "model" / "m.onnx").stat().st_size < 1024, "weights must be external"
+    proc = forgeml("compile", Path("..") / "model" / "m.onnx", "-o", "m.fml", cwd=elsewhere)
+    assert proc.returncode == 0 and "verified against ONNX Runtime" in proc.stderr, proc.stderr
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype("float32")
+    import forgeml as fm
+
+    got = fm.load(elsewhere / "m.fml").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(tmp_path / "model" / "m.onnx", {"x": x})["y"], rtol=1e-4, atol=1e-4)
+    (tmp_path / "model" / "m.weights").rename(tmp_path / "model" / "gone.weights")
+    proc = forgeml("compile", Path("..") / "model" / "m.onnx", "-o", "m2.fml", cwd=elsewhere)
+    assert_one_line_error(proc, 2, "'W1' is stored in 'm.weights'", "model's folder")

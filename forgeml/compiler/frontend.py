@@ -61,7 +61,27 @@ def _read_model(path: Path) -> tuple[onnx.ModelProto, str]:
         raise InvalidInput(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
     if not model.graph.node and not model.graph.output:
         raise InvalidInput(f"{path} is not an ONNX model (no graph found; truncated or another format?)")
+    _load_external_data(model, path)
     return model, hashlib.sha256(data).hexdigest()
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read weights saved beside the model (`save_as_external_data`) from the model's folder, as ONNX
+    specifies, not from the working directory."""
+    from onnx import external_data_helper
+
+    folder = path.resolve().parent
+    for tensor in model.graph.initializer:
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        if not (folder / location).is_file():
+            raise InvalidInput(f"{path}: weight '{tensor.name}' is stored in '{location}', which is not a file "
+                               f"in the model's folder {folder}")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as e:  # onnx raises ValidationError, OSError, ... on bad locations or offsets
+        raise InvalidInput(f"{path}: cannot read its external data: {str(e).strip().splitlines()[0]}") from None
 
 
 def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], path: Path) -> None:
