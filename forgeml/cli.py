@@ -27,8 +27,8 @@ def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
             shapes[name] = tuple(int(d) for d in dims.split(","))
         except ValueError:
             raise InvalidInput(f"--input-shape '{item}' is not NAME=D1,D2,... (e.g. x=1,3,224,224)") from None
-        if any(d <= 0 for d in shapes[name]):
-            raise InvalidInput(f"--input-shape '{item}': dimensions must be positive")
+        if any(d < 0 for d in shapes[name]):
+            raise InvalidInput(f"--input-shape '{item}': dimensions must be sizes (0 or more)")
     return shapes
 
 
@@ -469,7 +469,7 @@ def export_cmd(source: str, input_shapes: tuple[str, ...], output: Path, opset: 
     or a saved torch.export program (`.pt2`)."""
     from forgeml.compiler.frontend import torch_export as export
 
-    shapes = export.parse_input_shapes(list(input_shapes))
+    shapes, dtypes = export.parse_input_specs(list(input_shapes))  # ids=1,128:int64 keeps its dtype
     axes: dict[str, dict[int, str]] = {}
     for item in dynamic_axes:
         name, sep, axis = item.partition("=")
@@ -478,9 +478,11 @@ def export_cmd(source: str, input_shapes: tuple[str, ...], output: Path, opset: 
         axes.setdefault(name, {})[int(axis)] = f"{name}_dim{axis}"
     with console.status(f"exporting {source}"):
         if source.endswith(".pt2"):
-            export.export_pt2(source, output, input_shapes=shapes or None, opset=opset, dynamic_axes=axes or None)
+            export.export_pt2(source, output, input_shapes=shapes or None, opset=opset, dynamic_axes=axes or None,
+                              input_dtypes=dtypes or None)
         else:
-            export.export_callable(source, shapes, output, opset=opset, dynamic_axes=axes or None)
+            export.export_callable(source, shapes, output, opset=opset, dynamic_axes=axes or None,
+                                   input_dtypes=dtypes or None)
     console.print(f"[green]wrote[/] {output} ({output.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,14 @@ import pytest
 from conftest import mlp_model, ort_run, save, unsupported_model
 
 FORGEML = [sys.executable, "-m", "forgeml.cli"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def forgeml(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*FORGEML, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+    """Run the CLI of this checkout (also from another working directory)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([*FORGEML, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
@@ -92,6 +97,27 @@ def test_unsupported_operator_exit_2(tmp_path):
     assert not (tmp_path / "bad.fml").exists()
 
 
+def test_importer_failure_is_one_line_naming_the_node(tmp_path):
+    """The TVM importer prints the failing node's inputs as IR and logs a BlockBuilder warning (Swin,
+    MobileViT: a screenful); forgeml reports one line with the node instead."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Add", ["s", "zero"], ["s2"], name="shape_plus"),
+             helper.make_node("Reshape", ["a", "s2"], ["y"], name="reshape_dyn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+                                           helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+                              [numpy_helper.from_array(np.zeros(2, "int64"), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "dyn_reshape.onnx")
+    proc = forgeml("compile", path, "-o", tmp_path / "m.fml")
+    assert_one_line_error(proc, 2, "TVM ONNX importer failed at node 'reshape_dyn' (Reshape)")
+    assert proc.stdout.strip() == "" and "BlockBuilder" not in proc.stderr
+    assert not (tmp_path / "m.fml").exists()
+
+
 def test_unknown_target(tmp_path):
     path = save(mlp_model(), tmp_path / "m.onnx")
     assert_one_line_error(forgeml("compile", path, "-t", "pdp11"), 2, "unknown target 'pdp11'", "x86-64")
@@ -108,3 +134,68 @@ def test_wrong_input_at_run_time(compiled_mlp, tmp_path):
     assert_one_line_error(proc, 2, "nope.npy")
     proc = forgeml("run", tmp_path / "missing.fml")
     assert_one_line_error(proc, 2, "artifact not found")
+
+
+_EMBEDDING_MODEL = """
+import torch
+
+
+class TokenClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, input_ids):
+        return self.head(torch.relu(self.embed(input_ids))).mean(dim=1)
+
+
+def make():
+    return TokenClassifier()
+"""
+
+
+def test_export_token_ids_keeps_int64(tmp_path):
+    """`--input-shape input_ids=1,12:int64` used to drop the dtype: the ids were exported as float32
+    and the Embedding failed (or took float indices)."""
+    (tmp_path / "tokmodel.py").write_text(_EMBEDDING_MODEL)
+    proc = forgeml("export", "tokmodel:make", "--input-shape", "input_ids=1,12:int64", "-o", "tok.onnx",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import onnx
+
+    (ids,) = onnx.load(str(tmp_path / "tok.onnx")).graph.input
+    assert ids.name == "input_ids" and ids.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    proc = forgeml("compile", "tok.onnx", "-o", "tok.fml", cwd=tmp_path)
+    assert proc.returncode == 0 and "verified against ONNX Runtime" in proc.stderr, proc.stderr
+    ids_value = np.random.default_rng(0).integers(0, 50, (1, 12)).astype("int64")
+    np.save(tmp_path / "ids.npy", ids_value)
+    proc = forgeml("run", "tok.fml", "--input", "input_ids=ids.npy", "-o", "out.npz", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["output"],
+                               ort_run(tmp_path / "tok.onnx", {"input_ids": ids_value})["output"], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_external_data_resolved_next_to_the_model(tmp_path):
+    """Weights saved with `save_as_external_data` are read from the model's folder: compiling from another
+    working directory failed the checker ("should be stored in m.weights, but it is not regular file")."""
+    import onnx
+
+    (tmp_path / "model").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    onnx.save(mlp_model(), str(tmp_path / "model" / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
+    assert (tmp_path / "model" / "m.onnx").stat().st_size < 1024, "weights must be external"
+    proc = forgeml("compile", Path("..") / "model" / "m.onnx", "-o", "m.fml", cwd=elsewhere)
+    assert proc.returncode == 0 and "verified against ONNX Runtime" in proc.stderr, proc.stderr
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype("float32")
+    import forgeml as fm
+
+    got = fm.load(elsewhere / "m.fml").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(tmp_path / "model" / "m.onnx", {"x": x})["y"], rtol=1e-4, atol=1e-4)
+    (tmp_path / "model" / "m.weights").rename(tmp_path / "model" / "gone.weights")
+    proc = forgeml("compile", Path("..") / "model" / "m.onnx", "-o", "m2.fml", cwd=elsewhere)
+    assert_one_line_error(proc, 2, "'W1' is stored in 'm.weights'", "model's folder")

@@ -97,3 +97,87 @@ def test_relax_module_serializes(tmp_path):
     text = tvm.ir.save_json(mod)
     assert len(text) > 1000
     assert "main" in [gv.name_hint for gv in tvm.ir.load_json(text).get_global_vars()]
+
+
+def _ir3_conv_gemm_model(seed: int = 0) -> onnx.ModelProto:
+    """A model as the classic ONNX model zoo's exporters wrote it: IR version 3, opset 9, every weight
+    listed as a graph input as well as an initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = {"conv_w": rng.standard_normal((8, 3, 3, 3)).astype("float32") * 0.3,
+               "conv_b": rng.standard_normal(8).astype("float32") * 0.1,
+               "fc_w": rng.standard_normal((10, 8 * 6 * 6)).astype("float32") * 0.05,
+               "fc_b": rng.standard_normal(10).astype("float32") * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])] + [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, list(w.shape)) for name, w in weights.items()]
+    graph = helper.make_graph(nodes, "ir3", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_ir3_weights_listed_as_inputs(tmp_path):
+    """Inputs with an initializer are weights: they were imported twice ("Function contains multiple
+    parameters with name 'conv_w'")."""
+    path = save(_ir3_conv_gemm_model(), tmp_path / "ir3.onnx")
+    manifest = compile_model(path, tmp_path / "ir3.fml")
+    assert [spec.name for spec in manifest.inputs] == ["x"]
+    assert manifest.verification["passed"] is True
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype("float32")
+    got = forgeml.load(tmp_path / "ir3.fml").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_shape_and_data_dependent_outputs(tmp_path):
+    """A `Shape` output imports as a Relax shape (no dtype, no tensor shape) and NonZero's count is known
+    only at run time: both failed in `_output_specs`. They compile to int64 tensors; the unknown
+    dimension is recorded as -1."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu"),
+             helper.make_node("Shape", ["y"], ["s"], name="shape"),
+             helper.make_node("NonZero", ["y"], ["nz"], name="nonzero")]
+    graph = helper.make_graph(nodes, "outs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5]),
+                               helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+                               helper.make_tensor_value_info("nz", TensorProto.INT64, [2, None])])
+    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "outs.onnx")
+    manifest = compile_model(path, tmp_path / "outs.fml")
+    assert [(o.name, o.shape, o.dtype) for o in manifest.outputs] == [
+        ("y", (3, 5), "float32"), ("s", (2,), "int64"), ("nz", (2, -1), "int64")]
+    assert manifest.verification["passed"] is True
+    assert manifest.outputs[2].describe() == "nz: int64[2, ?]"
+    session = forgeml.load(tmp_path / "outs.fml")
+    for seed in (4, 5):
+        x = np.random.default_rng(seed).standard_normal((3, 5)).astype("float32")
+        got, want = session.run({"x": x}), ort_run(path, {"x": x})
+        for name in ("y", "s", "nz"):
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_zero_size_dimension(tmp_path):
+    """A dimension of 0 is a size, not a symbolic dimension: the model compiles, verifies and runs on
+    empty inputs (numpy may give an empty array zero strides, which TVM refused as not compact)."""
+    path = save(mlp_model(batch=0), tmp_path / "empty.onnx")
+    manifest = compile_model(path, tmp_path / "empty.fml")
+    assert manifest.inputs[0].shape == (0, 16) and manifest.outputs[0].shape == (0, 10)
+    assert manifest.verification["passed"] is True
+    session = forgeml.load(tmp_path / "empty.fml")
+    buffer = np.empty(64 + 16, "float32")
+    offset = (-buffer.ctypes.data % 64) // 4
+    zero_strides = np.ndarray((0, 16), "float32", buffer=buffer[offset:offset + 16], strides=(0, 0))
+    assert zero_strides.ctypes.data % 64 == 0 and zero_strides.flags.c_contiguous
+    for x in (np.zeros((0, 16), "float32"), zero_strides):
+        assert session.run({"x": x})["y"].shape == (0, 10)
+    dyn = save(mlp_model(batch="N"), tmp_path / "dyn.onnx")
+    manifest = compile_model(dyn, tmp_path / "dyn.fml", CompileOptions(input_shapes={"x": (0, 16)}))
+    assert manifest.inputs[0].shape == (0, 16)

@@ -317,3 +317,24 @@ def test_every_function_scheduled_for_cnn():
     mod = pipeline.get_pipeline("O2")(_import(model), _target())
     names = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert names and all("tirx.is_scheduled" in mod[n].attrs for n in names)
+
+
+@pytest.mark.parametrize("producer", ["matmul", "silu"])
+def test_split_of_transposed_qkv(producer):
+    """The timm ViT/DeiT attention input: qkv reshaped, permuted and split into q, k, v in one fused
+    kernel. Reverse-inlining one split output into the shared transpose dropped the buffer the other two
+    read (build failed: "T_transpose_intermediate is used before its definition"). "silu" puts a costly
+    elementwise body in that kernel, so the transpose stays a stage of its own with three consumers."""
+    rng = _rng(11)
+    weights = {"shape": np.array([1, 17, 3, 4, 16], "int64"), "sizes": np.array([1, 1, 1], "int64")}
+    if producer == "matmul":
+        weights["w"] = rng.standard_normal((64, 192)).astype("float32") * 0.1
+        nodes, x_shape = [helper.make_node("MatMul", ["x", "w"], ["a"])], (1, 17, 64)
+    else:
+        nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["a"])]
+        x_shape = (1, 17, 192)
+    nodes += [helper.make_node("Reshape", ["a", "shape"], ["r"]),
+              helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 3, 1, 4]),
+              helper.make_node("Split", ["t", "sizes"], ["q", "k", "v"], axis=0)]
+    model = _model(nodes, [_f("x", x_shape)], [_f(n, (1, 1, 4, 17, 16)) for n in "qkv"], weights)
+    _check(model, {"x": rng.standard_normal(x_shape).astype("float32")})

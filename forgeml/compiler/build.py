@@ -163,8 +163,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     loaded = dataclasses.replace(loaded, model=folded)
     say(f"importing into Relax ({len(loaded.model.graph.node)} nodes)")
     mod = relax_import.import_onnx(loaded)
-    output_names = [o.name for o in loaded.model.graph.output]
-    outputs = relax_import.output_specs(mod, output_names)
+    outputs = relax_import.output_specs(mod, loaded.outputs)
     timings["import_s"] = time.perf_counter() - clock
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")

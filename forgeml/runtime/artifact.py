@@ -54,7 +54,8 @@ class TensorSpec(NamedTuple):
 
     def describe(self) -> str:
         bounds = f" in [{self.valid_range[0]}, {self.valid_range[1]}]" if self.valid_range else ""
-        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]{bounds}"
+        dims = ", ".join("?" if d < 0 else str(d) for d in self.shape)  # ?: known only at run time
+        return f"{self.name}: {self.dtype}[{dims}]{bounds}"
 
 
 class WeightEntry(NamedTuple):

@@ -30,8 +30,8 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 def _aligned(array: np.ndarray) -> np.ndarray:
     """A C-contiguous, 64-byte aligned array with the same values (compiled kernels assume alignment)."""
     flags = array.flags
-    if flags.c_contiguous and flags.writeable and array.ctypes.data % _ALIGN == 0:
-        return array
+    if flags.c_contiguous and flags.writeable and array.ctypes.data % _ALIGN == 0 and array.size:
+        return array  # (an empty array may carry zero strides, which TVM refuses as not compact)
     out = _aligned_empty(array.shape, array.dtype)
     out[...] = array
     return out
@@ -156,7 +156,7 @@ class Session:
             if not (flags.c_contiguous and flags.writeable):
                 return None
             tensor = self._ffi.from_dlpack(array)
-            if tensor.data_ptr() % _ALIGN:
+            if tensor.data_ptr() % _ALIGN or not array.size:  # empty: numpy may give it zero strides
                 stage, tensor = self._staging(n, shape, dtype)
                 np.copyto(stage, array)
             tensors.append(tensor)

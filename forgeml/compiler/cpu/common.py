@@ -164,7 +164,9 @@ def inline_injective(sch: s_tir.Schedule, keep=()) -> None:
             name = sch.get(block_rv).name_hint
             if name in keep or not is_spatial(sch, block_rv):
                 continue
-            if len(sch.get_consumers(block_rv)) > 1 and expr_size(sch.get(block_rv).body) > 40:
+            body = sch.get(block_rv).body
+            copy = type(getattr(body, "value", None)).__name__ in ("BufferLoad", "TensorLoad")
+            if len(sch.get_consumers(block_rv)) > 1 and not copy and expr_size(body) > 40:
                 continue  # e.g. exp feeding both a sum and a division: computing it twice costs more
             try:
                 sch.compute_inline(block_rv)
@@ -180,6 +182,10 @@ def inline_injective(sch: s_tir.Schedule, keep=()) -> None:
                 continue
             producers = sch.get_producers(block_rv)
             if len(producers) != 1 or not is_spatial(sch, producers[0]):
+                continue
+            if len(sch.get_consumers(producers[0])) != 1:
+                # e.g. one output of a Split: TVM would still inline it and drop the buffer that the
+                # other outputs read ("used before its definition" at build time)
                 continue
             try:
                 sch.reverse_compute_inline(block_rv)

@@ -37,6 +37,18 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in weights]
 
 
+def _drop_weight_inputs(model: onnx.ModelProto) -> None:
+    """Remove graph inputs that have an initializer: weights, not user inputs. Exporters before ONNX IR 4
+    (the classic model zoo) list every weight as an input too; the importer then made two parameters of
+    one name ("Function contains multiple parameters with name ...")."""
+    weights = {init.name for init in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in weights]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)  # IR 4 lets initializers be more than input defaults
+
+
 def _read_model(path: Path) -> tuple[onnx.ModelProto, str]:
     if not path.exists():
         raise InvalidInput(f"model file not found: {path}")
@@ -49,7 +61,27 @@ def _read_model(path: Path) -> tuple[onnx.ModelProto, str]:
         raise InvalidInput(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
     if not model.graph.node and not model.graph.output:
         raise InvalidInput(f"{path} is not an ONNX model (no graph found; truncated or another format?)")
+    _load_external_data(model, path)
     return model, hashlib.sha256(data).hexdigest()
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read weights saved beside the model (`save_as_external_data`) from the model's folder, as ONNX
+    specifies, not from the working directory."""
+    from onnx import external_data_helper
+
+    folder = path.resolve().parent
+    for tensor in model.graph.initializer:
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        if not (folder / location).is_file():
+            raise InvalidInput(f"{path}: weight '{tensor.name}' is stored in '{location}', which is not a file "
+                               f"in the model's folder {folder}")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as e:  # onnx raises ValidationError, OSError, ... on bad locations or offsets
+        raise InvalidInput(f"{path}: cannot read its external data: {str(e).strip().splitlines()[0]}") from None
 
 
 def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], path: Path) -> None:
@@ -70,7 +102,7 @@ def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
                 dim.ClearField("dim_param")
                 dim.dim_value = size
         for axis, dim in enumerate(dims):
-            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            if not dim.HasField("dim_value") or dim.dim_value < 0:
                 label = dim.dim_param or "?"
                 raise InvalidInput(
                     f"input '{name}' of {path.name} has a symbolic dimension '{label}' (axis {axis}); "
@@ -118,6 +150,7 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     unsupported = find_unsupported(model)
     if unsupported:
         raise UnsupportedOperator(unsupported)
+    _drop_weight_inputs(model)
     _fix_input_shapes(model, input_shapes or {}, path)
     try:
         model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)

@@ -1,8 +1,14 @@
-"""ONNX -> Relax: TVM's importer with the weights bound as constants, and the specs of the imported
-model's outputs."""
+"""ONNX -> Relax: TVM's importer with the weights bound as constants (its failures as one line naming the
+node, its IR dumps kept off the terminal), and the specs of the imported model's outputs."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from forgeml.errors import InvalidInput
@@ -16,24 +22,100 @@ def import_onnx(loaded) -> Any:
 
     shapes = {spec.name: list(spec.shape) for spec in loaded.inputs}
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
-    try:
-        mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
-    except Exception as e:
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise InvalidInput(f"{loaded.path.name}: the TVM ONNX importer failed: {message}") from None
+    failure = None
+    # the importer prints the failing node's inputs as IR (a screenful on a real model), and TVM logs a
+    # BlockBuilder warning to fd 2 when the failed import is collected: keep both off the terminal
+    with _silenced_output():
+        try:
+            mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
+        except Exception as e:
+            failure = _importer_failure(e, loaded.path.name)
+            del e
+            gc.collect()
+    if failure is not None:
+        raise failure
     mod, params = relax.frontend.detach_params(mod)
     func = mod["main"]
     num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(loaded.inputs)
     names = [p.name for p in func.params[num_input:]]
     if params.get("main"):
         mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
+    return _shapes_as_tensors(mod)
+
+
+@contextlib.contextmanager
+def _silenced_output() -> Iterator[None]:
+    """Discard what is written to stdout and stderr (Python and C++ alike) inside the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(io.StringIO()):
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _importer_failure(e: BaseException, file_name: str) -> InvalidInput:
+    """The importer's exception as one line naming the node it was converting (from its traceback)."""
+    node = None
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_construct_nodes":
+            node = tb.tb_frame.f_locals.get("node", node)
+        tb = tb.tb_next
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(e).__name__
+    at = ""
+    if node is not None and hasattr(node, "op_type"):
+        at = f" at node '{node.name or node.output[0]}' ({node.op_type})"
+    return InvalidInput(f"{file_name}: the TVM ONNX importer failed{at}: {reason}")
+
+
+def _shapes_as_tensors(mod):
+    """`main` returning int64 tensors where it returned Relax shapes: ONNX `Shape` outputs import as
+    shape values, which have no dtype or tensor shape and which the VM hands back as a ShapeTuple."""
+    from tvm import relax
+
+    func = mod["main"]
+    out = func.body.body
+    is_tuple = isinstance(out.ty, relax.TupleType)
+    items = [relax.TupleGetItem(out, i) for i in range(len(out.ty.fields))] if is_tuple else [out]
+    types = list(out.ty.fields) if is_tuple else [out.ty]
+    if not any(isinstance(ty, relax.ShapeType) for ty in types):
+        return mod
+    items = [relax.op.shape_to_tensor(item) if isinstance(ty, relax.ShapeType) else item
+             for item, ty in zip(items, types)]
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks, relax.Tuple(items) if is_tuple
+                                                        else items[0]))
+    mod["main"] = relax.Function(func.params, body, None, func.is_pure, func.attrs)
     return mod
 
 
-def output_specs(mod, names: list[str]) -> list[TensorSpec]:
+def output_specs(mod, onnx_outputs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
+    """Each output's spec: Relax's type, with dimensions it leaves open taken from ONNX shape inference
+    where that knows them; a dimension known only at run time (NonZero's count) is -1."""
+    from tvm import relax, tirx
+
     ret = mod["main"].ret_ty
-    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     specs = []
-    for name, ty in zip(names, fields):
-        specs.append(TensorSpec(name, tuple(int(s) for s in ty.shape), str(ty.dtype)))
+    for onnx_spec, ty in zip(onnx_outputs, fields):
+        name = onnx_spec.name
+        if not isinstance(ty, relax.TensorType) or ty.ndim < 0:
+            what = "tensor of unknown rank" if isinstance(ty, relax.TensorType) else type(ty).__name__
+            raise InvalidInput(f"output '{name}' imports as a {what}; forgeml needs every output to be a "
+                               "tensor of known rank")
+        values = getattr(ty.shape, "values", None) or [None] * ty.ndim
+        dims = [int(d) if isinstance(d, tirx.IntImm) else -1 for d in values]
+        if len(onnx_spec.shape) == len(dims):
+            dims = [o if d < 0 else d for d, o in zip(dims, onnx_spec.shape)]
+        specs.append(TensorSpec(name, tuple(dims), str(ty.dtype)))
     return specs
