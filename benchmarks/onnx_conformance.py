@@ -86,6 +86,16 @@ def _node_op(model: Any) -> str:
     return real[0] if real else "?"
 
 
+def _normalize(value: Any) -> Any:
+    """A node case's input or output as the official runner hands it over: TensorProto (the cases
+    keep types numpy lacks, such as float8 and int4, as protos) -> array; sequences, optionals as given."""
+    import onnx
+
+    if isinstance(value, onnx.TensorProto):
+        return onnx.numpy_helper.to_array(value)
+    return value
+
+
 def collect_cases() -> list[Case]:
     """Every case of the suite, node cases first, each group sorted by name."""
     from onnx.backend.test.case.node import collect_testcases
@@ -102,8 +112,7 @@ def collect_cases() -> list[Case]:
             op = f"{single.get(base, _node_op(t.model))} (expanded)"
         else:
             op = single[t.name]
-        data = [([np.asarray(x) if not isinstance(x, (list, dict)) else x for x in ins], list(outs))
-                for ins, outs in t.data_sets]
+        data = [([_normalize(x) for x in ins], [_normalize(x) for x in outs]) for ins, outs in t.data_sets]
         cases.append(Case(t.name, "node", op, t.rtol, t.atol, model=t.model.SerializeToString(), data_sets=data))
     for kind in MODEL_KINDS:
         for t in sorted(load_model_tests(kind=kind), key=lambda t: t.name):
@@ -181,7 +190,7 @@ def prepare_tvm(model: Any, opt_level: str) -> Callable[[list], list]:
     n_outputs = len(model.graph.output)
 
     def run(inputs: list) -> list:
-        result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+        result = vm["main"](*[tvm.runtime.tensor(np.asarray(x, order="C")) for x in inputs])
         if n_outputs == 1:
             return [_tvm_value(result)]
         return [_tvm_value(v) for v in result]

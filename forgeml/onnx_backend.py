@@ -61,6 +61,8 @@ class ForgemlBackendRep(BackendRep):
                                f"({', '.join(self.input_names)}), {len(inputs)} were given")
         feeds = {}
         for name, value in zip(self.input_names, inputs):
+            if isinstance(value, np.generic):  # the node cases hand over 0-d inputs as numpy scalars
+                value = np.asarray(value)
             if not isinstance(value, np.ndarray):
                 raise InvalidInput(f"input '{name}' is a {type(value).__name__}; forgeml takes tensors only "
                                    "(no sequences, maps or optionals)")
