@@ -49,6 +49,7 @@ MODEL_KINDS = ("pytorch-converted", "pytorch-operator", "simple")
 ENGINES = ("forgeml", "tvm", "onnxruntime")
 STATUSES = ("pass", "wrong", "error", "exception", "crash", "timeout")
 RECYCLE_AFTER = 200  # cases per worker before a fresh one (loaded libraries and TVM caches pile up)
+NO_VERIFY = "FORGEML_CONFORMANCE_NO_VERIFY"  # set by --no-verify for the workers
 WORKER_ENV = {"TVM_NUM_THREADS": "1", "TVM_BIND_THREADS": "0", "OMP_NUM_THREADS": "1"}
 
 
@@ -164,7 +165,7 @@ def _graph_inputs(model: Any) -> list[str]:
 def prepare_forgeml(model: Any, opt_level: str) -> Callable[[list], list]:
     from forgeml.onnx_backend import ForgemlBackend
 
-    rep = ForgemlBackend.prepare(model, "CPU", opt_level=opt_level)
+    rep = ForgemlBackend.prepare(model, "CPU", opt_level=opt_level, verify=os.environ.get(NO_VERIFY) != "1")
     return rep.run
 
 
@@ -206,7 +207,9 @@ def prepare_onnxruntime(model: Any, opt_level: str) -> Callable[[list], list]:
     options.log_severity_level = 4
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = _graph_inputs(model)
-    return lambda inputs: session.run(None, dict(zip(names, inputs)))
+    # numpy scalars as 0-d arrays, as onnxruntime.backend does (InferenceSession.run refuses them)
+    return lambda inputs: session.run(None, {n: np.asarray(x) if isinstance(x, np.generic) else x
+                                             for n, x in zip(names, inputs)})
 
 
 PREPARE = {"forgeml": prepare_forgeml, "tvm": prepare_tvm, "onnxruntime": prepare_onnxruntime}
@@ -409,6 +412,19 @@ def _families(results: dict[str, dict], names: Iterable[str], cases: dict) -> li
     return lines
 
 
+def _raise_sites(results: dict[str, dict], names: list[str], tvm: dict[str, dict]) -> list[str]:
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name in names:
+        groups[(results[name]["error_type"], results[name]["where"])].append(name)
+    lines = ["| cases | raw TVM passes | exception | raised at | most common message |",
+             "| ---: | ---: | --- | --- | --- |"]
+    for (kind, where), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        message = Counter(family(results[m]).split(": ", 1)[1][:150] for m in members).most_common(1)[0][0]
+        passing = sum(tvm.get(m, {}).get("status") == "pass" for m in members)
+        lines.append(f"| {len(members)} | {passing} | {kind} | {_cell(where)} | {_cell(message)} |")
+    return lines
+
+
 def _per_op(doc: dict) -> list[str]:
     engines = list(doc["results"])
     by_op: dict[str, list[str]] = defaultdict(list)
@@ -432,7 +448,8 @@ def render(doc: dict) -> str:
     out = ["# ONNX backend conformance", "",
            f"`{meta['command']}` on {meta['machine']} ({meta['date']}); onnx {meta['versions'].get('onnx')}, "
            f"onnxruntime {meta['versions'].get('onnxruntime')}, tvm {meta['versions'].get('tvm')}; forgeml at "
-           f"{meta['opt_level']}, per-case timeout {meta['timeout']:g} s, {meta['jobs']} workers.",
+           f"{meta['opt_level']}{'' if meta.get('verify', True) else ' without verification'}, "
+           f"per-case timeout {meta['timeout']:g} s, {meta['jobs']} workers.",
            f"Cases: {meta['selection']}. Comparison: the official runner's `assert_similar_outputs` "
            "(shape, dtype, allclose rtol 1e-3 / atol 1e-7 unless a case sets its own).", "",
            "Statuses: *wrong* = ran and returned outputs that differ (silently wrong); *error* = a forgeml "
@@ -450,7 +467,8 @@ def render(doc: dict) -> str:
                     *_families(fml, regress, cases), ""]
         raised = [n for n in failed if fml[n]["status"] == "exception"]
         out += [f"## Python exceptions in forgeml ({len(raised)})", "",
-                "Not `ForgeError`s: each is a forgeml bug (a crash of the library rather than a message).", "",
+                "Not `ForgeError`s: each is a forgeml bug (a crash of the library rather than a message). "
+                "By exception type and raising forgeml frame:", "", *_raise_sites(fml, raised, tvm or {}), "",
                 "| case | op | phase | exception | message | raised at |", "| --- | --- | --- | --- | --- | --- |"]
         for n in sorted(raised, key=lambda n: (fml[n]["error_type"], fml[n]["where"], n)):
             r = fml[n]
@@ -501,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per case and engine")
     parser.add_argument("--opt-level", default="O2", help="forgeml's optimization level (O0, O2)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="forgeml: skip compile-time verification against ONNX Runtime on random inputs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT.json and OUT.md")
     parser.add_argument("--resume", action="store_true", help="keep the results already in OUT.json")
     parser.add_argument("--report-only", action="store_true", help="re-render OUT.md from OUT.json")
@@ -511,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {md_path}")
         return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    os.environ[NO_VERIFY] = "1" if args.no_verify else "0"
     if unknown := [e for e in engines if e not in ENGINES]:
         parser.error(f"unknown engine {unknown[0]}; known: {', '.join(ENGINES)}")
     cases = [c for c in collect_cases() if args.filter in c.name][::max(args.sample, 1)]
@@ -518,13 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         (f", names containing '{args.filter}'" if args.filter else "")
     doc = {"meta": {"command": "python benchmarks/onnx_conformance.py " + " ".join(argv or sys.argv[1:]),
                     "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "versions": _versions(),
-                    "opt_level": args.opt_level, "timeout": args.timeout, "jobs": args.jobs, "selection": selection},
+                    "opt_level": args.opt_level, "verify": not args.no_verify, "timeout": args.timeout,
+                    "jobs": args.jobs, "selection": selection},
            "cases": {c.name: {"kind": c.kind, "op": c.op} for c in cases},
            "results": {e: {} for e in engines}}
     if args.resume and json_path.exists():
-        old = json.loads(json_path.read_text())["results"]
-        for e in engines:
-            doc["results"][e].update({n: r for n, r in old.get(e, {}).items() if n in doc["cases"]})
+        old = json.loads(json_path.read_text())
+        doc["results"] = {e: {n: r for n, r in old["results"].get(e, {}).items() if n in doc["cases"]}
+                          for e in sorted(set(old["results"]) | set(engines), key=ENGINES.index)}
+        doc["meta"]["command"] = f"{old['meta']['command']}`, then `{doc['meta']['command']}"
     tasks = [(e, c) for c in cases for e in engines if c.name not in doc["results"][e]]
     json_path.parent.mkdir(parents=True, exist_ok=True)
     clock, done = time.monotonic(), [0]
