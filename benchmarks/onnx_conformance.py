@@ -11,6 +11,7 @@ timeout or every 200 cases), and is classified as pass / wrong / error (a forgem
 / exception (any other Python exception: its type, message and the code that raised it) / crash /
 timeout. Engines:
   forgeml      forgeml.onnx_backend.ForgemlBackend: compile_model (x86-64, --opt-level, verified), load, run
+  forgeml-noverify  the same without compile-time verification against ONNX Runtime on random inputs
   tvm          raw TVM: relax.frontend.onnx.from_onnx(keep_params_in_input=False), tvm.compile(llvm),
                relax.VirtualMachine
   onnxruntime  ONNX Runtime 1 thread (the reference implementation most users compare with)
@@ -46,10 +47,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "onnx_conformance"
 MODEL_KINDS = ("pytorch-converted", "pytorch-operator", "simple")
-ENGINES = ("forgeml", "tvm", "onnxruntime")
+ENGINES = ("forgeml", "forgeml-noverify", "tvm", "onnxruntime")
 STATUSES = ("pass", "wrong", "error", "exception", "crash", "timeout")
 RECYCLE_AFTER = 200  # cases per worker before a fresh one (loaded libraries and TVM caches pile up)
-NO_VERIFY = "FORGEML_CONFORMANCE_NO_VERIFY"  # set by --no-verify for the workers
 WORKER_ENV = {"TVM_NUM_THREADS": "1", "TVM_BIND_THREADS": "0", "OMP_NUM_THREADS": "1"}
 
 
@@ -162,11 +162,15 @@ def _graph_inputs(model: Any) -> list[str]:
     return [v.name for v in model.graph.input if v.name not in weights]
 
 
-def prepare_forgeml(model: Any, opt_level: str) -> Callable[[list], list]:
+def prepare_forgeml(model: Any, opt_level: str, verify: bool = True) -> Callable[[list], list]:
     from forgeml.onnx_backend import ForgemlBackend
 
-    rep = ForgemlBackend.prepare(model, "CPU", opt_level=opt_level, verify=os.environ.get(NO_VERIFY) != "1")
+    rep = ForgemlBackend.prepare(model, "CPU", opt_level=opt_level, verify=verify)
     return rep.run
+
+
+def prepare_forgeml_noverify(model: Any, opt_level: str) -> Callable[[list], list]:
+    return prepare_forgeml(model, opt_level, verify=False)
 
 
 def _tvm_value(value: Any) -> Any:
@@ -212,7 +216,8 @@ def prepare_onnxruntime(model: Any, opt_level: str) -> Callable[[list], list]:
                                              for n, x in zip(names, inputs)})
 
 
-PREPARE = {"forgeml": prepare_forgeml, "tvm": prepare_tvm, "onnxruntime": prepare_onnxruntime}
+PREPARE = {"forgeml": prepare_forgeml, "forgeml-noverify": prepare_forgeml_noverify, "tvm": prepare_tvm,
+           "onnxruntime": prepare_onnxruntime}
 
 
 # ------------------------------------------------------------------------------------- one case, in a worker
@@ -442,13 +447,45 @@ def _per_op(doc: dict) -> list[str]:
     return lines
 
 
+def _silently_wrong(engine: str, results: dict, cases: dict) -> list[str]:
+    wrong = sorted(n for n, r in results[engine].items() if r["status"] == "wrong")
+    out = [f"## Silently wrong: {engine} ({len(wrong)})", "",
+           "Returned outputs that differ from the case's reference" + (
+               " (after passing verification against ONNX Runtime on random inputs)." if engine == "forgeml" else "."),
+           "", "| case | op | raw TVM | ONNX Runtime | mismatch |", "| --- | --- | --- | --- | --- |"]
+    for n in wrong:
+        other = [results[e][n]["status"] if n in results.get(e, {}) else "-" for e in ("tvm", "onnxruntime")]
+        mismatch = _cell(results[engine][n]["message"][:300])
+        out.append(f"| {n} | {_cell(cases[n]['op'])} | {other[0]} | {other[1]} | {mismatch} |")
+    return out + [""]
+
+
+def _verification(results: dict, cases: dict) -> list[str]:
+    """What compile-time verification (random inputs, compared with ONNX Runtime) does to the outcome."""
+    fml, raw = results.get("forgeml"), results.get("forgeml-noverify")
+    if fml is None or raw is None:
+        return []
+    both = [n for n in fml if n in raw]
+    moves = Counter((raw[n]["status"], fml[n]["status"]) for n in both if raw[n]["status"] != fml[n]["status"])
+    out = ["## What verification changes", "",
+           "forgeml-noverify -> forgeml (verified) for the cases whose status differs:", "",
+           "| without verification | with | cases |", "| --- | --- | ---: |"]
+    out += [f"| {a} | {b} | {k} |" for (a, b), k in moves.most_common()]
+    rejected = [n for n in both if raw[n]["status"] == "pass" and fml[n]["status"] != "pass"]
+    caught = [n for n in both if raw[n]["status"] == "wrong" and fml[n]["status"] != "wrong"]
+    out += ["", f"Correct cases that verification rejects ({len(rejected)}), by what it raised:", "",
+            *_families(fml, rejected, cases), "",
+            f"Wrong results that verification stops ({len(caught)}): {_names(sorted(caught), 40)}", ""]
+    return out
+
+
 def render(doc: dict) -> str:
     """The Markdown report of a results document."""
     meta, cases, results = doc["meta"], doc["cases"], doc["results"]
     out = ["# ONNX backend conformance", "",
            f"`{meta['command']}` on {meta['machine']} ({meta['date']}); onnx {meta['versions'].get('onnx')}, "
            f"onnxruntime {meta['versions'].get('onnxruntime')}, tvm {meta['versions'].get('tvm')}; forgeml at "
-           f"{meta['opt_level']}{'' if meta.get('verify', True) else ' without verification'}, "
+           f"{meta['opt_level']}, "
            f"per-case timeout {meta['timeout']:g} s, {meta['jobs']} workers.",
            f"Cases: {meta['selection']}. Comparison: the official runner's `assert_similar_outputs` "
            "(shape, dtype, allclose rtol 1e-3 / atol 1e-7 unless a case sets its own).", "",
@@ -474,16 +511,10 @@ def render(doc: dict) -> str:
             r = fml[n]
             out.append(f"| {n} | {_cell(cases[n]['op'])} | {r['phase']} | {r['error_type']} | "
                        f"{_cell(r['message'][:200])} | {_cell(r['where'])} |")
-        wrong = sorted(n for n in failed if fml[n]["status"] == "wrong")
-        out += ["", f"## Silently wrong in forgeml ({len(wrong)})", "",
-                "Compiled, verified against ONNX Runtime on random inputs, and returned outputs that differ from "
-                "the case's reference.", "", "| case | op | raw TVM | ONNX Runtime | mismatch |",
-                "| --- | --- | --- | --- | --- |"]
-        for n in wrong:
-            other = [results[e][n]["status"] if n in results.get(e, {}) else "-" for e in ("tvm", "onnxruntime")]
-            mismatch = _cell(fml[n]["message"][:300])
-            out.append(f"| {n} | {_cell(cases[n]['op'])} | {other[0]} | {other[1]} | {mismatch} |")
-        out.append("")
+        out += [""] + _verification(results, cases)
+    for engine in ("forgeml", "forgeml-noverify"):
+        if engine in results:
+            out += _silently_wrong(engine, results, cases)
     out += ["## Per operator", "", "pass/wrong/fail per engine (fail = error, exception, crash or timeout); "
             "`(expanded)` rows are the function-expanded variants, `[kind]` rows the model tests.", "",
             *_per_op(doc), ""]
@@ -519,8 +550,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per case and engine")
     parser.add_argument("--opt-level", default="O2", help="forgeml's optimization level (O0, O2)")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="forgeml: skip compile-time verification against ONNX Runtime on random inputs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT.json and OUT.md")
     parser.add_argument("--resume", action="store_true", help="keep the results already in OUT.json")
     parser.add_argument("--report-only", action="store_true", help="re-render OUT.md from OUT.json")
@@ -531,7 +560,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {md_path}")
         return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    os.environ[NO_VERIFY] = "1" if args.no_verify else "0"
     if unknown := [e for e in engines if e not in ENGINES]:
         parser.error(f"unknown engine {unknown[0]}; known: {', '.join(ENGINES)}")
     cases = [c for c in collect_cases() if args.filter in c.name][::max(args.sample, 1)]
@@ -539,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         (f", names containing '{args.filter}'" if args.filter else "")
     doc = {"meta": {"command": "python benchmarks/onnx_conformance.py " + " ".join(argv or sys.argv[1:]),
                     "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "versions": _versions(),
-                    "opt_level": args.opt_level, "verify": not args.no_verify, "timeout": args.timeout,
+                    "opt_level": args.opt_level, "timeout": args.timeout,
                     "jobs": args.jobs, "selection": selection},
            "cases": {c.name: {"kind": c.kind, "op": c.op} for c in cases},
            "results": {e: {} for e in engines}}
