@@ -581,10 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     clock, done = time.monotonic(), [0]
 
     def save() -> None:
-        json_path.write_text(json.dumps(doc, indent=1))
+        json_path.write_text(json.dumps(doc, separators=(",", ":")))
 
     def on_result(engine: str, case: Case, result: Result) -> None:
-        doc["results"][engine][case.name] = asdict(result)
+        doc["results"][engine][case.name] = {**asdict(result), "seconds": round(result.seconds, 3)}
         done[0] += 1
         if done[0] % 50 == 0 or done[0] == len(tasks):
             counts = {e: Counter(r["status"] for r in doc["results"][e].values()) for e in engines}
