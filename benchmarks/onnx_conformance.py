@@ -157,11 +157,6 @@ def load_case(case: Case) -> tuple[Any, list]:
 
 # -------------------------------------------------------------------------------------------- engines
 
-def _graph_inputs(model: Any) -> list[str]:
-    weights = {i.name for i in model.graph.initializer}
-    return [v.name for v in model.graph.input if v.name not in weights]
-
-
 def prepare_forgeml(model: Any, opt_level: str, verify: bool = True) -> Callable[[list], list]:
     from forgeml.onnx_backend import ForgemlBackend
 
@@ -206,11 +201,13 @@ def prepare_tvm(model: Any, opt_level: str) -> Callable[[list], list]:
 def prepare_onnxruntime(model: Any, opt_level: str) -> Callable[[list], list]:
     import onnxruntime as ort
 
+    from forgeml.onnx_backend import graph_input_names
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 4
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = _graph_inputs(model)
+    names = graph_input_names(model)
     # numpy scalars as 0-d arrays, as onnxruntime.backend does (InferenceSession.run refuses them)
     return lambda inputs: session.run(None, {n: np.asarray(x) if isinstance(x, np.generic) else x
                                              for n, x in zip(names, inputs)})
