@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.forgeml-installed
 DEMO_MODEL ?= resnet18
 THREADS ?= 2
 
-.PHONY: install demo test test-fast test-edge toolchains lint bench-cpu bench-suite clean
+.PHONY: install demo test test-fast test-edge toolchains lint bench-cpu bench-suite conformance clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ bench-cpu: $(STAMP)
 
 bench-suite: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/test_latency.py --benchmark-group-by=param:name
+
+# The whole ONNX backend suite (2,024 cases) for forgeml, raw TVM and ONNX Runtime, a worker process per job
+# (~20 min on 2 cores) -> benchmarks/results/onnx_conformance.{md,json}
+conformance: $(STAMP)
+	$(BIN)/python benchmarks/onnx_conformance.py --engines forgeml,forgeml-noverify,tvm,onnxruntime --jobs $(THREADS)
 
 clean:
 	rm -rf demo .pytest_cache build *.egg-info
