@@ -18,6 +18,7 @@ from forgeml.bench.harness import (
     measure_blocks,
     peak_rss_subprocess,
 )
+from forgeml.bench.worker import EngineWorker
 from forgeml.errors import InvalidInput
 from forgeml.runtime.artifact import open_artifact
 
@@ -39,7 +40,6 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
     `offsite_budget_s` each."""
     import platform
 
-    from forgeml.bench.worker import EngineWorker
     from forgeml.compiler.verify import seeded_inputs, source_onnx
 
     if baseline not in (None, "none", "onnxruntime"):
@@ -69,17 +69,13 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
         engines: dict[str, BlockRunner] = {}
         for case in [c for c in local if not c["cuda"]]:  # CPU engines: a worker each, before any TVM here
             worker = stack.enter_context(EngineWorker(case["engine"], case["path"], case["feeds"], threads))
-            engines[case["name"]] = worker.run
-            case["extra"] = {"isolation": "worker process", "worker": {
-                k: worker.info[k] for k in WORKER_FACTS}}
+            engines[case["name"]], case["extra"] = worker.run, _worker_extra(worker)
         for case in [c for c in local if c["cuda"]]:  # CUDA rows: in this process, as before
             runner, case["extra"] = _cuda_runner(case, threads)  # may rename the case (onnxruntime-cuda)
             engines[case["name"]] = runner
             if case["extra"].pop("cpu_fallback", False):  # ONNX Runtime without CUDA: a CPU worker after all
                 worker = stack.enter_context(EngineWorker("onnxruntime", case["path"], case["feeds"], threads))
-                engines[case["name"]] = worker.run
-                case["extra"] = {"isolation": "worker process", "worker": {
-                    k: worker.info[k] for k in WORKER_FACTS}}
+                engines[case["name"]], case["extra"] = worker.run, _worker_extra(worker)
         remote = remote_info = None
         if rpc or tracker:  # after the workers started: this imports TVM here
             from forgeml.targets import rpc as rpc_device
@@ -132,6 +128,11 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
         settings["offsite"] = (f"emulated/RPC cases are timed on their device after the local ones, runs cut to "
                                f"about {offsite_budget_s:g} s each")
     return Report(machine=machine_info(), settings=settings, cases=cases)
+
+
+def _worker_extra(worker: EngineWorker) -> dict:
+    """What the report says about a row timed in a worker: its pid, affinity and threads."""
+    return {"isolation": "worker process", "worker": {k: worker.info[k] for k in WORKER_FACTS}}
 
 
 def _cuda_runner(case: dict, threads: int) -> tuple[BlockRunner, dict]:
