@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from forgeml.version import __version__
 
-#: The CPUs this process could run on when forgeml was imported: TVM's thread pool later pins the thread
-#: that runs a session to core 0, so benchmark workers are started with this mask (forgeml.bench.worker).
+#: The CPUs this process could run on when forgeml was imported, before any TVM thread pool could pin it
+#: to core 0: benchmark workers are started with this mask (forgeml.bench.worker).
 START_AFFINITY: list[int] | None = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 if TYPE_CHECKING:

@@ -1,9 +1,10 @@
 """One engine per process: the worker that `forgeml bench` and the CPU benchmark scripts time engines in.
 
-TVM's runtime pins the thread that first runs a session to core 0, and every thread or process created
-afterwards inherits that: an ONNX Runtime session timed in the same process after a forgeml run gets
-its pool squeezed onto one core (resnet18 61 ms instead of 17 ms on 2 cores). So each engine is
-loaded in a fresh interpreter of its own (`python -m forgeml.bench.worker`), started with the CPU
+TVM's thread pool pins the thread that first runs a session to core 0, and every thread or process
+created afterwards inherits that: an ONNX Runtime session timed in the same process after a TVM run
+gets its pool squeezed onto one core (resnet18 61 ms instead of 17 ms on 2 cores). forgeml's runtime
+now restores the caller's affinity, but a benchmark must not depend on any engine's manners. So each
+engine is loaded in a fresh interpreter of its own (`python -m forgeml.bench.worker`), started with the CPU
 affinity the parent had when it imported forgeml (before any TVM pool could narrow it), and the
 parent asks each worker in turn for a block of timed runs. Runs are timed inside the worker
 (`time.perf_counter` around each call), so the pipe between the processes is never timed.
