@@ -1,5 +1,7 @@
 """CPU speed, side by side: forgeml untuned (rule-based schedules), forgeml tuned, ONNX Runtime and
-PyTorch eager, on each zoo model, same inputs and thread count, alternating in one run.
+PyTorch eager, on each zoo model, same inputs and thread count, alternating in one run. Each engine runs
+in a process of its own (forgeml.bench.worker, as `forgeml bench`): a TVM session pins its process to
+core 0, which would squeeze any engine timed after it in the same process.
 
     python benchmarks/cpu.py --threads 2 --tune-minutes 20            # full run (tuning persists)
     python benchmarks/cpu.py --models mlp,bert_tiny --tune-minutes 0  # untuned only
@@ -20,60 +22,47 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _torch_runner(name: str, threads: int, feeds: dict):
-    import torch
-
-    from forgeml.zoo import get_model
-
-    torch.set_num_threads(threads)
-    module = get_model(name).build().eval()
-    args = [torch.from_numpy(feeds[k]) for k in get_model(name).inputs]
-
-    def run():
-        with torch.inference_mode():
-            return module(*args)
-
-    return run
-
-
 def bench_model(name: str, threads: int, tune_minutes: float, repeat: int, workdir: Path) -> list:
-    import forgeml
-    from forgeml.bench.harness import CaseResult, Stats, measure_alternating
+    from contextlib import ExitStack
+
+    from forgeml.bench.harness import CaseResult, Stats, measure_blocks
+    from forgeml.bench.worker import EngineWorker
     from forgeml.compiler.build import CompileOptions, compile_model
-    from forgeml.compiler.verify import onnxruntime_session
     from forgeml.zoo import example_inputs, export_zoo_model
 
     onnx_path = export_zoo_model(name, workdir / f"{name}.onnx")
     feeds = example_inputs(name, seed=0)
-    runners, meta = {}, {}
+    engines = {}  # label -> (engine, model)
+    meta = {}
     start = time.perf_counter()
     compile_model(onnx_path, workdir / f"{name}.fml", CompileOptions(use_tuning_db=False))
     meta["forgeml untuned"] = {"compile_s": round(time.perf_counter() - start, 1)}
-    session = forgeml.load(workdir / f"{name}.fml", threads=threads)
-    runners["forgeml untuned"] = lambda: session.run(feeds)
+    engines["forgeml untuned"] = ("forgeml", workdir / f"{name}.fml")
     if tune_minutes > 0:
         start = time.perf_counter()
         manifest = compile_model(onnx_path, workdir / f"{name}.tuned.fml", CompileOptions(tune_minutes=tune_minutes))
-        tuned = forgeml.load(workdir / f"{name}.tuned.fml", threads=threads)
         label = f"forgeml tuned ({tune_minutes:g} min budget)"
-        runners[label] = lambda: tuned.run(feeds)
+        engines[label] = ("forgeml", workdir / f"{name}.tuned.fml")
         meta[label] = {"compile_s": round(time.perf_counter() - start, 1), "tuning": manifest.tuning}
         # a plain compile afterwards (no budget: it consults the warm database), as a user's next build
         start = time.perf_counter()
         warm = compile_model(onnx_path, workdir / f"{name}.warm.fml", CompileOptions())
         meta[label]["warm_recompile"] = {"seconds": round(time.perf_counter() - start, 1),
                                          "trials": warm.tuning.get("trials", 0)}
-    ort = onnxruntime_session(onnx_path, threads=threads)
-    runners["onnxruntime"] = lambda: ort.run(None, feeds)
-    runners["pytorch eager"] = _torch_runner(name, threads, feeds)
-    print(f"[{name}] measuring {', '.join(runners)}", file=sys.stderr, flush=True)
-    samples = measure_alternating(runners, warmup=10, repeat=repeat)
+    engines["onnxruntime"] = ("onnxruntime", onnx_path)
+    engines["pytorch eager"] = ("pytorch-zoo", name)
+    print(f"[{name}] measuring {', '.join(engines)}, a worker process each", file=sys.stderr, flush=True)
+    with ExitStack() as stack:
+        workers = {label: stack.enter_context(EngineWorker(engine, model, feeds, threads))
+                   for label, (engine, model) in engines.items()}
+        samples = measure_blocks({label: w.run for label, w in workers.items()}, warmup=10, repeat=repeat)
     cases = []
     for label, times in samples.items():
         engine = label.split()[0]
+        worker = {k: workers[label].info[k] for k in ("pid", "affinity_at_start", "threads")}
         cases.append(CaseResult(name=f"{name}: {label}", engine=engine, model=name, stats=Stats.of(times),
                                 samples_ms=[t * 1e3 for t in times],
-                                extra={"reference": label == "onnxruntime", **meta.get(label, {})}))
+                                extra={"reference": label == "onnxruntime", "worker": worker, **meta.get(label, {})}))
     return cases
 
 
@@ -93,7 +82,8 @@ def main() -> None:
         for name in args.models.split(","):
             cases += bench_model(name, args.threads, args.tune_minutes, args.repeat, Path(tmp))
     report = Report(machine=machine_info(), settings={"threads": args.threads, "repeat": args.repeat,
-                                                      "warmup": 10, "tune_minutes": args.tune_minutes},
+                                                      "warmup": 10, "tune_minutes": args.tune_minutes,
+                                                      "isolation": "process per engine, alternating blocks of 10"},
                     cases=cases)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +94,8 @@ def main() -> None:
         "",
         f"Machine: {m['cpu']} ({m['arch']}, {m['cores']} cores, {', '.join(m['vector_features'])}); "
         f"Python {m['python']}. {args.threads} threads for every engine; {args.repeat} runs each after 10 "
-        "warm-up, alternating in blocks of 10 on the same seeded inputs. Ratio: p50 / ONNX Runtime p50 "
-        "(below 1 is faster than ONNX Runtime).",
+        "warm-up, alternating in blocks of 10 on the same seeded inputs, each engine in a process of its own. "
+        "Ratio: p50 / ONNX Runtime p50 (below 1 is faster than ONNX Runtime).",
         "",
         f"Command: `python benchmarks/cpu.py --threads {args.threads} --tune-minutes {args.tune_minutes:g}"
         f" --models {args.models}`",

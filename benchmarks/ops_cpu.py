@@ -6,7 +6,9 @@ Usage (from the repo root):
     python benchmarks/ops_cpu.py --ops conv3x3 dense   # single-op models only
     python benchmarks/ops_cpu.py --onnx model.onnx     # any ONNX file (random float inputs)
 
-Both run with the same number of intra-op threads (--threads, default 2). Timing alternates blocks of
+Both run with the same number of intra-op threads (--threads, default 2); forgeml runs in this process
+and ONNX Runtime in a worker process of its own (forgeml.bench.worker), since a TVM session pins the
+process that runs it to core 0. Timing alternates blocks of
 --n calls of each engine with a short pause between blocks, --rounds times, and reports the median (p50)
 and p10 of every call. Both thread pools spin, and on a shared 2-core machine other processes disturb both
 engines: compare the ratio, rerun when the load is high (it is printed). With --threads 1 the script also
@@ -201,37 +203,40 @@ def _cpu_ms(fn, n: int, rounds: int) -> float:
 
 
 def bench(name: str, model: onnx.ModelProto, feeds, threads: int, rounds: int, n: int) -> dict:
+    """forgeml (compiled and run here) and ONNX Runtime in a worker process of its own
+    (forgeml.bench.worker): a TVM session pins this process to core 0, which would squeeze ORT here."""
+    from forgeml.bench.worker import EngineWorker
+
     bind, t_opt, t_build = compile_forgeml(model)
     run_fml = bind(feeds)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    want = sess.run(None, feeds)[0]
+    want = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = run_fml().numpy()
     err = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-12))
-
-    def run_ort():
-        return sess.run(None, feeds)
-
-    for _ in range(3):
-        run_fml()
-        run_ort()
-    tf, to = [], []
-    for _ in range(rounds):
-        tf += _times(run_fml, n)
-        time.sleep(0.05)
-        to += _times(run_ort, n)
-        time.sleep(0.05)
+    with tempfile.TemporaryDirectory(prefix="forgeml-ops-") as tmp:
+        onnx.save(model, str(Path(tmp) / "model.onnx"))
+        with EngineWorker("onnxruntime", Path(tmp) / "model.onnx", feeds, threads) as ort_worker:
+            for _ in range(3):
+                run_fml()
+            ort_worker.run(3)
+            tf, to = [], []
+            for _ in range(rounds):
+                tf += _times(run_fml, n)
+                time.sleep(0.05)
+                to += ort_worker.run(n)
+                time.sleep(0.05)
+            if threads == 1:
+                # single-threaded: CPU time per call is far less disturbed by other processes than wall time
+                cf = _cpu_ms(run_fml, n, rounds)
+                co = min(ort_worker.cpu_time(n) for _ in range(rounds)) * 1e3
+                print(f"{name:16s} 1-thread CPU time per call: forgeml {cf:8.3f} ms  ORT {co:8.3f} ms"
+                      f"  ratio {cf / co:5.2f}x", flush=True)
     r = {"name": name, "fml_p50": np.median(tf) * 1e3, "fml_p10": np.percentile(tf, 10) * 1e3,
          "ort_p50": np.median(to) * 1e3, "ort_p10": np.percentile(to, 10) * 1e3, "err": err,
          "opt_s": t_opt, "build_s": t_build}
     r["ratio"] = r["fml_p50"] / r["ort_p50"]
-    if threads == 1:
-        # single-threaded: CPU time per call is far less disturbed by other processes than wall time
-        cf, co = _cpu_ms(run_fml, n, rounds), _cpu_ms(run_ort, n, rounds)
-        print(f"{name:16s} 1-thread CPU time per call: forgeml {cf:8.3f} ms  ORT {co:8.3f} ms"
-              f"  ratio {cf / co:5.2f}x", flush=True)
     print(f"{name:16s} forgeml p50 {r['fml_p50']:8.3f} ms (p10 {r['fml_p10']:8.3f})  ORT p50 {r['ort_p50']:8.3f} ms"
           f" (p10 {r['ort_p10']:8.3f})  ratio {r['ratio']:5.2f}x  p10 ratio {r['fml_p10'] / r['ort_p10']:5.2f}x"
           f"  max rel err {err:.1e}  compile {t_opt:.1f}+{t_build:.1f} s  load {os.getloadavg()[0]:.1f}",

@@ -1,8 +1,10 @@
 """Timing loop, statistics and memory for forgeml artifacts and their baselines.
 
-Engines are measured in the same process, alternating in blocks on the same inputs, so that
-every ratio compares runs taken under the same conditions. Peak memory (RSS) is measured per
-engine in a fresh subprocess, since one process holding both engines cannot tell them apart.
+Engines are measured alternating in blocks on the same inputs, so that every ratio compares runs
+taken under the same conditions. CPU engines each run in a process of their own
+(forgeml.bench.worker: a TVM session pins its process to core 0, which would squeeze any other engine
+in that process); `measure_blocks` alternates between such workers. Peak memory (RSS) is measured per
+engine in a fresh subprocess, after the timing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 Runner = Callable[[], Any]
+BlockRunner = Callable[[int], list[float]]  # runs an engine n times, returns the seconds of each call
 
 
 @dataclass
@@ -81,36 +84,56 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def measure_alternating(runners: dict[str, Runner], warmup: int = 10, repeat: int = 100, block: int = 10,
-                        pause_s: float = 0.02, progress: Callable[[int, int], None] | None = None,
-                        ) -> dict[str, list[float]]:
-    """Time each runner `repeat` times, alternating between runners in blocks of `block` calls.
+def in_process(run: Runner) -> BlockRunner:
+    """A block runner timing `run` in this process."""
+
+    def block(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return times
+
+    return block
+
+
+def measure_blocks(engines: dict[str, BlockRunner], warmup: int = 10, repeat: int = 100, block: int = 10,
+                   pause_s: float = 0.02, progress: Callable[[int, int], None] | None = None,
+                   ) -> dict[str, list[float]]:
+    """Time each engine `repeat` times, alternating between engines in blocks of `block` calls.
 
     A short pause between blocks lets the other engine's spinning thread pool go idle.
     """
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    done, total = 0, repeat * len(runners)
+    for run_block in engines.values():
+        run_block(warmup)
+    samples: dict[str, list[float]] = {name: [] for name in engines}
+    done, total = 0, repeat * len(engines)
     while any(len(s) < repeat for s in samples.values()):
-        for name, run in runners.items():
+        for name, run_block in engines.items():
             todo = min(block, repeat - len(samples[name]))
             if todo <= 0:
                 continue
             time.sleep(pause_s)
-            for _ in range(todo):
-                start = time.perf_counter()
-                run()
-                samples[name].append(time.perf_counter() - start)
+            samples[name] += run_block(todo)
             done += todo
             if progress:
                 progress(done, total)
     return samples
 
 
+def measure_alternating(runners: dict[str, Runner], warmup: int = 10, repeat: int = 100, block: int = 10,
+                        pause_s: float = 0.02, progress: Callable[[int, int], None] | None = None,
+                        ) -> dict[str, list[float]]:
+    """`measure_blocks` for callables run in this process (GPU scripts; CPU engines use workers)."""
+    return measure_blocks({name: in_process(run) for name, run in runners.items()}, warmup, repeat, block,
+                          pause_s, progress)
+
+
 _RSS_SCRIPT = """
-import json, resource, sys, time
+import json, os, resource, sys, time
+if sys.argv[6]:  # the CPUs the bench could use at its start, not what a TVM pool left it
+    os.sched_setaffinity(0, [int(c) for c in sys.argv[6].split(",")])
 import numpy as np
 engine, model, threads, runs, inputs_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 data = np.load(inputs_path)
@@ -141,11 +164,14 @@ def peak_rss_subprocess(engine: str, model: str | Path, feeds: dict[str, np.ndar
     """Peak RSS (MB) of a fresh process that loads `model` with `engine` and runs it `runs` times."""
     import tempfile
 
+    from forgeml.bench.worker import start_affinity
+
+    mask = ",".join(map(str, start_affinity() or []))
     with tempfile.TemporaryDirectory(prefix="forgeml-rss-") as tmp:
         inputs_path = Path(tmp) / "inputs.npz"
         np.savez(inputs_path, **feeds)
         proc = subprocess.run(
-            [sys.executable, "-c", _RSS_SCRIPT, engine, str(model), str(threads), str(runs), str(inputs_path)],
+            [sys.executable, "-c", _RSS_SCRIPT, engine, str(model), str(threads), str(runs), str(inputs_path), mask],
             capture_output=True, text=True, timeout=600,
         )
     if proc.returncode != 0:

@@ -39,7 +39,8 @@ def print_table(report: Report, console: Console | None = None) -> None:
     console = console or Console()
     settings = report.settings
     table = Table(title=f"forgeml bench: {settings.get('threads')} threads, {settings.get('repeat')} runs "
-                        f"after {settings.get('warmup')} warm-up, alternating ({report.machine.get('cpu')})")
+                        f"after {settings.get('warmup')} warm-up, {settings.get('isolation', 'alternating')} "
+                        f"({report.machine.get('cpu')})")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "case" else "right")
     for row in rows(report):

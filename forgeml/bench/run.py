@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from forgeml.bench.harness import (
+    BlockRunner,
     CaseResult,
     Report,
     Stats,
+    in_process,
     machine_info,
-    measure_alternating,
+    measure_blocks,
     peak_rss_subprocess,
 )
+from forgeml.bench.worker import EngineWorker
 from forgeml.errors import InvalidInput
 from forgeml.runtime.artifact import open_artifact
+
+BLOCK = 10
+WORKER_FACTS = ("pid", "affinity_inherited", "affinity_at_start", "affinity_after_first_run", "threads", "load_s")
 
 
 def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxruntime", threads: int = 2,
@@ -24,89 +32,135 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
                   tracker: str | None = None, device_key: str | None = None, offsite_budget_s: float = 60.0) -> Report:
     """Benchmark each artifact and, for each distinct source model, the baseline, alternating.
 
-    Artifacts for this machine run here; with `emulate`, those for another architecture also run under
+    Artifacts for this machine run here: each CPU engine in a worker process of its own
+    (forgeml.bench.worker), started before this process loads any TVM runtime; CUDA rows run in this
+    process as before (device-timed). With `emulate`, artifacts for another architecture also run under
     qemu; with `rpc`/`tracker`, those the device can run also run there (timed on the device). The
     baseline always runs here. Off-site cases are measured after the local ones, about
     `offsite_budget_s` each."""
     import platform
 
-    import forgeml
-    from forgeml.compiler.verify import onnxruntime_session, seeded_inputs, source_onnx
+    from forgeml.compiler.verify import seeded_inputs, source_onnx
 
-    remote = remote_info = None
-    if rpc or tracker:
-        from forgeml.targets import rpc as rpc_device
-
-        remote = rpc_device.connect(rpc, tracker, device_key)
-        remote_info = rpc_device.remote_info(remote)  # None for a stock TVM server: send it everything
-    runners, cases_meta, feeds_by_model, offsite, ort_by_model = {}, {}, {}, [], {}
-    for path in map(Path, artifacts):
+    if baseline not in (None, "none", "onnxruntime"):
+        raise InvalidInput(f"unknown baseline '{baseline}'; known: onnxruntime, none")
+    local, feeds_by_model, sources, every = [], {}, {}, []
+    for path in map(Path, artifacts):  # plan: nothing is loaded yet
         manifest = open_artifact(path).manifest
         arch = manifest.target.get("arch")
         model_key = manifest.source.get("sha256", str(path))
         feeds = feeds_by_model.setdefault(model_key, seeded_inputs(manifest.inputs, seed=0))
-        if remote is not None and (remote_info is None or remote_info.get("arch") == arch):
-            offsite.append(("rpc", path, model_key))
+        cuda = manifest.target.get("device") == "cuda"
         if arch != platform.machine():
-            if emulate:
-                offsite.append(("emulate", path, model_key))
-            elif not any(p == path for _, p, _ in offsite):
+            if not (emulate or rpc or tracker):
                 raise InvalidInput(f"{path} is built for {arch} and this machine is {platform.machine()}: add "
                                    f"--emulate, or --rpc/--tracker to run it on such a device")
         else:
-            from forgeml.runtime.device import bench_runner
+            local.append(dict(name=f"forgeml {path.name} ({manifest.target.get('name')})", engine="forgeml",
+                              model=model_key, path=path, feeds=feeds, cuda=cuda,
+                              artifact_mb=path.stat().st_size / 1e6))
+        every.append((path, arch, model_key))
+        if baseline == "onnxruntime" and model_key not in sources:
+            source = sources[model_key] = source_onnx(path, onnx_path)
+            local.append(dict(name=f"onnxruntime {source.name}", engine="onnxruntime", model=model_key, path=source,
+                              feeds=feeds, cuda=cuda, artifact_mb=source.stat().st_size / 1e6))
 
-            session = forgeml.load(path, threads=threads)
-            name = f"forgeml {path.name} ({manifest.target.get('name')})"
-            runners[name], device_extra = bench_runner(session, feeds)  # GPU: device-resident, synchronized
-            cases_meta[name] = dict(engine="forgeml", model=model_key, path=path, feeds=feeds,
-                                    artifact_mb=path.stat().st_size / 1e6, device_extra=device_extra)
-        if baseline == "onnxruntime" and f"onnxruntime:{model_key}" not in cases_meta:
-            source = source_onnx(path, onnx_path)
-            ort = ort_by_model[model_key] = onnxruntime_session(source, threads=threads)
-            ort_name = f"onnxruntime {source.name}"
-            runners[ort_name] = (lambda s=ort, f=feeds: s.run(None, f))
-            if manifest.target.get("device") == "cuda":  # GPU artifact: ONNX Runtime's CUDA provider if present
-                from forgeml.compiler.verify import onnxruntime_cuda_runner
+    with ExitStack() as stack:
+        engines: dict[str, BlockRunner] = {}
+        for case in [c for c in local if not c["cuda"]]:  # CPU engines: a worker each, before any TVM here
+            worker = stack.enter_context(EngineWorker(case["engine"], case["path"], case["feeds"], threads))
+            engines[case["name"]], case["extra"] = worker.run, _worker_extra(worker)
+        for case in [c for c in local if c["cuda"]]:  # CUDA rows: in this process, as before
+            runner, case["extra"] = _cuda_runner(case, threads)  # may rename the case (onnxruntime-cuda)
+            engines[case["name"]] = runner
+            if case["extra"].pop("cpu_fallback", False):  # ONNX Runtime without CUDA: a CPU worker after all
+                worker = stack.enter_context(EngineWorker("onnxruntime", case["path"], case["feeds"], threads))
+                engines[case["name"]], case["extra"] = worker.run, _worker_extra(worker)
+        remote = remote_info = None
+        if rpc or tracker:  # after the workers started: this imports TVM here
+            from forgeml.targets import rpc as rpc_device
 
-                try:
-                    cuda = onnxruntime_cuda_runner(source, feeds)
-                except RuntimeError as e:  # the provider did not load: keep the CPU baseline, say so
-                    warnings.warn(f"baseline on the CPU: {e}", stacklevel=1)
-                    cuda = None
-                if cuda is not None:
-                    del runners[ort_name]
-                    ort_name = f"onnxruntime-cuda {source.name}"
-                    runners[ort_name] = cuda[0]
-            cases_meta[ort_name] = cases_meta[f"onnxruntime:{model_key}"] = dict(
-                engine="onnxruntime", model=model_key, path=source, feeds=feeds,
-                artifact_mb=source.stat().st_size / 1e6)
-        elif baseline not in (None, "none", "onnxruntime"):
-            raise InvalidInput(f"unknown baseline '{baseline}'; known: onnxruntime, none")
+            remote = rpc_device.connect(rpc, tracker, device_key)
+            remote_info = rpc_device.remote_info(remote)  # None for a stock TVM server: send it everything
+        offsite = []
+        for path, arch, model_key in every:
+            if remote is not None and (remote_info is None or remote_info.get("arch") == arch):
+                offsite.append(("rpc", path, model_key))
+            if arch != platform.machine():
+                if emulate:
+                    offsite.append(("emulate", path, model_key))
+                elif not any(p == path for _, p, _ in offsite):
+                    raise InvalidInput(f"{path} is built for {arch} and this machine is {platform.machine()}: add "
+                                       f"--emulate, or --rpc/--tracker to run it on such a device")
+        samples = measure_blocks(engines, warmup=warmup, repeat=repeat, block=BLOCK, progress=progress)
 
-    samples = measure_alternating(runners, warmup=warmup, repeat=repeat, progress=progress)
     cases = []
-    for name, times in samples.items():
-        meta = cases_meta[name]
+    for meta in local:
+        name, times = meta["name"], samples[meta["name"]]
         rss = peak_rss_subprocess(meta["engine"], meta["path"], meta["feeds"], threads) if memory else {}
         cases.append(CaseResult(
             name=name, engine=meta["engine"], model=meta["model"], stats=Stats.of(times),
             samples_ms=[t * 1e3 for t in times], peak_rss_mb=rss.get("peak_rss_mb"), artifact_mb=meta["artifact_mb"],
             extra={"reference": meta["engine"] == "onnxruntime", "path": str(meta["path"]),
-                   "load_to_first_output_s": rss.get("load_to_first_output_s"), **meta.get("device_extra", {})},
+                   "load_to_first_output_s": rss.get("load_to_first_output_s"), **meta["extra"]},
         ))
     for placement, path, model_key in offsite:  # timed on the emulated or RPC device; checked against ORT
-        feeds, ort = feeds_by_model[model_key], ort_by_model.get(model_key)
-        expected = dict(zip([o.name for o in ort.get_outputs()], ort.run(None, feeds))) if ort else None
+        feeds = feeds_by_model[model_key]
+        expected = _expected(sources[model_key], feeds) if model_key in sources else None
         if placement == "emulate":
             from forgeml.targets.emulate import emulated_case
 
-            cases.append(emulated_case(path, feeds, model_key, threads, warmup, repeat, expected, offsite_budget_s))
+            case = emulated_case(path, feeds, model_key, threads, warmup, repeat, expected, offsite_budget_s)
         else:
-            cases.append(rpc_device.remote_case(remote, remote_info, rpc or f"{tracker}/{device_key}", path, feeds,
-                                                model_key, threads, warmup, repeat, expected, offsite_budget_s))
-    settings = {"threads": threads, "warmup": warmup, "repeat": repeat, "block": 10, "inputs": "seeded normal, seed 0"}
+            case = rpc_device.remote_case(remote, remote_info, rpc or f"{tracker}/{device_key}", path, feeds,
+                                          model_key, threads, warmup, repeat, expected, offsite_budget_s)
+        case.extra["isolation"] = f"{'emulated' if placement == 'emulate' else 'RPC'} device, after the local rows"
+        cases.append(case)
+    in_bench = any(c["cuda"] and c["extra"].get("isolation") != "worker process" for c in local)
+    isolation = f"process per engine, alternating blocks of {BLOCK}"
+    if in_bench:
+        isolation = f"CPU engines: {isolation}; CUDA rows: in the bench process, alternating (device-timed)"
+    if offsite:
+        isolation += "; emulated/RPC rows: on their device, not alternated"
+    settings = {"threads": threads, "warmup": warmup, "repeat": repeat, "block": BLOCK,
+                "inputs": "seeded normal, seed 0", "isolation": isolation, "bench_pid": os.getpid()}
     if offsite:
         settings["offsite"] = (f"emulated/RPC cases are timed on their device after the local ones, runs cut to "
                                f"about {offsite_budget_s:g} s each")
     return Report(machine=machine_info(), settings=settings, cases=cases)
+
+
+def _worker_extra(worker: EngineWorker) -> dict:
+    """What the report says about a row timed in a worker: its pid, affinity and threads."""
+    return {"isolation": "worker process", "worker": {k: worker.info[k] for k in WORKER_FACTS}}
+
+
+def _cuda_runner(case: dict, threads: int) -> tuple[BlockRunner, dict]:
+    """A CUDA row, timed in this process: a forgeml CUDA artifact (device-resident inputs, synchronized),
+    or ONNX Runtime's CUDA provider ({"cpu_fallback": True} when this onnxruntime has none)."""
+    extra = {"isolation": "bench process (CUDA, device-timed)"}
+    if case["engine"] == "forgeml":
+        import forgeml
+        from forgeml.runtime.device import bench_runner
+
+        run, device_extra = bench_runner(forgeml.load(case["path"], threads=threads), case["feeds"])
+        return in_process(run), {**extra, **device_extra}
+    from forgeml.compiler.verify import onnxruntime_cuda_runner
+
+    try:
+        cuda = onnxruntime_cuda_runner(case["path"], case["feeds"])
+    except RuntimeError as e:  # the provider did not load: keep the CPU baseline, say so
+        warnings.warn(f"baseline on the CPU: {e}", stacklevel=1)
+        cuda = None
+    if cuda is None:
+        return in_process(lambda: None), {"cpu_fallback": True}
+    case["name"] = case["name"].replace("onnxruntime ", "onnxruntime-cuda ", 1)
+    return in_process(cuda[0]), extra
+
+
+def _expected(source: Path, feeds: dict) -> dict:
+    """ONNX Runtime's outputs by name (on the CPU, after the timing)."""
+    from forgeml.compiler.verify import onnxruntime_session
+
+    ort = onnxruntime_session(source)
+    return dict(zip([o.name for o in ort.get_outputs()], ort.run(None, feeds)))
