@@ -35,17 +35,20 @@ class VerifyResult:
 
 
 def seeded_inputs(specs: list[TensorSpec] | tuple[TensorSpec, ...], seed: int = 0,
-                  nonzero: set[str] | frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+                  nonzero: set[str] | frozenset[str] = frozenset(),
+                  unit: set[str] | frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Deterministic random inputs: normal floats (any float dtype, bfloat16 and float8 included);
     integers (any width, int4/uint4/int2/uint2 too) in [0, 10), over the whole table for an input used
     as indices (its `valid_range`), and in [1, 10) for an input named in `nonzero` (an integer
-    divisor); bools half true."""
+    divisor); floats named in `unit` uniform in [0, 1] (thresholds); bools half true."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
         dtype = np.dtype(spec.dtype)
         kind = _kind(dtype)
-        if kind == "f":
+        if kind == "f" and spec.name in unit:
+            feeds[spec.name] = rng.uniform(0.0, 1.0, size=spec.shape).astype(dtype)
+        elif kind == "f":
             feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
         elif kind in "iu":
             low = 1 if spec.name in nonzero else 0
@@ -165,12 +168,13 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     cannot run the model (no kernel for an op at that opset or dtype, inputs or outputs its Python API
     cannot convert, seeded inputs it rejects) the result is skipped with its reason; forgeml's session
     still runs once on the inputs so that a failure of its own surfaces here."""
-    from forgeml.compiler.frontend.onnx_model import divisor_inputs
+    from forgeml.compiler.frontend.onnx_model import divisor_inputs, unit_interval_inputs
 
     def skipped(reason: str) -> VerifyResult:
         return VerifyResult(False, float("nan"), float("nan"), tolerance, seed, skipped=reason)
 
-    feeds = seeded_inputs(session.inputs, seed, nonzero=divisor_inputs(model_path))
+    feeds = seeded_inputs(session.inputs, seed, nonzero=divisor_inputs(model_path),
+                          unit=unit_interval_inputs(model_path))
     try:
         ort_session = onnxruntime_session(model_path)
     except Exception as err:  # noqa: BLE001 (onnxruntime raises its own pybind11 types)
