@@ -41,3 +41,14 @@ class VerificationFailed(ForgeError):
     """The compiled model's outputs differ from ONNX Runtime beyond tolerance (exit 3)."""
 
     exit_code = 3
+
+
+class CompileFailed(ForgeError):
+    """TVM failed to optimize or generate code for a model forgeml accepted: names the stage, the kernel
+    where known, and TVM's reason (exit 2)."""
+
+    exit_code = 2
+
+
+class RunFailed(ForgeError):
+    """A loaded model failed while running (a kernel's runtime check, an unconvertible output) (exit 1)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from forgeml.errors import InvalidInput, ToolchainMissing, VerificationFailed
+from forgeml.errors import CompileFailed, ForgeError, InvalidInput, ToolchainMissing, VerificationFailed
 from forgeml.runtime.artifact import WEIGHTS, Manifest, pack_weights, write_artifact
 from forgeml.targets import TargetSpec, resolve_target
 from forgeml.targets.host import has_cuda_gpu
@@ -133,12 +133,75 @@ def _codegen(mod, target, cuda_graph: bool):
         return tvm.compile(mod, target=target)
 
 
+def _last_line(err: BaseException) -> str:
+    """TVM's reason in one line: the last non-empty line of the message (its traceback comes first)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"[:400]
+
+
+def _stage(what: str, run: Callable[[], Any]) -> Any:
+    """run(), with a failure that is not already forgeml's reported as CompileFailed naming `what`."""
+    try:
+        return run()
+    except ForgeError:
+        raise
+    except Exception as err:  # noqa: BLE001 (TVM raises InternalError, ValueError, AttributeError, ...)
+        raise CompileFailed(f"{what} failed: {_last_line(err)}") from err
+
+
+def _failing_kernels(mod, target) -> dict[str, str]:
+    """Kernel name -> reason, for each PrimFunc of `mod` whose code generation fails on its own."""
+    import tvm
+
+    failing = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            try:
+                tvm.compile(tvm.IRModule({gv: func.with_attr("global_symbol", gv.name_hint)}), target=target)
+            except Exception as err:  # noqa: BLE001
+                failing[gv.name_hint] = _last_line(err)
+    return failing
+
+
+def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Progress):
+    """(executable, weights): the pipeline, weight lifting and code generation. When code generation
+    fails on kernels the CPU rules scheduled, those kernels are rebuilt with TVM's naive loops (the
+    others keep their schedules); a failure that remains is a CompileFailed naming the kernels (their
+    names carry the fused operators) and TVM's reason."""
+    from forgeml.compiler import graph
+    from forgeml.compiler.cpu.rules import unscheduled
+
+    def build(skip: set[str]):
+        with unscheduled(skip):
+            optimized = _stage(f"optimizing for {target.kind.name}", lambda: run_pipeline(mod, target))
+        lifted, weights = _stage("lifting the weights", lambda: graph.lift_weights(optimized))
+        return lifted, weights, lambda: _codegen(lifted, target, cuda_graph)
+
+    lifted, weights, generate = build(set())
+    try:
+        return generate(), weights
+    except Exception as err:  # noqa: BLE001
+        first = err
+    failing = _failing_kernels(lifted, target) if target.kind.name == "llvm" else {}
+    if failing:
+        say(f"generating code failed in {', '.join(failing)}; rebuilding them without schedules")
+        lifted, weights, generate = build(set(failing))
+        try:
+            return generate(), weights
+        except Exception as err:  # noqa: BLE001
+            first = err
+            failing = _failing_kernels(lifted, target) or failing
+    where = f" in kernel {', '.join(sorted(failing))}" if failing else ""
+    reason = next(iter(failing.values())) if failing else _last_line(first)
+    raise CompileFailed(f"generating code{where} failed: {reason}") from first
+
+
 def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions | None = None,
                   progress: Progress | None = None, tune_progress: Callable[[dict], None] | None = None) -> Manifest:
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
     import tvm
 
-    from forgeml.compiler import graph, pipeline, verify
+    from forgeml.compiler import pipeline, verify
     from forgeml.compiler.frontend import onnx_model, relax_import
     from forgeml.compiler.frontend.normalize import normalize
 
@@ -175,17 +238,16 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
         budget = Budget(options.tune_minutes, options.tune_trials)
         say("applying the tuning database" if budget.empty else "tuning (results persist in the tuning database)")
-        mod, tuning_summary = pipeline.tuned_o2(mod, target, budget, tune_progress)
-    else:
-        mod = run_pipeline(mod, target)
-    mod, weights = graph.lift_weights(mod)
+        mod, tuning_summary = _stage("tuning", lambda: pipeline.tuned_o2(mod, target, budget, tune_progress))
+        scheduled = mod
+        run_pipeline = lambda _mod, _target: scheduled  # noqa: E731 (tuned: the pipeline already ran)
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
     say("generating code")
-    executable = _codegen(mod, target, cuda_graph)
+    executable, weights = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say)
     with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
         lib_path = Path(tmp) / "model.so"
-        kernels = _export_library(executable, spec, lib_path)
+        kernels = _stage("linking the library", lambda: _export_library(executable, spec, lib_path))
         library = lib_path.read_bytes()
     timings["codegen_s"] = time.perf_counter() - clock - sum(timings.values())
 

@@ -25,9 +25,39 @@ def graph_passes() -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),  # BN folds into conv only after the first FoldConstant
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        relax.transform.FastMathTransform(),
+        fast_math(),
         relax.get_pipeline("zero"),  # legalize ops, fuse, FuseTIR
     ]
+
+
+def fast_math() -> tvm.transform.Pass:
+    """TVM's FastMathTransform (softmax, exp, erf, tanh -> fast approximations) that leaves calls to
+    anything but an operator alone: TVM's own read `call.op.name` of every call and raised
+    "'ExternFunc' object has no attribute 'name'" on R.call_packed / call_dps_packed calls."""
+    from tvm import topi
+    from tvm.relax import expr_functor
+
+    fast = {"relax.nn.softmax": lambda call: (topi.nn.fast_softmax, call.args[0], call.attrs.axis),
+            "relax.exp": lambda call: (topi.fast_exp, call.args[0]),
+            "relax.erf": lambda call: (topi.fast_erf, call.args[0]),
+            "relax.tanh": lambda call: (topi.fast_tanh, call.args[0])}
+
+    @expr_functor.mutator
+    class FastMath(relax.PyExprMutator):
+        def visit_call_(self, call):
+            if isinstance(call.op, tvm.ir.Op) and call.op.name in fast:
+                return self.builder_.call_te(*fast[call.op.name](call))
+            return super().visit_call_(call)
+
+    @tvm.transform.module_pass(opt_level=0, name="ForgemlFastMath")
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = FastMath(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return transform
 
 
 # Elementwise and layout ops on constants that numpy computes exactly as the compiled kernels would.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forgeml.errors import InvalidInput
+from forgeml.errors import InvalidInput, VerificationFailed
 from forgeml.runtime.artifact import TensorSpec, open_artifact
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
@@ -34,23 +34,54 @@ class VerifyResult:
         return asdict(self)
 
 
-def seeded_inputs(specs: list[TensorSpec] | tuple[TensorSpec, ...], seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic random inputs: normal floats; integers in [0, 10), or over the whole table for an
-    input used as Gather indices (its `valid_range`)."""
+def seeded_inputs(specs: list[TensorSpec] | tuple[TensorSpec, ...], seed: int = 0,
+                  nonzero: set[str] | frozenset[str] = frozenset(),
+                  unit: set[str] | frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Deterministic random inputs: normal floats (any float dtype, bfloat16 and float8 included);
+    integers (any width, int4/uint4/int2/uint2 too) in [0, 10), over the whole table for an input used
+    as indices (its `valid_range`), and in [1, 10) for an input named in `nonzero` (an integer
+    divisor); floats named in `unit` uniform in [0, 1] (thresholds); bools half true."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
         dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
+        kind = _kind(dtype)
+        if kind == "f" and spec.name in unit:
+            feeds[spec.name] = rng.uniform(0.0, 1.0, size=spec.shape).astype(dtype)
+        elif kind == "f":
             feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
-        elif dtype.kind in "iu":
+        elif kind in "iu":
+            low = 1 if spec.name in nonzero else 0
             high = spec.valid_range[1] + 1 if spec.valid_range else 10
-            feeds[spec.name] = rng.integers(0, high, size=spec.shape).astype(dtype)
-        elif dtype.kind == "b":
+            high = min(high, _int_max(dtype) + 1)
+            feeds[spec.name] = rng.integers(low, max(high, low + 1), size=spec.shape).astype(dtype)
+        elif kind == "b":
             feeds[spec.name] = rng.integers(0, 2, size=spec.shape).astype(dtype)
         else:
-            raise ValueError(f"cannot make inputs of dtype {spec.dtype} for '{spec.name}'")
+            raise InvalidInput(f"cannot make inputs of dtype {spec.dtype} for '{spec.name}'")
     return feeds
+
+
+def _kind(dtype: np.dtype) -> str:
+    """numpy's kind letter, also for ml_dtypes' types (kind 'V'): 'f' for bfloat16/float8/float4, 'i'/'u'
+    for int4/uint4/int2/uint2."""
+    if dtype.kind != "V":
+        return dtype.kind
+    if dtype.name.startswith(("bfloat", "float")):
+        return "f"
+    if dtype.name.startswith("uint"):
+        return "u"
+    return "i" if dtype.name.startswith("int") else "V"
+
+
+def _int_max(dtype: np.dtype) -> int:
+    """The largest value of an integer dtype, ml_dtypes' narrow ones included."""
+    try:
+        return int(np.iinfo(dtype).max)
+    except ValueError:
+        import ml_dtypes
+
+        return int(ml_dtypes.iinfo(dtype).max)
 
 
 def onnxruntime_session(model_path: str | Path, threads: int | None = None):
@@ -96,29 +127,65 @@ def onnxruntime_cuda_runner(model_path: str | Path, feeds: dict[str, np.ndarray]
 
 
 def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(max absolute error, max error relative to each output's largest magnitude)."""
+    """(max absolute error, max error relative to each output's largest finite magnitude). NaN against
+    NaN and an infinity against the same infinity are equal; NaN or inf against anything else is an
+    infinite error. Raises VerificationFailed when an output's shape differs."""
     max_abs = max_rel = 0.0
     for name, ref in expected.items():
-        got = actual[name].astype(np.float64)
-        ref64 = ref.astype(np.float64)
+        got = np.asarray(actual[name]).astype(np.float64)
+        ref64 = np.asarray(ref).astype(np.float64)
         if got.shape != ref64.shape:
-            raise ValueError(f"output '{name}' has shape {got.shape}, ONNX Runtime gives {ref64.shape}")
+            raise VerificationFailed(f"output '{name}' has shape {got.shape}, ONNX Runtime gives {ref64.shape} "
+                                     "(no artifact written; --no-verify to write it anyway)")
         if got.size == 0:
             continue
-        diff = float(np.max(np.abs(got - ref64)))
-        if not np.isfinite(diff):
+        same = (got == ref64) | (np.isnan(got) & np.isnan(ref64))
+        with np.errstate(invalid="ignore"):
+            gaps = np.where(same, 0.0, np.abs(got - ref64))
+        diff = float(np.max(gaps))
+        if np.isnan(diff) or not np.isfinite(diff):
             return float("inf"), float("inf")
-        scale = max(float(np.max(np.abs(ref64))), 1e-12)
+        finite = np.abs(ref64[np.isfinite(ref64)])
+        scale = max(float(np.max(finite)) if finite.size else 0.0, 1e-12)
         max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
     return max_abs, max_rel
 
 
+def _reason(err: Exception) -> str:
+    """ONNX Runtime's error as one line: the status message without the source file prefix."""
+    text = " ".join(str(err).split())
+    for marker in ("Status Message: ", "NOT_IMPLEMENTED : ", "INVALID_ARGUMENT : ", "INVALID_GRAPH : ", "FAIL : "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    if text.startswith("/") and " " in text:  # "/onnxruntime_src/...cc:42 void f() message"
+        text = text.split(" ", 1)[1]
+    return text[:300]
+
+
 def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float, seed: int = 0) -> VerifyResult:
-    """Run `session` (a forgeml Session) and ONNX Runtime on the same seeded inputs."""
-    feeds = seeded_inputs(session.inputs, seed)
-    ort_session = onnxruntime_session(model_path)
+    """Run `session` (a forgeml Session) and ONNX Runtime on the same seeded inputs. When ONNX Runtime
+    cannot run the model (no kernel for an op at that opset or dtype, inputs or outputs its Python API
+    cannot convert, seeded inputs it rejects) the result is skipped with its reason; forgeml's session
+    still runs once on the inputs so that a failure of its own surfaces here."""
+    from forgeml.compiler.frontend.onnx_model import divisor_inputs, unit_interval_inputs
+
+    def skipped(reason: str) -> VerifyResult:
+        return VerifyResult(False, float("nan"), float("nan"), tolerance, seed, skipped=reason)
+
+    feeds = seeded_inputs(session.inputs, seed, nonzero=divisor_inputs(model_path),
+                          unit=unit_interval_inputs(model_path))
+    try:
+        ort_session = onnxruntime_session(model_path)
+    except Exception as err:  # noqa: BLE001 (onnxruntime raises its own pybind11 types)
+        session.run(feeds)
+        return skipped(f"ONNX Runtime cannot load the model: {_reason(err)}")
     names = [o.name for o in ort_session.get_outputs()]
-    expected = dict(zip(names, ort_session.run(names, feeds)))
+    try:
+        expected = dict(zip(names, ort_session.run(names, feeds)))
+    except Exception as err:  # noqa: BLE001
+        session.run(feeds)
+        return skipped(f"ONNX Runtime cannot run the model on seeded inputs: {_reason(err)}")
     actual = session.run(feeds)
     max_abs, max_rel = compare(actual, expected)
     return VerifyResult(bool(max_rel <= tolerance), max_abs, max_rel, tolerance, seed)

@@ -11,13 +11,29 @@ from typing import Any
 
 import numpy as np
 
-from forgeml.errors import ArtifactError, InvalidInput
+from forgeml.errors import ArtifactError, ForgeError, InvalidInput, RunFailed
 from forgeml.runtime import native
 from forgeml.runtime.artifact import ArtifactFile, Manifest, TensorSpec, open_artifact
 
 _DEVICE_TYPES = {"cpu": 1, "cuda": 2}  # DLPack device types
 _POOLED_ALLOCATOR = 2
 _ALIGN = 64
+
+
+def _exotic(dtype: np.dtype) -> bool:
+    """ml_dtypes' types (bfloat16, float8_*): numpy kind 'V', which DLPack cannot carry; they cross as
+    same-width unsigned integers into and out of tensors of the real dtype."""
+    return np.dtype(dtype).kind == "V"
+
+
+def _bits_view(array: np.ndarray) -> np.ndarray:
+    """An ml_dtypes array viewed as unsigned integers of its width (what DLPack can carry)."""
+    return array.view(np.dtype(f"uint{8 * array.dtype.itemsize}"))
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"[:400]
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -83,12 +99,18 @@ class Session:
             native.set_num_threads(self._threads)
         self._ffi = ffi
         self._dev = ffi.device(self.device, 0)
-        self._vm = self._load_vm(artifact)
+        try:
+            self._vm = self._load_vm(artifact)
+        except ForgeError:
+            raise
+        except Exception as e:  # noqa: BLE001 (the TVM runtime raises its own error types)
+            raise ArtifactError(f"{self.path}: the model failed to initialize: {_last_line(e)}") from None
         self._main = self._vm["main"]
         self._weights = [self._to_device(w) for w in artifact.map_weights()]
         self._lock = threading.Lock()
         # what run() compares each input against, precomputed: its per-call cost is part of the latency
         self._input_checks = [(spec.name, np.dtype(spec.dtype), tuple(spec.shape)) for spec in self.manifest.inputs]
+        self._any_exotic = any(_exotic(dtype) for _, dtype, _ in self._input_checks)
         self._ranges = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.valid_range is not None]
         self._output_names = [spec.name for spec in self.manifest.outputs]
         self._stages: list[tuple[np.ndarray, Any] | None] = [None] * len(self._input_checks)
@@ -119,6 +141,12 @@ class Session:
         return vm
 
     def _to_device(self, array: np.ndarray) -> Any:
+        if _exotic(array.dtype):  # bfloat16, float8: a tensor of that dtype, filled with the bits
+            host = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")(
+                self._ffi.Shape(array.shape), str(array.dtype), self._ffi.device("cpu", 0), None)
+            self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")(
+                self._ffi.from_dlpack(_bits_view(_aligned(array))), host)
+            return host if self.device == "cpu" else _copy_to_device(self._ffi, host, self._dev)
         host = self._ffi.from_dlpack(_aligned(array))
         if self.device == "cpu":
             return host
@@ -145,7 +173,7 @@ class Session:
         else None (then `_check_inputs` says what is wrong). An aligned array is used in place; an
         unaligned one (numpy aligns small arrays to 16 bytes) is copied into the input's staging
         buffer, allocated once. Call with the lock held: the staging buffers are shared."""
-        if len(feeds) != len(self._input_checks):
+        if len(feeds) != len(self._input_checks) or self._any_exotic:
             return None
         tensors = []
         for n, (name, dtype, shape) in enumerate(self._input_checks):
@@ -212,9 +240,14 @@ class Session:
                 args = self._upload_inputs(self._check_inputs(feeds))
             elif self._ranges:
                 self._check_ranges([feeds[name] for name, _, _ in self._input_checks])
-            result = self._main(*args, *self._weights)
-            tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
-            outputs = dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
+            try:
+                result = self._main(*args, *self._weights)
+                tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
+                outputs = dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
+            except ForgeError:
+                raise
+            except Exception as e:  # noqa: BLE001 (a kernel's runtime check, a tensor DLPack cannot carry)
+                raise RunFailed(f"{self.path}: running the model failed: {_last_line(e)}") from None
         if output_names is not None:
             unknown = [n for n in output_names if n not in outputs]
             if unknown:
@@ -223,6 +256,13 @@ class Session:
         return outputs
 
     def _to_host(self, tensor: Any) -> np.ndarray:
+        dtype = str(tensor.dtype)
+        if dtype.startswith(("bfloat", "float8", "float4", "float6")):  # no DLPack/numpy dtype: copy the bits
+            import ml_dtypes  # noqa: F401 (registers these dtypes with numpy)
+
+            out = _aligned_empty(tuple(tensor.shape), np.dtype(dtype))
+            self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")(tensor, self._ffi.from_dlpack(_bits_view(out)))
+            return out
         if self._on_cpu:
             # a copy: an output may be an input, a weight or a constant of the model returned as is
             return np.from_dlpack(tensor).copy()

@@ -6,14 +6,14 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from forgeml.compiler.cpu.rules import apply_cpu_schedules
+from forgeml.compiler.cpu.rules import apply_cpu_schedules, split_layout_rewrite_preproc
 from forgeml.compiler.graph import graph_passes
 
 
 def fold_prepacked_weights() -> tvm.transform.Pass:
     """Move the schedules' weight repacking out of the kernels and fold it into the constants."""
     return tvm.transform.Sequential([
-        relax.transform.SplitLayoutRewritePreproc(),
+        split_layout_rewrite_preproc,
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
     ])

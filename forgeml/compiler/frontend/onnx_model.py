@@ -27,8 +27,42 @@ class LoadedModel:
     path: Path
 
 
-def _dtype_of(elem_type: int) -> str:
-    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+# element types forgeml cannot compile: TVM packs them below a byte (numpy/ml_dtypes use a byte each, so
+# no buffer can cross), or its LLVM code generator does not lower them; float6 has no numpy type at all
+_UNSUPPORTED_DTYPES = {"int4", "uint4", "int2", "uint2", "float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}
+
+
+def _dtype_of(elem_type: int, what: str = "a tensor") -> str:
+    """The numpy dtype name of an ONNX element type; InvalidInput for types forgeml cannot compile."""
+    try:
+        name = str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError):
+        name = None
+    if name is None or name in _UNSUPPORTED_DTYPES or name in ("object", "complex64", "complex128"):
+        label = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() \
+            else str(elem_type)
+        raise InvalidInput(f"{what} has element type {label}, which forgeml cannot compile")
+    return name
+
+
+def _check_types(model: onnx.ModelProto) -> None:
+    """Refuse, naming the value, graph inputs and outputs that are not tensors (sequences, optionals,
+    maps) or whose element type forgeml cannot compile, and Cast/CastLike nodes to such a type."""
+    graph = model.graph
+    for kind, values in (("input", _graph_inputs(model)), ("output", graph.output)):
+        for value in values:
+            field = value.type.WhichOneof("value")
+            if field != "tensor_type":
+                what = (field or "untyped_value").replace("_type", "").replace("_", " ")
+                raise InvalidInput(f"graph {kind} '{value.name}' is a {what}; forgeml "
+                                   "compiles tensor inputs and outputs only (no sequences, optionals or maps)")
+            if value.type.tensor_type.elem_type:  # 0: not given (shape inference fills it in)
+                _dtype_of(value.type.tensor_type.elem_type, f"graph {kind} '{value.name}'")
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Cast" and node.domain in _ONNX_DOMAINS:
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is not None:
+                _dtype_of(to, f"node '{node.name or f'#{i}'}' (Cast)'s target")
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -120,7 +154,7 @@ def supported_ops() -> set[str]:
 
 def find_unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Operator type -> node names, for every node the importer cannot convert."""
-    known = supported_ops()
+    known = supported_ops() | {"If"}  # the importer converts If itself, outside its converter map
     missing: dict[str, list[str]] = defaultdict(list)
     for i, node in enumerate(model.graph.node):
         if node.domain not in _ONNX_DOMAINS or node.op_type not in known:
@@ -134,7 +168,7 @@ def _tensor_specs(values) -> tuple[TensorSpec, ...]:
     for v in values:
         t = v.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        specs.append(TensorSpec(v.name, shape, _dtype_of(t.elem_type)))
+        specs.append(TensorSpec(v.name, shape, _dtype_of(t.elem_type, f"'{v.name}'")))
     return tuple(specs)
 
 
@@ -151,6 +185,7 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     if unsupported:
         raise UnsupportedOperator(unsupported)
     _drop_weight_inputs(model)
+    _check_types(model)
     _fix_input_shapes(model, input_shapes or {}, path)
     try:
         model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
@@ -166,35 +201,113 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
 
 
-def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """Graph input -> the values it may hold, for integer inputs used (directly or through shape-only
-    ops) as Gather indices into a tensor of known size: [-size, size - 1] along the gathered axis,
-    intersected over every such use."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    inputs = {v.name for v in model.graph.input}
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _indexed_sizes(node: onnx.NodeProto, sizes: dict[str, tuple[int, ...]]) -> tuple[str, int, int] | None:
+    """(indices input, lowest valid index, the size its values index) for a node that indexes a tensor
+    with one of its inputs, else None. Element-wise indexers (Gather, GatherElements, Scatter,
+    ScatterElements) index one axis of their data; GatherND/ScatterND index the leading dimensions
+    (the smallest of those bounds all of them); NegativeLogLikelihoodLoss's target indexes the classes."""
+    op, ins = node.op_type, node.input
+    if len(ins) < 2:
+        return None
+    shape = sizes.get(ins[0])
+    if shape is None or not shape:
+        return None
+    if op in ("Gather", "GatherElements", "Scatter", "ScatterElements"):
+        axis = _attr(node, "axis", 0)
+        if not -len(shape) <= axis < len(shape):
+            return None
+        return ins[1], -shape[axis], shape[axis]
+    if op in ("GatherND", "ScatterND"):
+        depth = sizes.get(ins[1])
+        batch = _attr(node, "batch_dims", 0)
+        if depth is None or not depth or depth[-1] + batch > len(shape):
+            return None
+        size = min(shape[batch:batch + depth[-1]], default=1)
+        return ins[1], -size, size
+    if op == "NegativeLogLikelihoodLoss" and len(shape) >= 2:
+        ignore = next((a.i for a in node.attribute if a.name == "ignore_index"), None)
+        low = 0 if ignore is None else min(0, ignore)
+        return ins[1], low, max(shape[1], (ignore + 1) if ignore is not None else 0)
+    return None
+
+
+def _value_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     sizes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     for v in list(model.graph.value_info) + list(model.graph.input):
         dims = v.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        if v.type.HasField("tensor_type") and all(d.HasField("dim_value") for d in dims):
             sizes.setdefault(v.name, tuple(d.dim_value for d in dims))
+    return sizes
+
+
+def _sources(model: onnx.ModelProto):
+    """A function: value name -> the graph input it is (directly or through shape-only ops), or None."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inputs = {v.name for v in model.graph.input}
 
     def source(name: str) -> str | None:
         while name not in inputs:
             node = producers.get(name)
-            if node is None or node.op_type not in _PASS_THROUGH:
+            if node is None or node.op_type not in _PASS_THROUGH or not node.input:
                 return None
             name = node.input[0]
         return name
 
+    return source
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Graph input -> the values it may hold, for integer inputs used (directly or through shape-only
+    ops) as indices into a tensor of known size (Gather, GatherElements, GatherND, Scatter,
+    ScatterElements, ScatterND, NegativeLogLikelihoodLoss's target): [-size, size - 1] along the
+    indexed axis, intersected over every such use."""
+    sizes = _value_sizes(model)
+    source = _sources(model)
     ranges: dict[str, tuple[int, int]] = {}
     for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2:
+        if node.domain not in _ONNX_DOMAINS:
             continue
-        origin, shape = source(node.input[1]), sizes.get(node.input[0])
-        if origin is None or shape is None:
+        found = _indexed_sizes(node, sizes)
+        if found is None:
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        size = shape[axis]
-        low, high = ranges.get(origin, (-size, size - 1))
-        ranges[origin] = (max(low, -size), min(high, size - 1))
+        indices, lowest, size = found
+        origin = source(indices)
+        if origin is None:
+            continue
+        low, high = ranges.get(origin, (lowest, size - 1))
+        ranges[origin] = (max(low, lowest), min(high, size - 1))
     return ranges
+
+
+def unit_interval_inputs(model: onnx.ModelProto | str | Path) -> set[str]:
+    """Graph inputs used as NonMaxSuppression's iou_threshold or score_threshold: verification's seeded
+    inputs draw them from [0, 1] (ONNX Runtime rejects an IoU threshold outside it)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    source = _sources(model)
+    return {origin for node in model.graph.node if node.op_type == "NonMaxSuppression"
+            for name in node.input[3:5] if name and (origin := source(name)) is not None}
+
+
+def divisor_inputs(model: onnx.ModelProto | str | Path) -> set[str]:
+    """Graph inputs used (directly or through shape-only ops) as the divisor of an integer Div or Mod:
+    verification's seeded inputs keep them non-zero (integer division by zero is undefined)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    source = _sources(model)
+    integer = {v.name for v in model.graph.input
+               if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _FLOAT_TYPES}
+    found = set()
+    for node in model.graph.node:
+        if node.op_type in ("Div", "Mod") and node.domain in _ONNX_DOMAINS and len(node.input) > 1:
+            origin = source(node.input[1])
+            if origin in integer:
+                found.add(origin)
+    return found
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
