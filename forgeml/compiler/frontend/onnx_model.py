@@ -119,8 +119,12 @@ def supported_ops() -> set[str]:
 
 
 def find_unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Operator type -> node names, for every node the importer cannot convert."""
+    """Operator type -> node names, for every node the importer cannot convert once the operators ONNX
+    defines as functions are expanded (as normalize does)."""
+    from forgeml.compiler.frontend.legalize import expand_functions
+
     known = supported_ops()
+    model = expand_functions(model, known)[0]
     missing: dict[str, list[str]] = defaultdict(list)
     for i, node in enumerate(model.graph.node):
         if node.domain not in _ONNX_DOMAINS or node.op_type not in known:
