@@ -112,10 +112,10 @@ def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
 
 
 def supported_ops() -> set[str]:
-    """ONNX operator types the TVM Relax importer can convert."""
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+    """ONNX operator types the TVM Relax importer (with forgeml's converters) can convert."""
+    from forgeml.compiler.frontend.converters import convert_map
 
-    return set(_get_convert_map())
+    return set(convert_map())
 
 
 def find_unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
