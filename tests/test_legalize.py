@@ -187,3 +187,10 @@ def test_roi_align_max_is_refused(tmp_path: Path):
     onnx.save(model, str(tmp_path / "m.onnx"))
     with pytest.raises(UnsupportedOperator, match=r"RoiAlign x1 \(roi: mode=max\)"):
         compile_model(tmp_path / "m.onnx", tmp_path / "m.fml", CompileOptions(opt_level="O0", verify=False))
+
+
+@pytest.mark.parametrize("mode", ["CRD", "DCR"])
+def test_space_to_depth_modes(tmp_path: Path, mode: str):
+    node = helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2, mode=mode)
+    model = _model([node], [("x", F, [1, 3, 4, 6])], [("y", F, [1, 12, 2, 3])], opset=28)
+    _check(model, {"x": np.arange(72, dtype=np.float32).reshape(1, 3, 4, 6)}, tmp_path)

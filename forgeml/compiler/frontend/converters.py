@@ -9,8 +9,9 @@ raises `Refused` where forgeml will not lower a node: relax_import turns that in
 Fixed: IsInf (detect_positive / detect_negative were ignored), LayerNormalization (Mean and InvStdDev came
 back as 0-d zeros), Dropout (the mask was float32, training_mode ignored), BatchNormalization
 (training_mode=1 used the running statistics), Mod (floating-point floor mod: 0 * inf made NaNs of
-infinite divisors), ConvTranspose (output_shape ignored). Refused: RoiAlign mode=max (TVM's max pooling
-is not ONNX's max of bilinear samples), Dropout in training mode with a nonzero or run-time ratio (random).
+infinite divisors), ConvTranspose (output_shape ignored), SpaceToDepth (mode CRD ignored). Refused:
+RoiAlign mode=max (TVM's max pooling is not ONNX's max of bilinear samples), Dropout in training mode
+with a nonzero or run-time ratio (random masks).
 """
 
 from __future__ import annotations
@@ -232,9 +233,24 @@ class RoiAlign(OnnxOpConverter):
         return onnx_frontend.RoiAlign._impl_v16(bb, inputs, attr, params)
 
 
+class SpaceToDepth(OnnxOpConverter):
+    """SpaceToDepth honouring mode (CRD: channel, then row and column offsets; TVM always did DCR)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if _mode(attr, "mode", "DCR") != "CRD":
+            return onnx_frontend.SpaceToDepth._impl_v1(bb, inputs, attr, params)
+        size = int(attr["blocksize"])
+        b, c, h, w = inputs[0].ty.shape
+        x = relax.op.reshape(inputs[0], (b, c, h // size, size, w // size, size))
+        x = relax.op.permute_dims(x, [0, 1, 3, 5, 2, 4])
+        return relax.op.reshape(x, (b, c * size * size, h // size, w // size))
+
+
 OVERRIDES: dict[str, type] = {
     "IsInf": IsInf, "LayerNormalization": LayerNormalization, "Dropout": Dropout,
     "BatchNormalization": BatchNormalization, "Mod": Mod, "ConvTranspose": ConvTranspose, "RoiAlign": RoiAlign,
+    "SpaceToDepth": SpaceToDepth,
 }
 
 
