@@ -40,8 +40,9 @@ _LOGGERS = ("onnxscript", "onnx_ir")
 
 @dataclass(frozen=True)
 class NormalizeRecord:
-    """What `normalize` did: computing (non-Constant) nodes folded into constants or dropped as dead,
-    node counts before and after, the tool, and why the model was kept as it was if folding failed."""
+    """What `normalize` did: computing (non-Constant) nodes folded into constants or dropped as dead (counted
+    after expansion), node counts before and after, the tool, why the model was kept as it was if folding
+    failed, the nodes expanded into ONNX function bodies and the Constant nodes rewritten."""
 
     folded_nodes: int
     nodes_before: int
@@ -49,6 +50,8 @@ class NormalizeRecord:
     tool: str
     seconds: float
     skipped: str | None = None
+    expanded: dict[str, int] | None = None  # op type -> nodes replaced by their ONNX function bodies
+    constants_rewritten: int = 0  # Constant nodes put in the `value` form (legalize.py)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -102,20 +105,27 @@ def _fold(model: onnx.ModelProto, input_size_limit: int, output_size_limit: int)
 
 def normalize(model: onnx.ModelProto, input_size_limit: int = 8192,
               output_size_limit: int = 512 * 512) -> tuple[onnx.ModelProto, NormalizeRecord]:
-    """Fold `model`'s constant subgraphs (fix its input shapes first); returns the new model and a
+    """Expand the ONNX functions the importer lacks and put Constants in the `value` form (legalize.py),
+    then fold `model`'s constant subgraphs (fix its input shapes first); returns the new model and a
     record. `model` itself is left as it was, and returned as is when nothing folds or folding fails
     (the record says why: the importer may still take the model as it is).
 
     `input_size_limit`/`output_size_limit` (elements) bound what is folded, as in onnxscript: larger
     weights are not fed through folding, larger results are not stored."""
+    from forgeml.compiler.frontend import legalize, onnx_model
+
     clock = time.perf_counter()
     skipped = None
+    legal, expanded, constants = legalize.legalize(model, onnx_model.supported_ops())
     try:
-        result = _fold(model, input_size_limit, output_size_limit)
+        result = _fold(legal, input_size_limit, output_size_limit)
+        if result is not legal:
+            constants += legalize.constants_to_value_form(result)
     except Exception as e:  # a bug in the folder must not stop a model the importer may take as is
-        result = model
+        result = legal
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         skipped = f"{type(e).__name__}: {message}" if message else type(e).__name__
-    record = NormalizeRecord(_computing_nodes(model) - _computing_nodes(result), len(model.graph.node),
-                             len(result.graph.node), _tool(), round(time.perf_counter() - clock, 3), skipped)
+    record = NormalizeRecord(_computing_nodes(legal) - _computing_nodes(result), len(model.graph.node),
+                             len(result.graph.node), _tool(), round(time.perf_counter() - clock, 3), skipped,
+                             expanded or None, constants)
     return result, record

@@ -146,15 +146,19 @@ def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
 
 
 def supported_ops() -> set[str]:
-    """ONNX operator types the TVM Relax importer can convert."""
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+    """ONNX operator types the TVM Relax importer (with forgeml's converters) can convert."""
+    from forgeml.compiler.frontend.converters import convert_map
 
-    return set(_get_convert_map())
+    return set(convert_map())
 
 
 def find_unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Operator type -> node names, for every node the importer cannot convert."""
+    """Operator type -> node names, for every node the importer cannot convert once the operators ONNX
+    defines as functions are expanded (as normalize does)."""
+    from forgeml.compiler.frontend.legalize import expand_functions
+
     known = supported_ops() | {"If"}  # the importer converts If itself, outside its converter map
+    model = expand_functions(model, known)[0]
     missing: dict[str, list[str]] = defaultdict(list)
     for i, node in enumerate(model.graph.node):
         if node.domain not in _ONNX_DOMAINS or node.op_type not in known:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from forgeml.errors import InvalidInput
+from forgeml.errors import InvalidInput, UnsupportedOperator
 from forgeml.runtime.artifact import TensorSpec
 
 
@@ -20,6 +20,8 @@ def import_onnx(loaded) -> Any:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    from forgeml.compiler.frontend.converters import forgeml_converters
+
     shapes = {spec.name: list(spec.shape) for spec in loaded.inputs}
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
     failure = None
@@ -27,7 +29,8 @@ def import_onnx(loaded) -> Any:
     # BlockBuilder warning to fd 2 when the failed import is collected: keep both off the terminal
     with _silenced_output():
         try:
-            mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
+            with forgeml_converters():
+                mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
         except Exception as e:
             failure = _importer_failure(e, loaded.path.name)
             del e
@@ -71,6 +74,10 @@ def _importer_failure(e: BaseException, file_name: str) -> InvalidInput:
         if tb.tb_frame.f_code.co_name == "_construct_nodes":
             node = tb.tb_frame.f_locals.get("node", node)
         tb = tb.tb_next
+    from forgeml.compiler.frontend.converters import Refused
+
+    if isinstance(e, Refused) and node is not None:  # a forgeml converter refused the node: say why
+        return UnsupportedOperator({node.op_type: [f"{node.name or node.output[0]}: {e}"]})
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     reason = lines[-1] if lines else type(e).__name__
     at = ""
