@@ -7,15 +7,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forgeml.process import START_AFFINITY as START_AFFINITY  # captured at first import, before any TVM pool
 from forgeml.version import __version__
-
-#: The CPUs this process could run on when forgeml was imported, before any TVM thread pool could pin it
-#: to core 0: benchmark workers are started with this mask (forgeml.bench.worker).
-START_AFFINITY: list[int] | None = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 if TYPE_CHECKING:
     from forgeml.runtime.artifact import Manifest

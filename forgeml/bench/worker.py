@@ -34,9 +34,9 @@ ENGINES = ("forgeml", "onnxruntime", "pytorch-zoo")
 
 def start_affinity() -> list[int] | None:
     """The CPUs this process could use when forgeml was first imported (None where unsupported)."""
-    import forgeml
+    from forgeml.process import START_AFFINITY
 
-    return forgeml.START_AFFINITY
+    return START_AFFINITY
 
 
 class EngineWorker:
@@ -121,10 +121,10 @@ class EngineWorker:
 def _load(engine: str, model: str, feeds: dict[str, np.ndarray], threads: int) -> tuple[Callable[[], Any], dict]:
     """The call to time for `engine` on `model`, and facts for the report."""
     if engine == "forgeml":
-        import forgeml
         from forgeml.runtime.device import bench_runner
+        from forgeml.runtime.session import load
 
-        return bench_runner(forgeml.load(model, threads=threads), feeds)  # GPU: device-resident, synchronized
+        return bench_runner(load(model, threads=threads), feeds)  # GPU: device-resident, synchronized
     if engine == "onnxruntime":
         from forgeml.compiler.verify import onnxruntime_session
 
