@@ -168,8 +168,8 @@ _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity
 
 def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """Graph input -> the values it may hold, for integer inputs used (directly or through shape-only
-    ops) as Gather indices into a tensor of known size: [-size, size - 1] along the gathered axis,
-    intersected over every such use."""
+    ops) as Gather indices into a tensor of known size: [-size, size - 1] along the gathered axis, or as
+    Attention's nonpad_kv_seqlen: [0, K's sequence length]; intersected over every such use."""
     producers = {out: node for node in model.graph.node for out in node.output}
     inputs = {v.name for v in model.graph.input}
     sizes = {init.name: tuple(init.dims) for init in model.graph.initializer}
@@ -197,4 +197,13 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         size = shape[axis]
         low, high = ranges.get(origin, (-size, size - 1))
         ranges[origin] = (max(low, -size), min(high, size - 1))
+    for node in model.graph.node:
+        if node.op_type != "Attention" or node.domain not in _ONNX_DOMAINS or len(node.input) < 7:
+            continue
+        origin, k_shape = source(node.input[6]), sizes.get(node.input[1])
+        if origin is None or k_shape is None or len(k_shape) not in (3, 4):
+            continue
+        kv_len = k_shape[-2] if len(k_shape) == 4 else k_shape[1]
+        low, high = ranges.get(origin, (0, kv_len))
+        ranges[origin] = (max(low, 0), min(high, kv_len))
     return ranges
