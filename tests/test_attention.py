@@ -19,8 +19,9 @@ _NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, n
 
 
 def _attention_model(inputs: dict[str, np.ndarray], outputs: list[str], opset: int = 23,
-                     **attrs) -> onnx.ModelProto:
-    """One Attention node over the given inputs (in ONNX input order; '' skips an optional input)."""
+                     constants: tuple[str, ...] = (), **attrs) -> onnx.ModelProto:
+    """One Attention node over the given inputs (in ONNX input order; '' skips an optional input); those
+    named in `constants` are initializers instead of graph inputs."""
     order = ["Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"]
     names = [n if n in inputs else "" for n in order]
     while names[-1] == "":
@@ -28,8 +29,10 @@ def _attention_model(inputs: dict[str, np.ndarray], outputs: list[str], opset: i
     node = helper.make_node("Attention", names, outputs, name="attn", **attrs)
     graph = helper.make_graph(
         [node], "attention",
-        [helper.make_tensor_value_info(n, _NP_TO_ONNX[inputs[n].dtype.type], inputs[n].shape) for n in names if n],
-        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs if o])
+        [helper.make_tensor_value_info(n, _NP_TO_ONNX[inputs[n].dtype.type], inputs[n].shape)
+         for n in names if n and n not in constants],
+        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs if o],
+        [onnx.numpy_helper.from_array(inputs[n], n) for n in constants])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -107,8 +110,10 @@ def test_past_key_value_give_present_and_qk_output(tmp_path, mode):
     feeds = {"Q": _normal(rng, 1, 2, 3, 8), "K": _normal(rng, 1, 2, 3, 8), "V": _normal(rng, 1, 2, 3, 8),
              "attn_mask": _normal(rng, 3, 7), "past_key": _normal(rng, 1, 2, 4, 8),
              "past_value": _normal(rng, 1, 2, 4, 8)}
-    model = _attention_model(feeds, ["Y", "present_key", "present_value", "qk"], softcap=3.0,
-                             qk_matmul_output_mode=mode)
+    feeds["attn_mask"][1, 2] = -np.inf  # mode 2 scores hold -inf there: verification takes equal infinities
+    model = _attention_model(feeds, ["Y", "present_key", "present_value", "qk"], constants=("attn_mask",),
+                             softcap=3.0, qk_matmul_output_mode=mode)
+    del feeds["attn_mask"]
     got = _compile_and_compare(tmp_path, model, feeds)
     np.testing.assert_array_equal(got["present_key"], np.concatenate([feeds["past_key"], feeds["K"]], axis=2))
     assert got["qk"].shape == (1, 2, 3, 7)
