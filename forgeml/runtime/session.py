@@ -227,8 +227,9 @@ class Session:
             low, high = spec.valid_range
             if array.size and (array.min() < low or array.max() > high):
                 bad = array[(array < low) | (array > high)].flat[0]
-                raise InvalidInput(f"input '{spec.name}' holds {bad}, outside [{low}, {high}]: it indexes a "
-                                   f"tensor with {high + 1} entries along the gathered axis")
+                why = (f"it indexes a tensor with {high + 1} entries along the gathered axis" if low < 0 else
+                       f"it is a length along an axis of {high} entries")
+                raise InvalidInput(f"input '{spec.name}' holds {bad}, outside [{low}, {high}]: {why}")
 
     def run(self, feeds: dict[str, Any], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model on `feeds` (input name -> array); returns output name -> array."""

@@ -26,6 +26,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
+from forgeml.compiler.frontend.attention import FORGEML_CONVERTERS as ATTENTION_CONVERTERS
+
 _ORIGINAL_MAP = onnx_frontend._get_convert_map
 _LOCK = threading.RLock()
 
@@ -250,7 +252,7 @@ class SpaceToDepth(OnnxOpConverter):
 OVERRIDES: dict[str, type] = {
     "IsInf": IsInf, "LayerNormalization": LayerNormalization, "Dropout": Dropout,
     "BatchNormalization": BatchNormalization, "Mod": Mod, "ConvTranspose": ConvTranspose, "RoiAlign": RoiAlign,
-    "SpaceToDepth": SpaceToDepth,
+    "SpaceToDepth": SpaceToDepth, **ATTENTION_CONVERTERS,
 }
 
 

@@ -268,7 +268,7 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """Graph input -> the values it may hold, for integer inputs used (directly or through shape-only
     ops) as indices into a tensor of known size (Gather, GatherElements, GatherND, Scatter,
     ScatterElements, ScatterND, NegativeLogLikelihoodLoss's target): [-size, size - 1] along the
-    indexed axis, intersected over every such use."""
+    indexed axis, or as Attention's nonpad_kv_seqlen: [0, K's sequence length]; intersected over every use."""
     sizes = _value_sizes(model)
     source = _sources(model)
     ranges: dict[str, tuple[int, int]] = {}
@@ -284,6 +284,15 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
             continue
         low, high = ranges.get(origin, (lowest, size - 1))
         ranges[origin] = (max(low, lowest), min(high, size - 1))
+    for node in model.graph.node:  # Attention's nonpad_kv_seqlen: a length in [0, K's sequence length]
+        if node.op_type != "Attention" or node.domain not in _ONNX_DOMAINS or len(node.input) < 7:
+            continue
+        origin, k_shape = source(node.input[6]), sizes.get(node.input[1])
+        if origin is None or k_shape is None or len(k_shape) not in (3, 4):
+            continue
+        kv_len = k_shape[-2] if len(k_shape) == 4 else k_shape[1]
+        low, high = ranges.get(origin, (0, kv_len))
+        ranges[origin] = (max(low, 0), min(high, kv_len))
     return ranges
 
 

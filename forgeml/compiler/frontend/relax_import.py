@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from forgeml.errors import InvalidInput, UnsupportedOperator
+from forgeml.errors import ForgeError, InvalidInput, UnsupportedOperator
 from forgeml.runtime.artifact import TensorSpec
 
 
@@ -27,12 +27,11 @@ def import_onnx(loaded) -> Any:
     failure = None
     # the importer prints the failing node's inputs as IR (a screenful on a real model), and TVM logs a
     # BlockBuilder warning to fd 2 when the failed import is collected: keep both off the terminal
-    with _silenced_output():
+    with _silenced_output(), forgeml_converters():
         try:
-            with forgeml_converters():
-                mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
+            mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
         except Exception as e:
-            failure = _importer_failure(e, loaded.path.name)
+            failure = e.with_traceback(None) if isinstance(e, ForgeError) else _importer_failure(e, loaded.path.name)
             del e
             gc.collect()
     if failure is not None:
