@@ -38,21 +38,23 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: CPUFacts) -> Non
             sch.parallel(loops[0])
         return
     exts = loop_extents(sch, loops)
+    lanes = cpu.fit(exts[-1])
     if all(k == "S" for k in kinds):
         total = 1
         for e in exts:
             total *= e
-        if exts[-1] % cpu.lanes == 0 or exts[-1] >= 4 * cpu.lanes or len(loops) == 1:
+        if exts[-1] % lanes == 0 or exts[-1] >= 4 * lanes or len(loops) == 1:
             head, inner = loops[:-1], loops[-1]
         else:
             # short innermost row: vectorize over the flattened nest instead
             head, inner = [], sch.fuse(*loops)
         iext = as_int(sch.get(inner).extent)
-        if iext % cpu.lanes == 0 and iext > cpu.lanes:
-            outer, vec = sch.split(inner, [None, cpu.lanes])
+        lanes = cpu.fit(iext)
+        if iext % lanes == 0 and iext > lanes:
+            outer, vec = sch.split(inner, [None, lanes])
             head = head + [outer]
             sch.vectorize(vec)
-        elif iext <= 2 * cpu.lanes and iext > 1:
+        elif iext <= 2 * lanes and iext > 1:
             sch.vectorize(inner)
         else:
             head = head + [inner]
@@ -63,6 +65,7 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: CPUFacts) -> Non
     n_s = 0
     while n_s < len(kinds) and kinds[n_s] == "S":
         n_s += 1
+    lanes = cpu.fit(exts[n_s - 1]) if n_s else cpu.lanes
     if any(k != "R" for k in kinds[n_s:]):
         return
     s_loops, r_loops = loops[:n_s], loops[n_s:]
@@ -72,9 +75,9 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: CPUFacts) -> Non
     s_total = 1
     for e in exts[:n_s]:
         s_total *= e
-    if n_s and exts[n_s - 1] % cpu.lanes == 0 and r_total <= 64 and exts[n_s - 1] >= cpu.lanes:
+    if n_s and exts[n_s - 1] % lanes == 0 and r_total <= 64 and exts[n_s - 1] >= lanes:
         # small window reductions (pooling): the reduction goes outside a vector of outputs
-        outer, vec = sch.split(s_loops[-1], [None, cpu.lanes])
+        outer, vec = sch.split(s_loops[-1], [None, lanes])
         sch.reorder(outer, *r_loops, vec)
         head = list(s_loops[:-1]) + [outer]
         if s_total * r_total >= PAR_MIN:
