@@ -8,6 +8,7 @@ stops matching (and leaves the work to the slow generic fallback) fails here.
 
 from __future__ import annotations
 
+import os
 import platform
 
 import numpy as np
@@ -28,9 +29,11 @@ from forgeml.targets.host import detect_host  # noqa: E402
 RTOL = ATOL = 1e-4
 
 
-def _target() -> tvm.target.Target:
+def _target(mcpu: str | None = None) -> tvm.target.Target:
+    """The host's target; `mcpu` (or FORGEML_TEST_MCPU, e.g. haswell on an AVX-512 host) picks another x86 cpu."""
     host = detect_host()
-    t = {"kind": "llvm", "mcpu": host.llvm_mcpu, "num-cores": max(1, min(host.cores, 2))}
+    mcpu = mcpu or os.environ.get("FORGEML_TEST_MCPU") or host.llvm_mcpu
+    t = {"kind": "llvm", "mcpu": mcpu, "num-cores": max(1, min(host.cores, 2))}
     if host.arch == "x86_64":
         t["mtriple"] = "x86_64-linux-gnu"
     return tvm.target.Target(t)
@@ -83,8 +86,8 @@ def _rules_used(model) -> dict[str, str]:
     return used
 
 
-def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    target = _target()
+def _run(model, feeds: dict[str, np.ndarray], target=None) -> list[np.ndarray]:
+    target = target or _target()
     mod = pipeline.get_pipeline("O2")(_import(model), target)
     for gv, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc):
@@ -98,10 +101,10 @@ def _run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [o.numpy() for o in outs]
 
 
-def _check(model, feeds, rtol=RTOL, atol=ATOL):
+def _check(model, feeds, rtol=RTOL, atol=ATOL, target=None):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     want = sess.run(None, feeds)
-    got = _run(model, feeds)
+    got = _run(model, feeds, target)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
@@ -305,10 +308,57 @@ def test_elementwise_and_transpose():
 
 
 def test_target_lanes():
-    assert cpu_common.cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).lanes == 8
-    assert cpu_common.cpu_of(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).lanes == 8
-    assert cpu_common.cpu_of(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
-                                                "mcpu": "cortex-a72"})).lanes == 4
+    def facts(**t):
+        return cpu_common.cpu_of(tvm.target.Target({"kind": "llvm", **t}))
+
+    avx2 = facts(mcpu="haswell")
+    assert (avx2.lanes, avx2.min_lanes, avx2.max_acc) == (8, 0, cpu_common.MAX_ACC)
+    for mcpu in ("skylake-avx512", "znver4", "icelake-server", "sapphirerapids"):
+        avx512 = facts(mtriple="x86_64-linux-gnu", mcpu=mcpu)
+        assert (avx512.lanes, avx512.min_lanes, avx512.max_acc) == (16, 8, cpu_common.MAX_ACC_AVX512), mcpu
+    assert facts(mcpu="x86-64", mattr=["+avx2", "+fma", "+avx512f"]).lanes == 16
+    assert facts(mcpu="skylake-avx512", mattr=["-avx512f"]).lanes == 8
+    assert facts(mcpu="znver3").lanes == 8 and facts(mcpu="alderlake").lanes == 8
+    assert facts(mtriple="aarch64-linux-gnu", mcpu="cortex-a72").lanes == 4
+    # 16 lanes where the extent allows, else 8 (never below min_lanes)
+    avx512 = facts(mcpu="znver4")
+    assert [avx512.fit(n) for n in (64, 24, 56, 7)] == [16, 8, 8, 16]
+    assert [avx2.fit(n) for n in (64, 24, 12)] == [8, 8, 8]
+
+
+_AVX512_HOST = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= detect_host().features
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only")
+@pytest.mark.parametrize("mcpu", ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+    not _AVX512_HOST, reason="needs an AVX-512 host"))])
+@pytest.mark.parametrize("case", ["conv64", "conv24", "conv48_7x7", "dw32", "dw24", "dense48", "dense24",
+                                  "pool58", "softmax40"])
+def test_vector_widths(mcpu, case):
+    """Each rule at AVX2's 8 lanes and at AVX-512's 16 (8 where 16 does not divide), both checked here."""
+    rng = _rng(11)
+    target = _target(mcpu)
+    if case.startswith("conv"):
+        oc, hw, k = {"conv64": (64, 14, 3), "conv24": (24, 12, 3), "conv48_7x7": (48, 7, 3)}[case]
+        model, feeds = _conv_model(1, 16, hw, hw, oc, k, 1, 1, residual=True)
+    elif case.startswith("dw"):
+        c = int(case[2:])
+        model, feeds = _conv_model(1, c, 15, 15, c, 3, 2, 1, groups=c)
+    elif case.startswith("dense"):
+        n = int(case[5:])
+        w = (rng.standard_normal((40, n)) * 0.2).astype("float32")
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+        model = _model(nodes, [_f("x", (6, 40))], [_f("y", (6, n))], {"W": w})
+        feeds = {"x": rng.standard_normal((6, 40)).astype("float32")}
+    elif case == "pool58":
+        nodes = [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])]
+        model = _model(nodes, [_f("x", (1, 16, 58, 58))], [_f("y", (1, 16, 58, 58))], {})
+        feeds = {"x": rng.standard_normal((1, 16, 58, 58)).astype("float32")}
+    else:
+        nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=-1)]
+        model = _model(nodes, [_f("x", (3, 40))], [_f("y", (3, 40))], {})
+        feeds = {"x": rng.standard_normal((3, 40)).astype("float32")}
+    _check(model, feeds, target=target)
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only: checks the generated vector code")

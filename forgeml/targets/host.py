@@ -20,7 +20,7 @@ class HostCPU(NamedTuple):  # not a dataclass: the runtime reads this at load, a
         if self.arch != "x86_64":
             return "generic"
         if {"avx512f", "avx512bw", "avx512vl"} <= self.features:
-            # Measured (TVM_NOTES): 8-lane tiles are fine on AVX-512 machines, 16-lane ones were not.
+            # The CPU rules use 16-lane tiles (8 where channels need it) and 32 registers here (cpu/common.py).
             return "skylake-avx512"
         if {"avx2", "fma"} <= self.features:
             return "haswell"

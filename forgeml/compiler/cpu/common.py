@@ -27,13 +27,47 @@ TUNE: dict = {}  # knobs for experiments (benchmarks/ops_cpu.py); empty means th
 
 @dataclass(frozen=True)
 class CPUFacts:
-    lanes: int  # f32 lanes of the vector tiles
+    lanes: int  # f32 lanes of the widest vector tiles
     cores: int
+    max_acc: int = MAX_ACC  # accumulator vectors a register tile may hold
+    min_lanes: int = 0  # narrower vectors a rule may fall back to when `lanes` does not divide (0: none)
+
+    def fit(self, n: int | None) -> int:
+        """The widest vector (f32 lanes, down to `min_lanes`) that divides an extent of n; `lanes` when none
+        does (the rules then decline or vectorize partly, as with one width)."""
+        if n is None:
+            return self.lanes
+        lanes = self.lanes
+        while n % lanes and self.min_lanes and lanes // 2 >= self.min_lanes:
+            lanes //= 2
+        return lanes if n % lanes == 0 else self.lanes
 
 
 AVX2_CPUS = ("haswell", "broadwell", "skylake", "znver", "alderlake", "icelake", "cascadelake",
               "cooperlake", "tigerlake", "sapphirerapids", "rocketlake", "x86-64-v3", "x86-64-v4",
               "cannonlake", "raptorlake", "meteorlake", "emeraldrapids", "graniterapids")
+
+
+# LLVM cpus with AVX-512F (and VL): 32 vector registers, 512-bit vectors
+AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake", "tigerlake", "rocketlake",
+               "sapphirerapids", "emeraldrapids", "graniterapids", "diamondrapids", "znver4", "znver5", "x86-64-v4",
+               "knl", "knm")
+
+# accumulator vectors of a register tile with 32 vector registers (AVX-512): the rest hold the tile's
+# weight vectors and a broadcast input
+MAX_ACC_AVX512 = 24
+
+
+def has_avx512(target: tvm.target.Target) -> bool:
+    attrs = target.attrs
+    mcpu = str(attrs.get("mcpu", "") or "").lower()
+    mattr = [str(a).lower() for a in (attrs.get("mattr", None) or [])]
+    triple = str(attrs.get("mtriple", "") or "").lower()
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return False
+    if "-avx512f" in mattr or "-evex512" in mattr:
+        return False
+    return "+avx512f" in mattr or any(mcpu.startswith(c) for c in AVX512_CPUS)
 
 
 def cpu_of(target: tvm.target.Target) -> CPUFacts:
@@ -42,12 +76,19 @@ def cpu_of(target: tvm.target.Target) -> CPUFacts:
     mattr = [str(a).lower() for a in (attrs.get("mattr", None) or [])]
     triple = str(attrs.get("mtriple", "") or "").lower()
     cores = int(attrs.get("num-cores", 0) or 0) or 1
-    lanes = 4  # SSE / NEON: 128-bit
+    lanes, max_acc, min_lanes = 4, MAX_ACC, 0  # SSE / NEON: 128-bit
     if any(m in ("+avx2", "+avx512f") for m in mattr) or any(mcpu.startswith(c) for c in AVX2_CPUS):
-        lanes = 8  # AVX2 and AVX-512 alike: 8-lane tiles (16-lane ones measured slower)
+        lanes = 8  # AVX2: 8 lanes, 16 ymm registers
+    if has_avx512(target):
+        # AVX-512: 16-lane tiles where the channels divide, 8-lane ones (VL) where only 8 divide; both
+        # with the 32-register file's larger tiles
+        lanes, min_lanes, max_acc = 16, 8, MAX_ACC_AVX512
     if triple.startswith(("aarch64", "arm64", "riscv")):
-        lanes = 4
-    return CPUFacts(lanes=lanes, cores=cores)
+        lanes, max_acc, min_lanes = 4, MAX_ACC, 0
+    lanes = int(TUNE.get("lanes", lanes))
+    max_acc = int(TUNE.get("max_acc", max_acc))
+    min_lanes = int(TUNE.get("min_lanes", min_lanes))
+    return CPUFacts(lanes=lanes, cores=cores, max_acc=max_acc, min_lanes=min_lanes)
 
 
 def as_int(x) -> int | None:

@@ -68,20 +68,20 @@ def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
     return _ConvInfo(data_idx, w_idx, depthwise, grouped, oc, oc_per_group, oh, ow, kh, kw, flat_ok)
 
 
-def _choose_conv_tile(ocg: int, width: int, lanes: int, max_fv: int = 4) -> tuple[int, int]:
+def _choose_conv_tile(ocg: int, width: int, lanes: int, max_acc: int, max_fv: int = 4) -> tuple[int, int]:
     """(vectors of output channels, output columns) of the register tile."""
     best, best_score = (1, 1), -1.0
     for fv in range(1, max_fv + 1):
         if ocg % (fv * lanes):
             continue
-        xt = common.largest_divisor(width, common.MAX_ACC // fv)
+        xt = common.largest_divisor(width, max_acc // fv)
         score = fv * xt / (fv + xt) + 0.01 * fv * xt
         if score > best_score:
             best, best_score = (fv, xt), score
     return best
 
 
-def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after) -> None:
+def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after, max_acc: int) -> None:
     """Tile n, f, y, x, rc, ry, rx into a register tile of fv vectors x xt columns."""
     local = sch.cache_write(blk, 0, "local")
     if after:
@@ -100,7 +100,7 @@ def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after) -
         n, f, y, x, rc, ry, rx = sch.get_loops(blk)
     fo, fvl, fl = sch.split(f, [None, fv, lanes])
     if info.flat_ok:
-        xt = common.largest_divisor(info.oh * info.ow, common.MAX_ACC // fv)
+        xt = common.largest_divisor(info.oh * info.ow, max_acc // fv)
         po, pt = sch.split(p, [None, xt])
         sch.reorder(n, fo, po, rc, ry, rx, pt, fvl, fl)
         # parallel over (n, fo, po-outer); keep a serial chunk of pixel tiles per task
@@ -110,7 +110,7 @@ def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after) -
         common.parallelize(sch, [n, fo, poo])
         at = poi
     else:
-        xt = common.largest_divisor(info.ow, common.MAX_ACC // fv)
+        xt = common.largest_divisor(info.ow, max_acc // fv)
         xo, xtl = sch.split(x, [None, xt])
         sch.reorder(n, fo, y, xo, rc, ry, rx, xtl, fvl, fl)
         common.parallelize(sch, [n, fo, y])
@@ -161,9 +161,9 @@ class Conv2DRule(ScheduleRule):
             return None
         if sch.get(blk).writes[0].source.dtype != "float32":
             return None
-        lanes = cpu.lanes
+        lanes = cpu.fit(info.oc_per_group)
         width = info.oh * info.ow if info.flat_ok else info.ow
-        fv, _ = _choose_conv_tile(info.oc_per_group, width, lanes)
+        fv, _ = _choose_conv_tile(info.oc_per_group, width, lanes, cpu.max_acc)
         if info.oc_per_group % (fv * lanes):
             return None
         tw = fv * lanes
@@ -177,7 +177,7 @@ class Conv2DRule(ScheduleRule):
         if len(after) > 1:
             return None
         common.pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // tw, i, h, w, o % tw))
-        _conv_tile_schedule(sch, blk, info, lanes, fv, after)
+        _conv_tile_schedule(sch, blk, info, lanes, fv, after, cpu.max_acc)
         for b in before:
             _schedule_block_generic(sch, b, cpu)
         return sch
@@ -191,10 +191,12 @@ class DepthwiseConvRule(ScheduleRule):
         if start is None:
             return None
         cpu, sch, blk = start
-        lanes = cpu.lanes
         name = sch.get(blk).name_hint
         info = _analyze_conv(sch, blk, func)
-        if info is None or not info.depthwise or info.oc % lanes:
+        if info is None or not info.depthwise:
+            return None
+        lanes = cpu.fit(info.oc)
+        if info.oc % lanes:
             return None
         block = sch.get(blk)
         if block.writes[0].source.dtype != "float32":
@@ -231,7 +233,7 @@ class DepthwiseConvRule(ScheduleRule):
         sch.transform_layout(blk, ("write", 0), lambda n, f, y, x: (n, y, x, f))
         n, f, y, x, rc, ry, rx = sch.get_loops(blk)
         fo, fl = sch.split(f, [None, lanes])
-        xt = common.largest_divisor(info.ow, common.MAX_ACC)
+        xt = common.largest_divisor(info.ow, cpu.max_acc)
         xo, xtl = sch.split(x, [None, xt])
         sch.reorder(n, fo, y, xo, rc, ry, rx, xtl, fl)
         common.parallelize(sch, [n, fo, y])

@@ -75,13 +75,13 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
     return _MatmulInfo(block_rv, a_idx, b_idx, b_trans, batch, i_pos, pos[j_var], len(ivars) - 1)
 
 
-def _choose_gemm_tile(m: int, n: int, lanes: int) -> tuple[int, int]:
-    """(rows, vectors) of the register tile: divides M and N, <= common.MAX_ACC accumulators."""
+def _choose_gemm_tile(m: int, n: int, lanes: int, max_acc: int = common.MAX_ACC) -> tuple[int, int]:
+    """(rows, vectors) of the register tile: divides M and N, <= max_acc accumulators."""
     best, best_score = (1, 1), -1.0
     for nv in (3, 2, 4, 1, 5, 6):
         if n % (nv * lanes):
             continue
-        mr = common.largest_divisor(m, common.MAX_ACC // nv)
+        mr = common.largest_divisor(m, max_acc // nv)
         score = mr * nv / (mr + nv) + 0.01 * mr * nv
         if score > best_score:
             best, best_score = (mr, nv), score
@@ -111,11 +111,12 @@ class MatmulRule(ScheduleRule):
         exts = common.loop_extents(sch, sch.get_loops(blk))
         m = exts[info.i] if info.i is not None else 1
         n = exts[info.j]
-        lanes = cpu.lanes
+        lanes = cpu.fit(n)
         parallel = math.prod(exts) >= common.PAR_MIN_MACS
-        if n % lanes and exts[info.k] % lanes == 0:
-            return _dot_schedule(sch, blk, info, func, lanes, n, parallel)
-        mr, nv = _choose_gemm_tile(m, n, lanes)
+        if n % lanes and exts[info.k] % cpu.fit(exts[info.k]) == 0:
+            lanes = cpu.fit(exts[info.k])
+            return _dot_schedule(sch, blk, info, func, lanes, n, parallel, cpu.max_acc)
+        mr, nv = _choose_gemm_tile(m, n, lanes, cpu.max_acc)
         tw = nv * lanes
         b_buf = sch.get(blk).reads[info.b_idx].source
         b_param = common.param_index(func, b_buf)
@@ -162,7 +163,8 @@ class MatmulRule(ScheduleRule):
         return sch
 
 
-def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int, n: int, parallel: bool):
+def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int, n: int, parallel: bool,
+                  max_acc: int = common.MAX_ACC):
     """Matmul whose N is not a multiple of the vector width (a 10-class head): dot products along K.
 
     B is packed to [N, K] so each output is a vectorized dot product: `lanes` partial sums per output
@@ -183,7 +185,7 @@ def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int,
     batch = [loops[p] for p in info.batch]
     i_loop = [loops[info.i]] if info.i is not None else []
     j_loop, ko, kl = loops[info.j], loops[n_out], loops[n_out + 1]
-    if n <= common.MAX_ACC:
+    if n <= max_acc:
         sch.reorder(*batch, *i_loop, ko, j_loop, kl)
         sch.unroll(j_loop)
     else:

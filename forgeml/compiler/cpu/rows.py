@@ -55,7 +55,7 @@ def _row_schedule(func, cpu: CPUFacts):
     n_rows = 1
     for e in rows:
         n_rows *= e
-    lanes = cpu.lanes
+    lanes = cpu.fit(row_len)
     rf_names = []
     if row_len % lanes == 0 and row_len >= 2 * lanes:
         # vectorized row reductions: lanes partial results, then a short scalar reduction
