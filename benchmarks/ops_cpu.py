@@ -182,15 +182,6 @@ def compile_forgeml(model: onnx.ModelProto, level: str = "O2"):
     return bind, t1 - t0, t2 - t1
 
 
-def _times(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def _cpu_ms(fn, n: int, rounds: int) -> float:
     """Lowest process CPU time per call over `rounds` blocks of `n` calls."""
     best = float("inf")
@@ -205,6 +196,7 @@ def _cpu_ms(fn, n: int, rounds: int) -> float:
 def bench(name: str, model: onnx.ModelProto, feeds, threads: int, rounds: int, n: int) -> dict:
     """forgeml (compiled and run here) and ONNX Runtime in a worker process of its own
     (forgeml.bench.worker): a TVM session pins this process to core 0, which would squeeze ORT here."""
+    from forgeml.bench.harness import in_process
     from forgeml.bench.worker import EngineWorker
 
     bind, t_opt, t_build = compile_forgeml(model)
@@ -223,7 +215,7 @@ def bench(name: str, model: onnx.ModelProto, feeds, threads: int, rounds: int, n
             ort_worker.run(3)
             tf, to = [], []
             for _ in range(rounds):
-                tf += _times(run_fml, n)
+                tf += in_process(run_fml)(n)
                 time.sleep(0.05)
                 to += ort_worker.run(n)
                 time.sleep(0.05)

@@ -306,3 +306,19 @@ def loop_depth(sch, block_rv, loop) -> int:
         if sch.get(lp).same_as(target):
             return n + 1
     raise ValueError("loop does not enclose the block")
+
+
+def choose_register_tile(vector_counts, vector_extent: int, other_extent: int, lanes: int,
+                         max_acc: int) -> tuple[int, int]:
+    """(vectors, other) of a register tile of accumulators: `vectors * lanes` divides `vector_extent`,
+    `other` divides `other_extent`, at most `max_acc` accumulators; the best ratio of FMAs to loads, the
+    earlier candidate in `vector_counts` on a tie."""
+    best, best_score = (1, 1), -1.0
+    for v in vector_counts:
+        if vector_extent % (v * lanes):
+            continue
+        o = largest_divisor(other_extent, max_acc // v)
+        score = v * o / (v + o) + 0.01 * v * o
+        if score > best_score:
+            best, best_score = (v, o), score
+    return best

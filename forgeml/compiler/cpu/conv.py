@@ -70,15 +70,7 @@ def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
 
 def _choose_conv_tile(ocg: int, width: int, lanes: int, max_acc: int, max_fv: int = 4) -> tuple[int, int]:
     """(vectors of output channels, output columns) of the register tile."""
-    best, best_score = (1, 1), -1.0
-    for fv in range(1, max_fv + 1):
-        if ocg % (fv * lanes):
-            continue
-        xt = common.largest_divisor(width, max_acc // fv)
-        score = fv * xt / (fv + xt) + 0.01 * fv * xt
-        if score > best_score:
-            best, best_score = (fv, xt), score
-    return best
+    return common.choose_register_tile(range(1, max_fv + 1), ocg, width, lanes, max_acc)
 
 
 def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after, max_acc: int) -> None:
@@ -145,20 +137,31 @@ def _tile_writeback(sch, wloops, lanes: int) -> None:
             sch.unroll(lp)
 
 
+def _conv_start(func, target, depthwise: bool):
+    """(cpu, schedule, conv block, its name, conv facts) when `func` is a convolution of the kind asked for
+    (a plain conv's copy producers inlined first), else None."""
+    start = common.reduction_schedule(func, target)
+    if start is None:
+        return None
+    cpu, sch, blk = start
+    name = sch.get(blk).name_hint
+    if not depthwise:
+        common.inline_copy_producers(sch, blk)
+        blk = sch.get_sblock(name)
+    info = _analyze_conv(sch, blk, func)
+    if info is None or info.depthwise != depthwise:
+        return None
+    return cpu, sch, blk, name, info
+
+
 class Conv2DRule(ScheduleRule):
     """NCHW conv2d: vectorized output channels, a register tile of columns, packed weights."""
 
     def apply(self, func, target, tunable):
-        start = common.reduction_schedule(func, target)
+        start = _conv_start(func, target, depthwise=False)
         if start is None:
             return None
-        cpu, sch, blk = start
-        name = sch.get(blk).name_hint
-        common.inline_copy_producers(sch, blk)
-        blk = sch.get_sblock(name)
-        info = _analyze_conv(sch, blk, func)
-        if info is None or info.depthwise:
-            return None
+        cpu, sch, blk, name, info = start
         if sch.get(blk).writes[0].source.dtype != "float32":
             return None
         lanes = cpu.fit(info.oc_per_group)
@@ -187,14 +190,10 @@ class DepthwiseConvRule(ScheduleRule):
     """NCHW depthwise conv2d through a channel-blocked copy of the (padded) input."""
 
     def apply(self, func, target, tunable):
-        start = common.reduction_schedule(func, target)
+        start = _conv_start(func, target, depthwise=True)
         if start is None:
             return None
-        cpu, sch, blk = start
-        name = sch.get(blk).name_hint
-        info = _analyze_conv(sch, blk, func)
-        if info is None or not info.depthwise:
-            return None
+        cpu, sch, blk, name, info = start
         lanes = cpu.fit(info.oc)
         if info.oc % lanes:
             return None

@@ -77,15 +77,8 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
 
 def _choose_gemm_tile(m: int, n: int, lanes: int, max_acc: int = common.MAX_ACC) -> tuple[int, int]:
     """(rows, vectors) of the register tile: divides M and N, <= max_acc accumulators."""
-    best, best_score = (1, 1), -1.0
-    for nv in (3, 2, 4, 1, 5, 6):
-        if n % (nv * lanes):
-            continue
-        mr = common.largest_divisor(m, max_acc // nv)
-        score = mr * nv / (mr + nv) + 0.01 * mr * nv
-        if score > best_score:
-            best, best_score = (mr, nv), score
-    return best
+    nv, mr = common.choose_register_tile((3, 2, 4, 1, 5, 6), n, m, lanes, max_acc)
+    return mr, nv
 
 
 class MatmulRule(ScheduleRule):
