@@ -47,7 +47,7 @@ _TVM_SKIP = ("tvm/3rdparty/", "tvm/src/", "tvm/include/", "tvm/cmake/", "tvm/web
              "tvm/licenses/")
 _TVM_LIBS = ("tvm/lib/libtvm_runtime.so",)
 # forgeml files an emulated device gets: the lean runtime and the device-side RPC server.
-_FORGEML_FILES = ("__init__.py", "version.py", "errors.py", "runtime/*.py", "targets/*.py")
+_FORGEML_FILES = ("__init__.py", "version.py", "process.py", "errors.py", "runtime/*.py", "targets/*.py")
 
 
 @dataclass(frozen=True)
