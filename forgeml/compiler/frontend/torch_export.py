@@ -10,6 +10,7 @@ always folds it), and weights are stored as initializers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import logging
@@ -144,6 +145,7 @@ def export_module(
     dtypes = _input_dtypes(input_shapes, input_dtypes)
     args = _example_args(input_shapes, dtypes)
     _set_eval(module)
+    module = _with_tensor_outputs(module, args, input_shapes, dtypes)
     outputs = _output_names(module, args, input_shapes, dtypes, output_names)
     _check_dynamic_axes(dynamic_axes, [*input_shapes, *outputs])
     proto = _to_onnx(module, args, list(input_shapes), outputs, opset, dynamic_axes, dynamo)
@@ -253,18 +255,50 @@ def _set_eval(module: torch.nn.Module) -> None:
         module.eval()
 
 
-def _output_names(module: torch.nn.Module, args: tuple, input_shapes: Mapping[str, Sequence[int]],
-                  dtypes: Mapping[str, str], output_names: Sequence[str] | None) -> list[str]:
-    """Run the module once to count its outputs, then name them."""
+def _run_once(module: torch.nn.Module, args: tuple, input_shapes: Mapping[str, Sequence[int]],
+              dtypes: Mapping[str, str]) -> Any:
     import torch
 
     try:
         with torch.no_grad(), _quiet():
-            result = module(*args)
+            return module(*args)
     except Exception as e:
         given = " ".join(f"{n}={list(s)}:{dtypes[n]}" for n, s in input_shapes.items())
         raise InvalidInput(f"{type(module).__name__} failed on inputs {given}: {type(e).__name__}: {e}") from e
+
+
+def _with_tensor_outputs(module: torch.nn.Module, args: tuple, input_shapes: Mapping[str, Sequence[int]],
+                         dtypes: Mapping[str, str]) -> torch.nn.Module:
+    """`module` as is, or, where it returns a mapping (transformers' ModelOutput), a wrapper returning its
+    tensor entries in order, named by their keys (tuples of tensors flattened as key_0, key_1, ...;
+    entries that hold no tensors, such as a key/value cache object, are left out and said so)."""
+    import torch
+
+    result = _run_once(module, args, input_shapes, dtypes)
+    if not isinstance(result, Mapping):
+        return module
+    keys, names = [], []
+    for key, value in result.items():
+        if isinstance(value, torch.Tensor):
+            keys.append(key)
+            names.append(str(key))
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            keys.append(key)
+            names += [f"{key}_{i}" for i in range(len(value))]
+        else:
+            print(f"note: output '{key}' ({type(value).__name__}) is not a tensor and is left out", file=sys.stderr)
+    if not keys:
+        raise InvalidInput(f"{type(module).__name__} returns a {type(result).__name__} without tensors")
+    return _mapping_outputs_class()(module, keys, names)
+
+
+def _output_names(module: torch.nn.Module, args: tuple, input_shapes: Mapping[str, Sequence[int]],
+                  dtypes: Mapping[str, str], output_names: Sequence[str] | None) -> list[str]:
+    """Run the module once to count its outputs, then name them."""
+    result = _run_once(module, args, input_shapes, dtypes)
     count = _count_outputs(result, type(module).__name__)
+    if output_names is None and getattr(module, "forgeml_output_names", None):
+        return list(module.forgeml_output_names)
     if output_names is None:
         return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     if len(output_names) != count:
@@ -357,3 +391,25 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@functools.cache
+def _mapping_outputs_class() -> type:
+    import torch
+
+    class MappingOutputs(torch.nn.Module):
+        """A module whose mapping output becomes a flat tuple of tensors (see `_with_tensor_outputs`)."""
+
+        def __init__(self, module: torch.nn.Module, keys: list[Any], names: list[str]):
+            super().__init__()
+            self.module, self.keys, self.forgeml_output_names = module, keys, names
+
+        def forward(self, *args: Any) -> tuple:
+            result = self.module(*args)
+            flat: list[Any] = []
+            for key in self.keys:
+                value = result[key]
+                flat += list(value) if isinstance(value, (tuple, list)) else [value]
+            return tuple(flat)
+
+    return MappingOutputs
