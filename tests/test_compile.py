@@ -181,3 +181,26 @@ def test_zero_size_dimension(tmp_path):
     dyn = save(mlp_model(batch="N"), tmp_path / "dyn.onnx")
     manifest = compile_model(dyn, tmp_path / "dyn.fml", CompileOptions(input_shapes={"x": (0, 16)}))
     assert manifest.inputs[0].shape == (0, 16)
+
+
+def test_slice_with_runtime_starts_and_ends(tmp_path):
+    """Slice whose starts, ends, axes and steps are inputs: FoldConstant left the bindings of
+    dynamic_strided_slice's trial legalization (a call of a `shape_func` the module never received)
+    and FuseOps failed with "There is no definition of I.GlobalVar("shape_func")"."""
+    from onnx import TensorProto, helper
+
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, [2]) for n in ("starts", "ends", "axes", "steps")]
+    graph = helper.make_graph([helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"],
+                                                name="slice")], "slice",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20, 10, 5]), *ints],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "slice.onnx")
+    compile_model(path, tmp_path / "slice.fml", CompileOptions(verify=False))
+    session = forgeml.load(tmp_path / "slice.fml")
+    x = np.random.default_rng(0).standard_normal((20, 10, 5)).astype("float32")
+    for starts, ends, axes, steps in (([0, 0], [3, 10], [0, 1], [1, 1]), ([-1, 1], [-8, 1000], [0, -1], [-2, 2])):
+        feeds = {"x": x, **{k: np.array(v, "int64") for k, v in
+                            zip(("starts", "ends", "axes", "steps"), (starts, ends, axes, steps), strict=True)}}
+        np.testing.assert_array_equal(session.run(feeds)["y"], ort_run(path, feeds)["y"])
