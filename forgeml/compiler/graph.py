@@ -16,6 +16,43 @@ from tvm import relax
 _MIN_WEIGHT_ELEMENTS = 64  # smaller constants (scalars, shapes) stay in the code
 
 
+def _legalize_dynamic_strided_slice(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """TVM's legalization of relax.dynamic_strided_slice (ONNX Slice with run-time starts/ends) with each
+    output length clamped at 0: TVM's shape function gave an empty slice (start past end, e.g. starts 5,
+    ends 2) a negative length, and allocating the output died of std::bad_alloc where ONNX Runtime
+    returns an empty tensor."""
+    from tvm import te, tirx, topi
+
+    data, begin, end, strides = call.args
+
+    def shape_func(data, begin, end, strides):
+        def length_of(i):
+            extent = tirx.const(-1, "int64")
+            for axis in range(data.ndim):
+                extent = tirx.Select(i == tirx.const(axis, "int64"), data.shape[axis], extent)
+            step = strides[i]
+
+            def canonical(index):
+                low = tirx.Select(step < 0, tirx.const(-1, "int64"), tirx.const(0, "int64"))
+                high = tirx.Select(step < 0, extent - 1, extent)
+                return tirx.Min(tirx.Max(tirx.Select(index < 0, index + extent, index), low), high)
+
+            first, last = canonical(begin[i]), canonical(end[i])
+            length = tirx.Select(step < 0, tirx.ceildiv(first - last, -step), tirx.ceildiv(last - first, step))
+            return tirx.Max(length, tirx.const(0, "int64"))
+
+        return te.compute((begin.shape[0],), length_of, name="T_shape_func_strided_slice_dynamic")
+
+    shape = bb.normalize(bb.call_te(shape_func, data, begin, end, strides))
+    shape = bb.emit(relax.op.tensor_to_shape(shape))
+    dims = [tirx.Var("s", "int64") for _ in range(int(shape.ty.ndim))]
+    bb.match_cast(shape, relax.ShapeType(dims))
+    return bb.call_te(topi.dynamic_strided_slice, data, begin, end, strides, output_shape=dims)
+
+
+tvm.ir.register_op_attr("relax.dynamic_strided_slice", "FLegalize", _legalize_dynamic_strided_slice, level=11)
+
+
 def graph_passes() -> list[tvm.transform.Pass]:
     return [
         fold_constants_with_numpy(),
