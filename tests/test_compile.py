@@ -206,3 +206,23 @@ def test_slice_with_runtime_starts_and_ends(tmp_path):
         feeds = {"x": x, **{k: np.array(v, "int64") for k, v in
                             zip(("starts", "ends", "axes", "steps"), (starts, ends, axes, steps), strict=True)}}
         np.testing.assert_array_equal(session.run(feeds)["y"], ort_run(path, feeds)["y"])
+
+
+def test_seeded_inputs_both_runtimes_reject_skip_verification(tmp_path):
+    """Squeeze's axes as an input: the seeded axes (random in [0, 10)) name dimensions that are not 1, so
+    ONNX Runtime refuses them and forgeml's match_cast fails on them too. That is a skipped verification,
+    not a compile failure; valid axes then run as in ONNX Runtime."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Squeeze", ["x", "axes"], ["y"], name="squeeze")], "squeeze",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 5]),
+                               helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "squeeze.onnx")
+    manifest = compile_model(path, tmp_path / "squeeze.fml")
+    assert "forgeml rejects them too" in manifest.verification["skipped"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 5)).astype("float32"),
+             "axes": np.array([0], "int64")}
+    np.testing.assert_array_equal(forgeml.load(tmp_path / "squeeze.fml").run(feeds)["y"], ort_run(path, feeds)["y"])
