@@ -226,3 +226,23 @@ def test_seeded_inputs_both_runtimes_reject_skip_verification(tmp_path):
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 5)).astype("float32"),
              "axes": np.array([0], "int64")}
     np.testing.assert_array_equal(forgeml.load(tmp_path / "squeeze.fml").run(feeds)["y"], ort_run(path, feeds)["y"])
+
+
+def test_expand_with_runtime_shape(tmp_path):
+    """Expand whose target shape is an input broadcasts with the input's dimensions: [3, 1] by [2, 1, 6]
+    is [2, 3, 6] (TVM gave [2, 1, 6])."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["y"], name="expand")], "expand",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "expand.onnx")
+    compile_model(path, tmp_path / "expand.fml")
+    session = forgeml.load(tmp_path / "expand.fml")
+    x = np.arange(3, dtype="float32").reshape(3, 1)
+    for shape in ([2, 1, 6], [1, 3, 4], [4, 1, 1]):
+        feeds = {"x": x, "shape": np.array(shape, "int64")}
+        np.testing.assert_array_equal(session.run(feeds)["y"], ort_run(path, feeds)["y"])
