@@ -10,7 +10,8 @@ Fixed: IsInf (detect_positive / detect_negative were ignored), LayerNormalizatio
 back as 0-d zeros), Dropout (the mask was float32, training_mode ignored), BatchNormalization
 (training_mode=1 used the running statistics), Mod (floating-point floor mod: 0 * inf made NaNs of
 infinite divisors), ConvTranspose (output_shape ignored), SpaceToDepth (mode CRD ignored), Expand (a
-run-time target shape replaced the input's dimensions instead of broadcasting with them). Refused:
+run-time target shape replaced the input's dimensions instead of broadcasting with them), Trilu (a
+run-time k failed to import: unnormalized mask). Refused:
 RoiAlign mode=max (TVM's max pooling is not ONNX's max of bilinear samples), Dropout in training mode
 with a nonzero or run-time ratio (random masks).
 """
@@ -281,10 +282,32 @@ class Expand(OnnxOpConverter):
     _impl_v13 = _impl_v8
 
 
+class Trilu(OnnxOpConverter):
+    """Trilu with k given at run time: the row/column mask built from normalized expressions. TVM's
+    converter reshaped an unnormalized arange and failed with "The type is not populated" (on a
+    zero-size input). A constant or absent k keeps TVM's converter (relax triu/tril)."""
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        k = inputs[1] if len(inputs) > 1 else None
+        if k is None or not isinstance(k, relax.Expr) or tvm.ir.is_prim_expr(k) or (
+                _const_value(k, params) is not None):
+            return onnx_frontend.Trilu._impl_v14(bb, inputs, attr, params)
+        m, n = x.ty.shape[-2], x.ty.shape[-1]
+        rows = bb.normalize(relax.op.reshape(bb.normalize(relax.op.arange(0, m, dtype="int64")), (m, 1)))
+        cols = bb.normalize(relax.op.reshape(bb.normalize(relax.op.arange(0, n, dtype="int64")), (1, n)))
+        diff = bb.normalize(relax.op.subtract(cols, rows))
+        k = bb.normalize(relax.op.astype(k, "int64"))
+        compare = relax.op.greater_equal if attr.get("upper", True) else relax.op.less_equal
+        mask = bb.normalize(relax.op.broadcast_to(bb.normalize(compare(diff, k)), x.ty.shape))
+        return relax.op.where(mask, x, relax.const(0, x.ty.dtype))
+
+
 OVERRIDES: dict[str, type] = {
     "IsInf": IsInf, "LayerNormalization": LayerNormalization, "Dropout": Dropout,
     "BatchNormalization": BatchNormalization, "Mod": Mod, "ConvTranspose": ConvTranspose, "RoiAlign": RoiAlign,
-    "SpaceToDepth": SpaceToDepth, "Expand": Expand, **ATTENTION_CONVERTERS,
+    "SpaceToDepth": SpaceToDepth, "Expand": Expand, "Trilu": Trilu, **ATTENTION_CONVERTERS,
 }
 
 
