@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tarfile
 
 import numpy as np
@@ -181,3 +182,90 @@ def test_zero_size_dimension(tmp_path):
     dyn = save(mlp_model(batch="N"), tmp_path / "dyn.onnx")
     manifest = compile_model(dyn, tmp_path / "dyn.fml", CompileOptions(input_shapes={"x": (0, 16)}))
     assert manifest.inputs[0].shape == (0, 16)
+
+
+def test_slice_with_runtime_starts_and_ends(tmp_path):
+    """Slice whose starts, ends, axes and steps are inputs: FoldConstant left the bindings of
+    dynamic_strided_slice's trial legalization (a call of a `shape_func` the module never received)
+    and FuseOps failed with "There is no definition of I.GlobalVar("shape_func")". An empty slice (start
+    past end) is an empty tensor, not a negative length (std::bad_alloc)."""
+    from onnx import TensorProto, helper
+
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, [2]) for n in ("starts", "ends", "axes", "steps")]
+    graph = helper.make_graph([helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"],
+                                                name="slice")], "slice",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20, 10, 5]), *ints],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "slice.onnx")
+    compile_model(path, tmp_path / "slice.fml", CompileOptions(verify=False))
+    session = forgeml.load(tmp_path / "slice.fml")
+    x = np.random.default_rng(0).standard_normal((20, 10, 5)).astype("float32")
+    for starts, ends, axes, steps in (([0, 0], [3, 10], [0, 1], [1, 1]), ([-1, 1], [-8, 1000], [0, -1], [-2, 2]),
+                                      ([5, 0], [2, 10], [0, 1], [1, 1]), ([2, 0], [5, 10], [0, 1], [-1, 1])):
+        feeds = {"x": x, **{k: np.array(v, "int64") for k, v in
+                            zip(("starts", "ends", "axes", "steps"), (starts, ends, axes, steps), strict=True)}}
+        np.testing.assert_array_equal(session.run(feeds)["y"], ort_run(path, feeds)["y"])
+
+
+def test_seeded_inputs_both_runtimes_reject_skip_verification(tmp_path):
+    """Squeeze's axes as an input: the seeded axes (random in [0, 10)) name dimensions that are not 1, so
+    ONNX Runtime refuses them and forgeml's match_cast fails on them too. That is a skipped verification,
+    not a compile failure; valid axes then run as in ONNX Runtime."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Squeeze", ["x", "axes"], ["y"], name="squeeze")], "squeeze",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 5]),
+                               helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "squeeze.onnx")
+    manifest = compile_model(path, tmp_path / "squeeze.fml")
+    assert "forgeml rejects them too" in manifest.verification["skipped"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 5)).astype("float32"),
+             "axes": np.array([0], "int64")}
+    np.testing.assert_array_equal(forgeml.load(tmp_path / "squeeze.fml").run(feeds)["y"], ort_run(path, feeds)["y"])
+
+
+def test_expand_with_runtime_shape(tmp_path):
+    """Expand whose target shape is an input broadcasts with the input's dimensions: [3, 1] by [2, 1, 6]
+    is [2, 3, 6] (TVM gave [2, 1, 6])."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["y"], name="expand")], "expand",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "expand.onnx")
+    compile_model(path, tmp_path / "expand.fml")
+    session = forgeml.load(tmp_path / "expand.fml")
+    x = np.arange(3, dtype="float32").reshape(3, 1)
+    for shape in ([2, 1, 6], [1, 3, 4], [4, 1, 1]):
+        feeds = {"x": x, "shape": np.array(shape, "int64")}
+        np.testing.assert_array_equal(session.run(feeds)["y"], ort_run(path, feeds)["y"])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (3, 0, 5)])
+def test_trilu_with_runtime_k(tmp_path, shape):
+    """Trilu whose k is an input: TVM's converter failed to import a zero-size one ("The type is not
+    populated"), and the empty [3, 0, 5] input's staging buffer had numpy's strides (5, 5, 1) where TVM
+    wants the compact (0, 5, 1): "expected to be compact array"."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Trilu", ["x", "k"], ["y"], name="tril", upper=0)], "tril",
+                              [helper.make_tensor_value_info("x", TensorProto.INT64, list(shape)),
+                               helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, list(shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = save(model, tmp_path / "tril.onnx")
+    assert compile_model(path, tmp_path / "tril.fml").verification["passed"] is True
+    session = forgeml.load(tmp_path / "tril.fml")
+    x = np.arange(math.prod(shape), dtype="int64").reshape(shape)
+    for k in (-1, 0, 2):
+        feeds = {"x": x, "k": np.array(k, "int64")}
+        np.testing.assert_array_equal(session.run(feeds)["y"], ort_run(path, feeds)["y"])

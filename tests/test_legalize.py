@@ -194,3 +194,22 @@ def test_space_to_depth_modes(tmp_path: Path, mode: str):
     node = helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2, mode=mode)
     model = _model([node], [("x", F, [1, 3, 4, 6])], [("y", F, [1, 12, 2, 3])], opset=28)
     _check(model, {"x": np.arange(72, dtype=np.float32).reshape(1, 3, 4, 6)}, tmp_path)
+
+
+def test_function_op_onnx_cannot_inline_is_reported_not_raised(tmp_path: Path):
+    """onnx's inliner raised RuntimeError ("GetType: Assertion false failed: Type unknown") building the
+    body of CausalConvWithState with a past state (and of LinearAttention); that op stays as it is and
+    the compile fails with the unsupported-operator report naming the node. A second function op in the
+    same model (Softplus, with nothing supported) still expands."""
+    nodes = [helper.make_node("CausalConvWithState", ["x", "w", "", "past"], ["y", "state"], name="conv"),
+             helper.make_node("Softplus", ["y"], ["z"], name="soft")]
+    model = _model(nodes, [("x", F, [2, 4, 8]), ("w", F, [4, 1, 4]), ("past", F, [2, 4, 3])],
+                   [("z", F, [2, 4, 8]), ("state", F, [2, 4, 3])], opset=27)
+    model.ir_version = 13
+    result, expanded = legalize.expand_functions(model, set())
+    assert expanded.get("Softplus") == 1 and "CausalConvWithState" not in expanded
+    assert [n.op_type for n in result.graph.node if n.op_type == "CausalConvWithState"] == ["CausalConvWithState"]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedOperator, match=r"CausalConvWithState x1 \(conv\)"):
+        compile_model(path, tmp_path / "m.fml", CompileOptions(verify=False))

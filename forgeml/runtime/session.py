@@ -37,10 +37,18 @@ def _last_line(err: BaseException) -> str:
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    """An uninitialized 64-byte aligned array with compact C strides. An empty one gets the strides TVM's
+    compactness check expects (the product of the later dimensions: (0, 5, 1) elements for [3, 0, 5]),
+    where numpy's reshape gave (5, 5, 1) and kernels refused it: "expected to be compact array"."""
+    itemsize = np.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * itemsize
     raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
     start = (-raw.__array_interface__["data"][0]) % _ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    out = raw[start:start + nbytes].view(dtype).reshape(shape)
+    if nbytes == 0 and len(shape) > 1:
+        strides = tuple(math.prod(shape[i + 1:]) * itemsize for i in range(len(shape)))
+        out = np.lib.stride_tricks.as_strided(out, shape, strides, writeable=True)
+    return out
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:

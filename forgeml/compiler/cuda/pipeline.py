@@ -48,15 +48,16 @@ from forgeml.compiler.cuda.short_reduction import short_reduction_rule
 from forgeml.compiler.cuda.splitk import split_k_convolutions
 from forgeml.compiler.cuda.stem import stem_cols_rule, stem_convolutions
 from forgeml.compiler.cuda.tensor_cores import tensor_core_rule
+from forgeml.compiler.graph import fold_constants
 from forgeml.compiler.tensor_intrinsics import register_tensor_intrinsics
 from forgeml.errors import InvalidInput
 
 
 def graph_passes(precision: str, conv_layout: str = "NCHW") -> list[tvm.transform.Pass]:
     passes = [
-        relax.transform.FoldConstant(),
+        fold_constants(),
         relax.transform.FoldBatchnormToConv2D(),
-        relax.transform.FoldConstant(),  # BN folds into conv only after the first FoldConstant
+        fold_constants(),  # BN folds into conv only after the first FoldConstant
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
     ]

@@ -9,7 +9,9 @@ raises `Refused` where forgeml will not lower a node: relax_import turns that in
 Fixed: IsInf (detect_positive / detect_negative were ignored), LayerNormalization (Mean and InvStdDev came
 back as 0-d zeros), Dropout (the mask was float32, training_mode ignored), BatchNormalization
 (training_mode=1 used the running statistics), Mod (floating-point floor mod: 0 * inf made NaNs of
-infinite divisors), ConvTranspose (output_shape ignored), SpaceToDepth (mode CRD ignored). Refused:
+infinite divisors), ConvTranspose (output_shape ignored), SpaceToDepth (mode CRD ignored), Expand (a
+run-time target shape replaced the input's dimensions instead of broadcasting with them), Trilu (a
+run-time k failed to import: unnormalized mask). Refused:
 RoiAlign mode=max (TVM's max pooling is not ONNX's max of bilinear samples), Dropout in training mode
 with a nonzero or run-time ratio (random masks).
 """
@@ -249,10 +251,63 @@ class SpaceToDepth(OnnxOpConverter):
         return relax.op.reshape(x, (b, c * size * size, h // size, w // size))
 
 
+class Expand(OnnxOpConverter):
+    """Expand with the target shape given at run time: each output dimension is numpy's broadcast of the
+    input's and the target's (the target's where the input's is 1, the input's otherwise), with shapes
+    right-aligned. TVM broadcast the input to the target shape itself, so [3, 1] expanded by [2, 1, 6]
+    came out [2, 1, 6] instead of [2, 3, 6], and a target shorter than the input failed. Constant and
+    shape-expression targets keep TVM's converter."""
+
+    @classmethod
+    def _impl_v8(cls, bb, inputs, attr, params):
+        data, shape = inputs[0], inputs[1]
+        if isinstance(shape, relax.ShapeExpr) or _const_value(shape, params) is not None:
+            return onnx_frontend.Expand._impl_v13(bb, inputs, attr, params)
+        data_shape = list(data.ty.shape)
+        if any(not isinstance(d, tvm.tirx.IntImm) for d in data_shape):
+            raise Refused(f"input shape {data_shape} is not static and the target shape is given at run time")
+        n = int(shape.ty.shape[0])
+        as_shape = bb.emit(relax.Call(relax.ExternFunc("vm.builtin.tensor_to_shape"), [shape],
+                                      ty_args=[relax.ShapeType(ndim=n)]))
+        targets = [tvm.tirx.Var(f"expand_{i}", "int64") for i in range(n)]
+        bb.match_cast(as_shape, relax.ShapeType(targets))
+        rank = max(n, len(data_shape))
+        padded = [tvm.tirx.IntImm("int64", 1)] * (rank - len(data_shape)) + data_shape
+        targets = [None] * (rank - n) + targets
+        out = [t if int(d) == 1 and t is not None else d for d, t in zip(padded, targets, strict=True)]
+        if rank > len(data_shape):
+            data = bb.normalize(relax.op.reshape(data, relax.ShapeExpr(padded)))
+        return bb.normalize(relax.op.broadcast_to(data, relax.ShapeExpr(out)))
+
+    _impl_v13 = _impl_v8
+
+
+class Trilu(OnnxOpConverter):
+    """Trilu with k given at run time: the row/column mask built from normalized expressions. TVM's
+    converter reshaped an unnormalized arange and failed with "The type is not populated" (on a
+    zero-size input). A constant or absent k keeps TVM's converter (relax triu/tril)."""
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        k = inputs[1] if len(inputs) > 1 else None
+        if k is None or not isinstance(k, relax.Expr) or tvm.ir.is_prim_expr(k) or (
+                _const_value(k, params) is not None):
+            return onnx_frontend.Trilu._impl_v14(bb, inputs, attr, params)
+        m, n = x.ty.shape[-2], x.ty.shape[-1]
+        rows = bb.normalize(relax.op.reshape(bb.normalize(relax.op.arange(0, m, dtype="int64")), (m, 1)))
+        cols = bb.normalize(relax.op.reshape(bb.normalize(relax.op.arange(0, n, dtype="int64")), (1, n)))
+        diff = bb.normalize(relax.op.subtract(cols, rows))
+        k = bb.normalize(relax.op.astype(k, "int64"))
+        compare = relax.op.greater_equal if attr.get("upper", True) else relax.op.less_equal
+        mask = bb.normalize(relax.op.broadcast_to(bb.normalize(compare(diff, k)), x.ty.shape))
+        return relax.op.where(mask, x, relax.const(0, x.ty.dtype))
+
+
 OVERRIDES: dict[str, type] = {
     "IsInf": IsInf, "LayerNormalization": LayerNormalization, "Dropout": Dropout,
     "BatchNormalization": BatchNormalization, "Mod": Mod, "ConvTranspose": ConvTranspose, "RoiAlign": RoiAlign,
-    "SpaceToDepth": SpaceToDepth, **ATTENTION_CONVERTERS,
+    "SpaceToDepth": SpaceToDepth, "Expand": Expand, "Trilu": Trilu, **ATTENTION_CONVERTERS,
 }
 
 

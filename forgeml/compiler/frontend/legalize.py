@@ -118,23 +118,47 @@ def expand_functions(model: onnx.ModelProto, supported: set[str]) -> tuple[onnx.
     """`model` with every node of a type the importer lacks (not in `supported`) that ONNX defines by a
     function replaced by its function body, recursively; plus op type -> nodes expanded. `model` itself
     is returned (unchanged) when there is nothing to expand."""
-    import onnx.inliner
-
     expanded: Counter = Counter()
+    failed: set[str] = set()  # op types whose bodies onnx cannot inline here: left for the unsupported report
     for _ in range(_ROUNDS):
-        ops = _to_expand(model, supported)
+        ops = _to_expand(model, supported) - failed
         if not ops:
             break
         before = _count(model, ops)
-        result = onnx.inliner.inline_selected_functions(_typed(model), [(domain, op) for op in sorted(ops)
-                                                                        for domain in _ONNX_DOMAINS],
-                                                        inline_schema_functions=True)
+        result, unexpandable = _inline(model, ops)
+        failed |= unexpandable
         after = _count(result, ops)
         if sum(after.values()) >= sum(before.values()):  # no body could be built (e.g. input types unknown)
+            if unexpandable:
+                continue
             break
         expanded.update(before - after)
         model = result
     return model, dict(expanded)
+
+
+def _inline(model: onnx.ModelProto, ops: set[str]) -> tuple[onnx.ModelProto, set[str]]:
+    """`model` with the nodes of `ops` replaced by their function bodies, and the op types whose bodies
+    onnx's inliner failed to build (it raised "GetType: Assertion false failed: Type unknown" on
+    LinearAttention and CausalConvWithState with a past state): those it leaves as they are."""
+    import onnx.inliner
+
+    def inline(m: onnx.ModelProto, selected: set[str]) -> onnx.ModelProto:
+        return onnx.inliner.inline_selected_functions(
+            _typed(m), [(domain, op) for op in sorted(selected) for domain in _ONNX_DOMAINS],
+            inline_schema_functions=True)
+
+    try:
+        return inline(model, ops), set()
+    except Exception:  # noqa: BLE001 (onnx's C++ checks raise RuntimeError, its Python ones others)
+        pass
+    failed = set()
+    for op in sorted(ops):  # one op type at a time, keeping the ones that inline
+        try:
+            model = inline(model, {op})
+        except Exception:  # noqa: BLE001
+            failed.add(op)
+    return model, failed
 
 
 def _count(model: onnx.ModelProto, ops: set[str]) -> Counter:
