@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 FACTORIES = '''
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, ViTConfig, ViTModel
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, SwinConfig, SwinModel, ViTConfig, ViTModel
 
 
 def bert():
@@ -37,12 +37,19 @@ def vit():
     torch.manual_seed(0)
     return ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                               image_size=32, patch_size=8))
+
+
+def swin():
+    torch.manual_seed(0)
+    return SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                window_size=4))
 '''
 
 CASES = {
     "bert": ("input_ids=1,16:int64", ["last_hidden_state", "pooler_output"]),
     "gpt2": ("input_ids=1,16:int64", ["last_hidden_state"]),  # the key/value cache object is left out
     "vit": ("pixel_values=1,3,32,32", ["last_hidden_state", "pooler_output"]),
+    "swin": ("pixel_values=1,3,32,32", ["last_hidden_state", "pooler_output"]),
 }
 
 
@@ -67,5 +74,5 @@ def test_transformers_model_exports_compiles_and_verifies_from_the_cli(name, tmp
     assert manifest["compile_options"]["opt_level"] == "O2"
     assert manifest["verification"]["passed"] and manifest["verification"]["max_rel_error"] < 1e-3
     assert [o["name"] for o in manifest["outputs"]] == outputs
-    if name != "vit":
+    if name in ("bert", "gpt2"):
         assert manifest["inputs"][0]["dtype"] == "int64"
