@@ -21,28 +21,29 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, SwinConfig, SwinModel, ViTConfig, ViTModel
 
 
-def bert():
+def _seeded(model_class, config):
     torch.manual_seed(0)
-    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                vocab_size=100, max_position_embeddings=64))
+    return model_class(config)
+
+
+def bert():
+    return _seeded(BertModel, BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=100, max_position_embeddings=64))
 
 
 def gpt2():
-    torch.manual_seed(0)
-    return GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, eos_token_id=0,
-                                bos_token_id=0))
+    return _seeded(GPT2Model, GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64,
+                                         eos_token_id=0, bos_token_id=0))
 
 
 def vit():
-    torch.manual_seed(0)
-    return ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                              image_size=32, patch_size=8))
+    return _seeded(ViTModel, ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, image_size=32, patch_size=8))
 
 
 def swin():
-    torch.manual_seed(0)
-    return SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
-                                window_size=4))
+    return _seeded(SwinModel, SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                         window_size=4))
 '''
 
 CASES = {
