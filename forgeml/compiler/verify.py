@@ -143,7 +143,7 @@ def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> t
         with np.errstate(invalid="ignore"):
             gaps = np.where(same, 0.0, np.abs(got - ref64))
         diff = float(np.max(gaps))
-        if np.isnan(diff) or not np.isfinite(diff):
+        if not np.isfinite(diff):
             return float("inf"), float("inf")
         finite = np.abs(ref64[np.isfinite(ref64)])
         scale = max(float(np.max(finite)) if finite.size else 0.0, 1e-12)
@@ -169,13 +169,15 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     cannot convert, seeded inputs it rejects) the result is skipped with its reason; forgeml's session
     still runs once on the inputs so that a failure of its own surfaces here, except where ONNX Runtime
     rejected the seeded inputs and forgeml rejects them at run time too (random axes, indices)."""
+    import onnx
+
     from forgeml.compiler.frontend.onnx_model import divisor_inputs, unit_interval_inputs
 
     def skipped(reason: str) -> VerifyResult:
         return VerifyResult(False, float("nan"), float("nan"), tolerance, seed, skipped=reason)
 
-    feeds = seeded_inputs(session.inputs, seed, nonzero=divisor_inputs(model_path),
-                          unit=unit_interval_inputs(model_path))
+    graph = onnx.load(str(model_path), load_external_data=False)  # read once for both input roles
+    feeds = seeded_inputs(session.inputs, seed, nonzero=divisor_inputs(graph), unit=unit_interval_inputs(graph))
     try:
         ort_session = onnxruntime_session(model_path)
     except Exception as err:  # noqa: BLE001 (onnxruntime raises its own pybind11 types)

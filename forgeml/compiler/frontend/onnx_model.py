@@ -302,21 +302,17 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return ranges
 
 
-def unit_interval_inputs(model: onnx.ModelProto | str | Path) -> set[str]:
+def unit_interval_inputs(model: onnx.ModelProto) -> set[str]:
     """Graph inputs used as NonMaxSuppression's iou_threshold or score_threshold: verification's seeded
     inputs draw them from [0, 1] (ONNX Runtime rejects an IoU threshold outside it)."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
     source = _sources(model)
     return {origin for node in model.graph.node if node.op_type == "NonMaxSuppression"
             for name in node.input[3:5] if name and (origin := source(name)) is not None}
 
 
-def divisor_inputs(model: onnx.ModelProto | str | Path) -> set[str]:
+def divisor_inputs(model: onnx.ModelProto) -> set[str]:
     """Graph inputs used (directly or through shape-only ops) as the divisor of an integer Div or Mod:
     verification's seeded inputs keep them non-zero (integer division by zero is undefined)."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
     source = _sources(model)
     integer = {v.name for v in model.graph.input
                if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _FLOAT_TYPES}
