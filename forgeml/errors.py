@@ -52,3 +52,10 @@ class CompileFailed(ForgeError):
 
 class RunFailed(ForgeError):
     """A loaded model failed while running (a kernel's runtime check, an unconvertible output) (exit 1)."""
+
+
+def last_line(err: BaseException) -> str:
+    """A foreign exception's reason in one line: its type and the last non-empty line of its message (TVM
+    puts its traceback first), at most 400 characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"[:400]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from forgeml.errors import CompileFailed, ForgeError, InvalidInput, ToolchainMissing, VerificationFailed
+from forgeml.errors import CompileFailed, ForgeError, InvalidInput, ToolchainMissing, VerificationFailed, last_line
 from forgeml.runtime.artifact import WEIGHTS, Manifest, pack_weights, write_artifact
 from forgeml.targets import TargetSpec, resolve_target
 from forgeml.targets.host import has_cuda_gpu
@@ -133,12 +133,6 @@ def _codegen(mod, target, cuda_graph: bool):
         return tvm.compile(mod, target=target)
 
 
-def _last_line(err: BaseException) -> str:
-    """TVM's reason in one line: the last non-empty line of the message (its traceback comes first)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"[:400]
-
-
 def _stage(what: str, run: Callable[[], Any]) -> Any:
     """run(), with a failure that is not already forgeml's reported as CompileFailed naming `what`."""
     try:
@@ -146,7 +140,7 @@ def _stage(what: str, run: Callable[[], Any]) -> Any:
     except ForgeError:
         raise
     except Exception as err:  # noqa: BLE001 (TVM raises InternalError, ValueError, AttributeError, ...)
-        raise CompileFailed(f"{what} failed: {_last_line(err)}") from err
+        raise CompileFailed(f"{what} failed: {last_line(err)}") from err
 
 
 def _failing_kernels(mod, target) -> dict[str, str]:
@@ -159,7 +153,7 @@ def _failing_kernels(mod, target) -> dict[str, str]:
             try:
                 tvm.compile(tvm.IRModule({gv: func.with_attr("global_symbol", gv.name_hint)}), target=target)
             except Exception as err:  # noqa: BLE001
-                failing[gv.name_hint] = _last_line(err)
+                failing[gv.name_hint] = last_line(err)
     return failing
 
 
@@ -192,7 +186,7 @@ def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Pro
             first = err
             failing = _failing_kernels(lifted, target) or failing
     where = f" in kernel {', '.join(sorted(failing))}" if failing else ""
-    reason = next(iter(failing.values())) if failing else _last_line(first)
+    reason = next(iter(failing.values())) if failing else last_line(first)
     raise CompileFailed(f"generating code{where} failed: {reason}") from first
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from forgeml.errors import ArtifactError, ForgeError, InvalidInput, RunFailed
+from forgeml.errors import ArtifactError, ForgeError, InvalidInput, RunFailed, last_line
 from forgeml.runtime import native
 from forgeml.runtime.artifact import ArtifactFile, Manifest, TensorSpec, open_artifact
 
@@ -29,11 +29,6 @@ def _exotic(dtype: np.dtype) -> bool:
 def _bits_view(array: np.ndarray) -> np.ndarray:
     """An ml_dtypes array viewed as unsigned integers of its width (what DLPack can carry)."""
     return array.view(np.dtype(f"uint{8 * array.dtype.itemsize}"))
-
-
-def _last_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[-1] if lines else 'no message'}"[:400]
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -112,7 +107,7 @@ class Session:
         except ForgeError:
             raise
         except Exception as e:  # noqa: BLE001 (the TVM runtime raises its own error types)
-            raise ArtifactError(f"{self.path}: the model failed to initialize: {_last_line(e)}") from None
+            raise ArtifactError(f"{self.path}: the model failed to initialize: {last_line(e)}") from None
         self._main = self._vm["main"]
         self._weights = [self._to_device(w) for w in artifact.map_weights()]
         self._lock = threading.Lock()
@@ -256,7 +251,7 @@ class Session:
             except ForgeError:
                 raise
             except Exception as e:  # noqa: BLE001 (a kernel's runtime check, a tensor DLPack cannot carry)
-                raise RunFailed(f"{self.path}: running the model failed: {_last_line(e)}") from None
+                raise RunFailed(f"{self.path}: running the model failed: {last_line(e)}") from None
         if output_names is not None:
             unknown = [n for n in output_names if n not in outputs]
             if unknown:
