@@ -23,10 +23,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def bench_model(name: str, threads: int, tune_minutes: float, repeat: int, workdir: Path) -> list:
-    from contextlib import ExitStack
 
-    from forgeml.bench.harness import CaseResult, Stats, measure_blocks
-    from forgeml.bench.worker import EngineWorker
+    from forgeml.bench.harness import CaseResult, Stats, measure_in_workers
     from forgeml.compiler.build import CompileOptions, compile_model
     from forgeml.zoo import example_inputs, export_zoo_model
 
@@ -52,14 +50,9 @@ def bench_model(name: str, threads: int, tune_minutes: float, repeat: int, workd
     engines["onnxruntime"] = ("onnxruntime", onnx_path)
     engines["pytorch eager"] = ("pytorch-zoo", name)
     print(f"[{name}] measuring {', '.join(engines)}, a worker process each", file=sys.stderr, flush=True)
-    with ExitStack() as stack:
-        workers = {label: stack.enter_context(EngineWorker(engine, model, feeds, threads))
-                   for label, (engine, model) in engines.items()}
-        samples = measure_blocks({label: w.run for label, w in workers.items()}, warmup=10, repeat=repeat)
     cases = []
-    for label, times in samples.items():
+    for label, (times, worker) in measure_in_workers(engines, feeds, threads, repeat=repeat).items():
         engine = label.split()[0]
-        worker = {k: workers[label].info[k] for k in ("pid", "affinity_at_start", "threads")}
         cases.append(CaseResult(name=f"{name}: {label}", engine=engine, model=name, stats=Stats.of(times),
                                 samples_ms=[t * 1e3 for t in times],
                                 extra={"reference": label == "onnxruntime", "worker": worker, **meta.get(label, {})}))

@@ -186,11 +186,8 @@ def _one_line(err: BaseException) -> str:
 
 def bench_model(name: str, quick: bool, threads: int, repeat: int, workdir: Path) -> dict[str, Any]:
     """Build, export, compile and time one model; a failure is recorded with the stage it happened in."""
-    from contextlib import ExitStack
-
     from forgeml import compile_model
-    from forgeml.bench.harness import Stats, measure_blocks
-    from forgeml.bench.worker import EngineWorker
+    from forgeml.bench.harness import Stats, measure_in_workers
     from forgeml.compiler.frontend.torch_export import export_module
     from forgeml.compiler.verify import seeded_inputs
 
@@ -216,13 +213,8 @@ def bench_model(name: str, quick: bool, threads: int, repeat: int, workdir: Path
         engines = {"forgeml": ("forgeml", workdir / f"{name}.fml"), "onnxruntime": ("onnxruntime", onnx_path)}
         print(f"[{name}] compiled in {row['compile_s']} s; timing forgeml and onnxruntime, a worker process "
               "each", file=sys.stderr, flush=True)
-        with ExitStack() as stack:
-            workers = {label: stack.enter_context(EngineWorker(engine, model, feeds, threads))
-                       for label, (engine, model) in engines.items()}
-            samples = measure_blocks({label: w.run for label, w in workers.items()}, warmup=10, repeat=repeat)
-        for label, times in samples.items():
-            row[label] = {"stats": asdict(Stats.of(times)), "samples_ms": [t * 1e3 for t in times],
-                          "worker": {k: workers[label].info[k] for k in ("pid", "affinity_at_start", "threads")}}
+        for label, (times, worker) in measure_in_workers(engines, feeds, threads, repeat=repeat).items():
+            row[label] = {"stats": asdict(Stats.of(times)), "samples_ms": [t * 1e3 for t in times], "worker": worker}
         row["ratio_p50"] = row["forgeml"]["stats"]["p50_ms"] / row["onnxruntime"]["stats"]["p50_ms"]
     except Exception as err:  # noqa: BLE001 (one model's failure is a result, not the end of the run)
         row["error"] = f"{stage}: {_one_line(err)}"

@@ -122,6 +122,22 @@ def measure_blocks(engines: dict[str, BlockRunner], warmup: int = 10, repeat: in
     return samples
 
 
+def measure_in_workers(engines: dict[str, tuple[str, str | Path]], feeds: dict[str, np.ndarray], threads: int,
+                       warmup: int = 10, repeat: int = 100) -> dict[str, tuple[list[float], dict[str, Any]]]:
+    """`measure_blocks` over labelled (engine, model) pairs, each loaded in a worker process of its own
+    (forgeml.bench.worker): label -> (per-call seconds, the worker's pid, affinity at start and threads)."""
+    from contextlib import ExitStack
+
+    from forgeml.bench.worker import EngineWorker
+
+    with ExitStack() as stack:
+        workers = {label: stack.enter_context(EngineWorker(engine, model, feeds, threads))
+                   for label, (engine, model) in engines.items()}
+        samples = measure_blocks({label: w.run for label, w in workers.items()}, warmup=warmup, repeat=repeat)
+    return {label: (times, {k: workers[label].info[k] for k in ("pid", "affinity_at_start", "threads")})
+            for label, times in samples.items()}
+
+
 def measure_alternating(runners: dict[str, Runner], warmup: int = 10, repeat: int = 100, block: int = 10,
                         pause_s: float = 0.02, progress: Callable[[int, int], None] | None = None,
                         ) -> dict[str, list[float]]:
