@@ -17,7 +17,8 @@ from forgeml.errors import InvalidInput
 from forgeml.runtime.artifact import open_artifact
 
 _FORGEML_RUNTIME = ["__init__.py", "version.py", "process.py", "errors.py",
-                    "runtime/__init__.py", "runtime/artifact.py", "runtime/native.py", "runtime/session.py",
+                    "runtime/__init__.py", "runtime/artifact.py", "runtime/schema.py",
+                    "runtime/native.py", "runtime/session.py",
                     # tuning batches are measured on the device with the bundle alone
                     "runtime/measure.py", "runtime/device.py",
                     # host CPU detection (stdlib only): the session refuses artifacts needing absent features

@@ -16,9 +16,11 @@ from conftest import ort_run
 import forgeml
 from forgeml.errors import ArtifactError, InvalidInput
 from forgeml.runtime.artifact import MANIFEST, Manifest, open_artifact, write_artifact
+from forgeml.runtime.schema import seal
 
 
 def _rewrite(src: Path, dst: Path, edit_manifest=None, edit_member=None) -> Path:
+    """A copy of `src` with its manifest and members edited, the manifest's digest recomputed (as anyone can)."""
     with tarfile.open(src) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     manifest = json.loads(members.pop(MANIFEST))
@@ -30,7 +32,7 @@ def _rewrite(src: Path, dst: Path, edit_manifest=None, edit_member=None) -> Path
     with tarfile.open(dst, "w") as tar:
         import io
 
-        for name, data in [(MANIFEST, json.dumps(manifest).encode()), *members.items()]:
+        for name, data in [(MANIFEST, seal(manifest)), *members.items()]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -177,7 +179,8 @@ def test_write_is_atomic(tmp_path, compiled_mlp):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        write_artifact(tmp_path / "a.fml", manifest, {"model.so": Boom(b"x")})
+        weights = open_artifact(compiled_mlp[1]).read_member("weights.bin")
+        write_artifact(tmp_path / "a.fml", manifest, {"model.so": Boom(b"x"), "weights.bin": weights})
     assert list(tmp_path.iterdir()) == []
 
 

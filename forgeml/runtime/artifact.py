@@ -1,5 +1,6 @@
 """The artifact format: one uncompressed tar (`*.fml`) holding manifest.json, the compiled library
-and the weights, with the sha256 of every member in the manifest.
+and the weights, with the sha256 of every member in the manifest, and the manifest's own digest (the
+integrity root: schema.py) in it.
 
 Only numpy and the standard library are used here: the runtime reads artifacts on devices that
 have no compiler. Weights are raw little-endian bytes in `weights.bin`, each tensor 64-byte aligned,
@@ -20,8 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from forgeml.errors import ArtifactError
+from forgeml.runtime import schema
+from forgeml.runtime.schema import FORMAT_VERSION
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 _ALIGN = 64
@@ -69,7 +71,8 @@ class WeightEntry(NamedTuple):
 
 
 class Manifest:
-    """What an artifact holds and how it was made. Stored as manifest.json."""
+    """What an artifact holds and how it was made. Stored as manifest.json, with `digest` (the sha256 of
+    the rest, schema.manifest_digest) and, when signed, `signature` (trust.py); write_artifact sets both."""
 
     def __init__(
         self,
@@ -85,6 +88,8 @@ class Manifest:
         verification: dict[str, Any] | None = None,
         versions: dict[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
+        digest: str | None = None,
+        signature: dict[str, str] | None = None,
     ) -> None:
         self.target = target
         self.inputs = inputs
@@ -98,6 +103,8 @@ class Manifest:
         self.verification = {} if verification is None else verification
         self.versions = {} if versions is None else versions
         self.format_version = format_version
+        self.digest = digest
+        self.signature = signature
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -111,38 +118,37 @@ class Manifest:
         """JSON-ready data, a deep copy: editing it leaves the manifest as it was."""
         import copy
 
-        return copy.deepcopy({**vars(self), "inputs": [t.to_json() for t in self.inputs],
+        fields = {k: v for k, v in vars(self).items() if v is not None or k not in (schema.DIGEST, schema.SIGNATURE)}
+        return copy.deepcopy({**fields, "inputs": [t.to_json() for t in self.inputs],
                               "outputs": [t.to_json() for t in self.outputs],
                               "weights": [w._asdict() | {"shape": list(w.shape)} for w in self.weights]})
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = "artifact") -> Manifest:
-        version = d.get("format_version")
-        if not isinstance(version, int):
-            raise ArtifactError(f"{where}: manifest has no format_version")
-        if version > FORMAT_VERSION:
-            raise ArtifactError(
-                f"{where} has artifact format {version}, newer than this runtime understands "
-                f"({FORMAT_VERSION}); upgrade forgeml to load it"
-            )
-        try:
-            return cls(
-                target=d["target"],
-                inputs=[TensorSpec.from_json(t) for t in d["inputs"]],
-                outputs=[TensorSpec.from_json(t) for t in d["outputs"]],
-                library=d["library"],
-                weights=[WeightEntry(w["name"], tuple(w["shape"]), w["dtype"], w["offset"], w["nbytes"])
-                         for w in d.get("weights", [])],
-                members=d.get("members", {}),
-                source=d.get("source", {}),
-                compile_options=d.get("compile_options", {}),
-                tuning=d.get("tuning", {}),
-                verification=d.get("verification", {}),
-                versions=d.get("versions", {}),
-                format_version=version,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{where}: manifest is malformed ({type(e).__name__}: {e})") from None
+        """A manifest from its JSON data, checked against the schema (one-line ArtifactError naming the
+        first bad field). The digest's value is checked where the bytes are read (open_artifact)."""
+        schema.validate(d, where)
+        return cls._from_valid(d)
+
+    @classmethod
+    def _from_valid(cls, d: dict[str, Any]) -> Manifest:
+        return cls(
+            target=d["target"],
+            inputs=[TensorSpec.from_json(t) for t in d["inputs"]],
+            outputs=[TensorSpec.from_json(t) for t in d["outputs"]],
+            library=d["library"],
+            weights=[WeightEntry(w["name"], tuple(w["shape"]), w["dtype"], w["offset"], w["nbytes"])
+                     for w in d.get("weights", [])],
+            members=d["members"],
+            source=d.get("source", {}),
+            compile_options=d.get("compile_options", {}),
+            tuning=d.get("tuning", {}),
+            verification=d.get("verification", {}),
+            versions=d.get("versions", {}),
+            format_version=d["format_version"],
+            digest=d[schema.DIGEST],
+            signature=d.get(schema.SIGNATURE),
+        )
 
 
 def pack_weights(named: list[tuple[str, np.ndarray]]) -> tuple[bytes, list[WeightEntry]]:
@@ -160,12 +166,23 @@ def pack_weights(named: list[tuple[str, np.ndarray]]) -> tuple[bytes, list[Weigh
     return buf.getvalue(), entries
 
 
-def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Path:
+def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes], signing_key: Any = None) -> Path:
     """Write the artifact atomically: a temp file beside `path`, then rename. `files` are the members
-    other than the manifest; their checksums are recorded in the manifest."""
+    other than the manifest; their checksums are recorded in the manifest, and the manifest's digest in
+    it. With `signing_key` (trust.SigningKey) it is signed; without, unsigned (an earlier signature is
+    dropped). The manifest is checked as the runtime will check it, so nothing unloadable is written.
+    Sets `manifest.members`, `.digest` and `.signature`."""
     path = Path(path)
     manifest.members = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    manifest_bytes = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
+    manifest.digest = manifest.signature = None
+    data = json.loads(json.dumps(manifest.to_json()))  # JSON types only: what a reader will see
+    if signing_key is not None:
+        data[schema.SIGNATURE] = signing_key.sign_manifest(data)
+    manifest_bytes = schema.seal(data)
+    data = schema.read_manifest(manifest_bytes, f"{path} (being written)")
+    if WEIGHTS in files:
+        _check_weights_fit(manifest, {WEIGHTS: (0, len(files[WEIGHTS]))}, path)
+    manifest.digest, manifest.signature = data[schema.DIGEST], data.get(schema.SIGNATURE)
     path.parent.mkdir(parents=True, exist_ok=True)
     import tarfile  # writing is the compiler's job: the runtime does not pay for these imports
     import tempfile
@@ -191,9 +208,11 @@ class ArtifactFile:
     The file is mapped once, private and copy-on-write: members are hashed from the mapping without a
     copy, and the weights are arrays into it."""
 
-    def __init__(self, path: Path, manifest: Manifest, offsets: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, path: Path, manifest: Manifest, offsets: dict[str, tuple[int, int]],
+                 data: dict[str, Any] | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self.data = manifest.to_json() if data is None else data  # the manifest as read: what its digest covers
         self.offsets = offsets  # member -> (data offset in the file, size)
         self._mapping: mmap.mmap | None = None
 
@@ -254,15 +273,27 @@ def open_artifact(path: str | Path) -> ArtifactFile:
     if MANIFEST not in offsets:
         raise ArtifactError(f"{path} is not a forgeml artifact (no {MANIFEST})")
     offset, size = offsets[MANIFEST]
+    if size > schema.MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path}: manifest.json is {size} bytes, more than any forgeml manifest "
+                            f"({schema.MAX_MANIFEST_BYTES}); refusing to read it")
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(size)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: manifest.json is not valid JSON ({e})") from None
-    manifest = Manifest.from_json(data, where=str(path))
-    return ArtifactFile(path, manifest, offsets)
+    data = schema.read_manifest(raw, str(path))  # digest, canonical form and schema
+    manifest = Manifest._from_valid(data)
+    _check_weights_fit(manifest, offsets, path)
+    return ArtifactFile(path, manifest, offsets, data)
+
+
+def _check_weights_fit(manifest: Manifest, offsets: dict[str, tuple[int, int]], path: Path) -> None:
+    """Every weight lies inside weights.bin as stored (its absence is verify_checksums' to report)."""
+    if WEIGHTS not in offsets:
+        return
+    size = offsets[WEIGHTS][1]
+    for i, w in enumerate(manifest.weights):
+        if w.offset + w.nbytes > size:
+            raise ArtifactError(f"{path}: manifest field 'weights[{i}].offset': weight '{w.name}' lies outside "
+                                f"{WEIGHTS} (bytes {w.offset} to {w.offset + w.nbytes} of {size})")
 
 
 def _tar_members(path: Path) -> dict[str, tuple[int, int]]:
