@@ -18,11 +18,12 @@ if TYPE_CHECKING:
     from forgeml.runtime.session import Session
 
 
-def load(path: str | Path, threads: int | None = None) -> Session:
-    """Load a .fml artifact with the TVM runtime only (no compiler, no onnx, no torch)."""
+def load(path: str | Path, threads: int | None = None, trusted_keys: list[str | Path] | None = None) -> Session:
+    """Load a .fml artifact with the TVM runtime only (no compiler, no onnx, no torch). With `trusted_keys`
+    (public key files, `forgeml keygen`'s public.pem), refuse it unless one of them signed it."""
     from forgeml.runtime.session import load as _load
 
-    return _load(path, threads=threads)
+    return _load(path, threads=threads, trusted_keys=trusted_keys)
 
 
 def compile_model(model: str | Path, output: str | Path, target: str = "x86-64", **options: Any) -> Manifest:

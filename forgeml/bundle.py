@@ -17,7 +17,7 @@ from forgeml.errors import InvalidInput
 from forgeml.runtime.artifact import open_artifact
 
 _FORGEML_RUNTIME = ["__init__.py", "version.py", "process.py", "errors.py",
-                    "runtime/__init__.py", "runtime/artifact.py", "runtime/schema.py",
+                    "runtime/__init__.py", "runtime/artifact.py", "runtime/schema.py", "runtime/trust.py",
                     "runtime/native.py", "runtime/session.py",
                     # tuning batches are measured on the device with the bundle alone
                     "runtime/measure.py", "runtime/device.py",

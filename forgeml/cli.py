@@ -89,10 +89,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--tune-minutes", type=float, help="Tune with MetaSchedule for up to this long first (results persist).")
 @click.option("--tune-trials", type=int, help="Tuning budget in trials (with or without --tune-minutes).")
 @click.option("--no-tuning-db", is_flag=True, help="Ignore tuning records; rule-based schedules only.")
+@click.option("--sign-key", type=click.Path(path_type=Path), metavar="PRIVATE.pem",
+              help="Sign the artifact with this ed25519 key (`forgeml keygen`).")
+@click.option("--signer", metavar="NAME", help="With --sign-key: the name the signature records [default: user@host].")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
                 no_tuning_db: bool, precision: str, conv_layout: str, tensor_core_schedule: str,
-                cuda_graph: bool | None) -> None:
+                cuda_graph: bool | None, sign_key: Path | None, signer: str | None) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
@@ -100,7 +103,7 @@ def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tup
                              verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
                              tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision,
                              conv_layout=conv_layout, tensor_core_schedule=tensor_core_schedule,
-                             cuda_graph=cuda_graph)
+                             cuda_graph=cuda_graph, sign_key=sign_key, signer=signer)
     output = output or model.with_suffix(".fml")
     with TuningProgress() as tuning_bar, console.status("compiling") as status:
         manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),
@@ -108,7 +111,8 @@ def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tup
     v = manifest.verification
     size = output.stat().st_size / 1e6
     secs = sum(manifest.compile_options.get("seconds", {}).values())
-    console.print(f"[green]wrote[/] {output} ({size:.2f} MB, {manifest.target['name']}, {secs:.1f} s)")
+    console.print(f"[green]wrote[/] {output} ({size:.2f} MB, {manifest.target['name']}, {secs:.1f} s)"
+                  + (f", signed by {manifest.signature['signer']}" if manifest.signature else ""))
     if manifest.tuning:
         _print_tuning(manifest.tuning)
     if v.get("skipped"):
@@ -245,7 +249,10 @@ def measure_cmd(batch_dir: Path, timeout: float) -> None:
 @click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input tensor. Repeatable.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write outputs to this .npz file.")
 @click.option("--threads", type=int, help="CPU threads [default: all cores].")
-def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, threads: int | None) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), metavar="PUBLIC.pem",
+              help="Run the artifact only if this key signed it (`forgeml keygen`'s public.pem). Repeatable.")
+def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, threads: int | None,
+            trusted_keys: tuple[Path, ...]) -> None:
     """Run an ARTIFACT on inputs given as .npy files."""
     import numpy as np
 
@@ -260,7 +267,7 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
             feeds[name] = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InvalidInput(f"--input {name}: cannot read {file} as .npy ({e})") from None
-    session = forgeml.load(artifact, threads=threads)
+    session = forgeml.load(artifact, threads=threads, trusted_keys=list(trusted_keys) or None)
     results = session.run(feeds)
     if output:
         _atomic_save_npz(output, results)
@@ -343,9 +350,41 @@ def inspect_cmd(artifact: Path, as_json: bool) -> None:
         f"tuning       {json.dumps(m.tuning) if m.tuning else 'none (rule-based schedules)'}",
         f"versions     {', '.join(f'{k} {v}' for k, v in m.versions.items())}",
         *[f"member       {name} sha256 {digest[:16]}..." for name, digest in m.members.items()],
+        f"digest       {m.digest} (manifest, members' checksums inside)",
+        "signature    " + (f"ed25519 by {m.signature['signer']}, key {m.signature['key_id'][:23]}... (not checked: "
+                           "`forgeml run --trusted-key` checks it)" if m.signature else "none (unsigned)"),
     ]
     for line in lines:
         out.print(line, highlight=False)
+
+
+@cli.command("keygen")
+@click.argument("directory", type=click.Path(path_type=Path))
+def keygen_cmd(directory: Path) -> None:
+    """Make an ed25519 key pair in DIRECTORY: private.pem (sign with it; keep it private) and public.pem
+    (give it to those who load your artifacts)."""
+    from forgeml.runtime.trust import generate_keys
+
+    private, public, key_id = generate_keys(directory)
+    console.print(f"[green]wrote[/] {private} (keep it private) and {public} (key {key_id[:23]}...)")
+    out.print(f"sign:  forgeml compile MODEL --sign-key {private}   or   forgeml sign ARTIFACT --key {private}\n"
+              f"check: forgeml run ARTIFACT --trusted-key {public}", highlight=False)
+
+
+@cli.command("sign")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(path_type=Path), metavar="PRIVATE.pem",
+              help="The ed25519 private key (`forgeml keygen`).")
+@click.option("--signer", metavar="NAME", help="The name the signature records [default: user@host].")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write the signed artifact here [default: in place].")
+def sign_cmd(artifact: Path, key: Path, signer: str | None, output: Path | None) -> None:
+    """Sign an ARTIFACT (its members are verified first; an earlier signature is replaced)."""
+    from forgeml.runtime.trust import load_signing_key, sign_artifact
+
+    manifest = sign_artifact(artifact, load_signing_key(key, signer), output)
+    console.print(f"[green]signed[/] {output or artifact} as {manifest.signature['signer']} "
+                  f"(key {manifest.signature['key_id'][:23]}...)")
 
 
 @cli.command("targets")

@@ -31,6 +31,11 @@ class ArtifactError(InvalidInput):
     """An artifact is missing, damaged, tampered with, or not for this runtime (exit 2)."""
 
 
+class UntrustedArtifact(ArtifactError):
+    """Trusted keys were given, and the artifact is unsigned, signed by another key, or its signature does
+    not match (exit 2). Raised before any of its native code is loaded."""
+
+
 class ToolchainMissing(ForgeError):
     """A cross compiler or emulator the target needs is not installed (exit 2)."""
 

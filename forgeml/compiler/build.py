@@ -39,6 +39,8 @@ class CompileOptions:
     tensor_core_schedule: str = "wmma"  # "mma": fp16 GEMMs on mma.sync + cp.async (sm_80+, cuda/mma.py)
     cuda_graph: bool | None = None  # cuda targets: replay each call's static launches as one CUDA graph
     # (None: on for cuda targets; measured faster on every zoo model, benchmarks/results/gpu.md)
+    sign_key: str | Path | None = None  # an ed25519 private key (`forgeml keygen`): the artifact is signed
+    signer: str | None = None  # the name its signature records (None: user@host)
 
 
 def _check_gpu_options(spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> None:
@@ -211,6 +213,11 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     if options.cuda_graph and spec.device != "cuda":
         raise InvalidInput(f"--cuda-graph needs a GPU target (cuda, jetson-orin); '{spec.name}' runs on the CPU")
     cuda_graph = spec.device == "cuda" and options.cuda_graph is not False
+    signing_key = None
+    if options.sign_key is not None:  # read before minutes of compiling, so a bad key fails at once
+        from forgeml.runtime.trust import load_signing_key
+
+        signing_key = load_signing_key(options.sign_key, options.signer)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -279,7 +286,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
             f"{result.max_rel_error:.3g} > tolerance {result.tolerance:g} (no artifact written; "
             "--no-verify to write it anyway, --tolerance to loosen)"
         )
-    write_artifact(output, manifest, files)
+    write_artifact(output, manifest, files, signing_key=signing_key)
     return manifest
 
 

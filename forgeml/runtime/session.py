@@ -84,11 +84,17 @@ class Session:
     Safe to call from many threads: calls into one session are serialized. `threads` sizes TVM's CPU
     thread pool (None: $TVM_NUM_THREADS, else one thread per core the caller may use) in each thread
     that loads or runs the session; the calling thread's CPU affinity is never changed.
+    `trusted_keys` (public key files): refuse the artifact unless one of them signed it.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 trusted_keys: list[str | Path] | None = None):
         self.path = Path(path)
-        artifact = open_artifact(self.path)
+        artifact = open_artifact(self.path)  # the manifest's digest and schema
+        if trusted_keys is not None:
+            from forgeml.runtime.trust import check_signature  # imports cryptography: only when keys are given
+
+            check_signature(artifact.data, list(trusted_keys), str(self.path))
         _check_compatible(artifact.manifest, self.path)
         artifact.verify_checksums()  # before any native code is loaded
         self.manifest = artifact.manifest
@@ -308,6 +314,7 @@ def _copy_to_host(ffi: Any, tensor: Any) -> np.ndarray:
     return out
 
 
-def load(path: str | Path, threads: int | None = None) -> Session:
-    """Load a .fml artifact for inference (no compiler needed)."""
-    return Session(path, threads=threads)
+def load(path: str | Path, threads: int | None = None, trusted_keys: list[str | Path] | None = None) -> Session:
+    """Load a .fml artifact for inference (no compiler needed); with `trusted_keys` (public key files),
+    only if one of them signed it."""
+    return Session(path, threads=threads, trusted_keys=trusted_keys)
