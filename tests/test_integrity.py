@@ -34,7 +34,7 @@ def test_a_flipped_offset_digit_is_refused(compiled_mlp, tmp_path):
     data = bytearray(compiled_mlp[1].read_bytes())
     start, size = _manifest_span(compiled_mlp[1])
     manifest = data[start:start + size]
-    found = re.search(rb'"offset": [1-9]\d*', bytes(manifest))  # a weight after the first
+    found = re.search(rb'"offset":\s*[1-9]\d*', bytes(manifest))  # a weight after the first
     last_digit = start + found.end() - 1
     data[last_digit] = ord("0") + (data[last_digit] - ord("0") + 4) % 10
     (tmp_path / "bad.fml").write_bytes(data)

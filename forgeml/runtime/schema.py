@@ -43,7 +43,7 @@ DTYPE_SIZES: dict[str, int] = {
 
 def canonical_json(data: Any) -> bytes:
     """The one byte form forgeml writes a manifest in (what the digest and signatures cover)."""
-    return (json.dumps(data, sort_keys=True, indent=1, separators=(",", ": "), ensure_ascii=True) + "\n").encode()
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def manifest_digest(data: dict[str, Any]) -> str:
@@ -110,7 +110,7 @@ class _Checker:
         raise ArtifactError(f"{self.where}: manifest field '{field}' {problem}")
 
     def of(self, value: Any, field: str, *types: str) -> Any:
-        kind = _type(value)
+        kind = _TYPES.get(type(value), "other")
         if kind not in types and not (kind == "integer" and "number" in types):
             self.fail(field, f"must be {' or '.join(_ARTICLE[t] for t in types)}, not {_ARTICLE[kind]}")
         return value
@@ -122,13 +122,15 @@ class _Checker:
         for key in required:
             if key not in data:
                 self.fail(f"{field}.{key}" if field else key, "is missing")
-        if closed:
+        if closed and len(data) > len(required):  # (all required keys are there: only then can others be)
             unknown = sorted(set(data) - set(required) - set(optional))
             if unknown:
                 self.fail(f"{field}.{unknown[0]}" if field else unknown[0], "is not part of the format")
         return data
 
     def integer(self, value: Any, field: str, low: int | None = None) -> int:
+        if type(value) is int and (low is None or value >= low):
+            return value
         self.of(value, field, "integer")
         if low is not None and value < low:
             self.fail(field, f"must be at least {low}, not {value}")
@@ -145,6 +147,8 @@ class _Checker:
         return value
 
     def shape(self, value: Any, field: str, low: int) -> tuple[int, ...]:
+        if type(value) is list and all(type(dim) is int and dim >= low for dim in value):
+            return tuple(value)
         self.of(value, field, "array")
         for i, dim in enumerate(value):
             self.integer(dim, f"{field}[{i}]", low)
@@ -156,10 +160,13 @@ _ARTICLE = {"object": "an object", "array": "an array", "string": "a string", "i
             "other": "a non-JSON value"}
 
 
+_TYPES = {bool: "boolean", int: "integer", float: "number", dict: "object", list: "array", str: "string",
+          type(None): "null"}
+
+
 def _type(value: Any) -> str:
     """The JSON type of a parsed value."""
-    return {bool: "boolean", int: "integer", float: "number", dict: "object", list: "array", str: "string",
-            type(None): "null"}.get(type(value), "other")
+    return _TYPES.get(type(value), "other")
 
 
 _TOP_REQUIRED = ("format_version", DIGEST, "target", "inputs", "outputs", "library", "members")
