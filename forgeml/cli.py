@@ -322,12 +322,19 @@ def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None
 @cli.command("inspect")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
-def inspect_cmd(artifact: Path, as_json: bool) -> None:
-    """Show an ARTIFACT's manifest: target, inputs, outputs, verification, versions."""
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), metavar="PUBLIC.pem",
+              help="Also check the signature (and every member's checksum) against these keys. Repeatable.")
+def inspect_cmd(artifact: Path, as_json: bool, trusted_keys: tuple[Path, ...]) -> None:
+    """Show an ARTIFACT's manifest: target, inputs, outputs, verification, versions, signer."""
     from forgeml.runtime.artifact import open_artifact
 
     af = open_artifact(artifact)
     m = af.manifest
+    if trusted_keys:
+        from forgeml.runtime.trust import check_signature
+
+        check_signature(af.data, list(trusted_keys), str(artifact))
+        af.verify_checksums()
     if as_json:
         out.print_json(json.dumps(m.to_json()))
         return
@@ -351,8 +358,9 @@ def inspect_cmd(artifact: Path, as_json: bool) -> None:
         f"versions     {', '.join(f'{k} {v}' for k, v in m.versions.items())}",
         *[f"member       {name} sha256 {digest[:16]}..." for name, digest in m.members.items()],
         f"digest       {m.digest} (manifest, members' checksums inside)",
-        "signature    " + (f"ed25519 by {m.signature['signer']}, key {m.signature['key_id'][:23]}... (not checked: "
-                           "`forgeml run --trusted-key` checks it)" if m.signature else "none (unsigned)"),
+        "signature    " + (f"ed25519 by {m.signature['signer']}, key {m.signature['key_id'][:23]}... "
+                           + ("(checked: a trusted key signed it)" if trusted_keys else "(not checked: --trusted-key)")
+                           if m.signature else "none (unsigned)"),
     ]
     for line in lines:
         out.print(line, highlight=False)

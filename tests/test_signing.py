@@ -194,6 +194,9 @@ def test_cli_keygen_compile_signed_inspect_and_run_with_trusted_keys(tmp_path):
                 "--signer", "release-ci")
     assert proc.returncode == 0 and "signed by release-ci" in proc.stderr, proc.stderr
     assert "signature    ed25519 by release-ci" in _cli("inspect", tmp_path / "m.fml").stdout
+    proc = _cli("inspect", tmp_path / "m.fml", "--trusted-key", tmp_path / "keys/public.pem")
+    assert "(checked: a trusted key signed it)" in proc.stdout, proc.stderr
+    assert _cli("inspect", tmp_path / "m.fml", "--trusted-key", tmp_path / "other/public.pem").returncode == 2
     run = ("run", tmp_path / "m.fml", "-i", f"x={tmp_path / 'x.npy'}", "-o", tmp_path / "y.npz")
     assert _cli(*run, "--trusted-key", tmp_path / "keys/public.pem").returncode == 0
     proc = _cli(*run, "--trusted-key", tmp_path / "other/public.pem")
