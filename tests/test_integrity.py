@@ -78,6 +78,7 @@ MALFORMED = {
     "target a string": (lambda m: m.update(target="x86-64"), "target", "an object, not a string"),
     "target without arch": (lambda m: m["target"].pop("arch"), "target.arch", "missing"),
     "cpu features not a list": (lambda m: m["target"].update(cpu_features="avx2"), "target.cpu_features", "array"),
+    "offset past int64": (lambda m: _weights0(m, offset=1 << 70), "weights[0].offset", "64-bit"),
     "offset a string": (lambda m: _weights0(m, offset="0"), "weights[0].offset", "integer"),
     "offset unaligned": (lambda m: _weights0(m, offset=4), "weights[0].offset", "multiple of 64"),
     "offset negative": (lambda m: _weights0(m, offset=-64), "weights[0].offset", "at least 0"),

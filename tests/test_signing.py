@@ -56,7 +56,7 @@ def test_a_signed_artifact_loads_with_its_key(compiled_mlp, signed, keys):
     assert manifest.signature["signer"] == "release-ci" and manifest.signature["key_id"] == keys["owner"][2]
     assert manifest.members == open_artifact(compiled_mlp[1]).manifest.members  # the same library and weights
     expected = forgeml.load(compiled_mlp[1]).run({"x": X})["y"]
-    for trusted in ([keys["owner"][1]], [keys["attacker"][1], keys["owner"][1]]):
+    for trusted in ([keys["owner"][1]], [keys["attacker"][1], keys["owner"][1]], str(keys["owner"][1])):
         np.testing.assert_array_equal(forgeml.load(signed, trusted_keys=trusted).run({"x": X})["y"], expected)
     np.testing.assert_array_equal(forgeml.load(signed).run({"x": X})["y"], expected)  # no keys: no check
 

@@ -28,6 +28,7 @@ DIGEST = "digest"
 SIGNATURE = "signature"
 MAX_MANIFEST_BYTES = 16 << 20  # a resnet18 manifest is ~40 kB
 WEIGHT_ALIGN = 64
+_INT64 = 1 << 63  # integers (sizes, offsets, index ranges) must fit an int64
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # numpy's names, then ml_dtypes' (bfloat16, float8_*, int4, ...: numpy knows them only once ml_dtypes
@@ -129,11 +130,13 @@ class _Checker:
         return data
 
     def integer(self, value: Any, field: str, low: int | None = None) -> int:
-        if type(value) is int and (low is None or value >= low):
+        if type(value) is int and (low is None or value >= low) and -_INT64 <= value < _INT64:
             return value
         self.of(value, field, "integer")
         if low is not None and value < low:
             self.fail(field, f"must be at least {low}, not {value}")
+        if not -_INT64 <= value < _INT64:
+            self.fail(field, "does not fit a 64-bit integer")
         return value
 
     def string_map(self, value: Any, field: str) -> None:
@@ -147,7 +150,7 @@ class _Checker:
         return value
 
     def shape(self, value: Any, field: str, low: int) -> tuple[int, ...]:
-        if type(value) is list and all(type(dim) is int and dim >= low for dim in value):
+        if type(value) is list and all(type(dim) is int and low <= dim < _INT64 for dim in value):
             return tuple(value)
         self.of(value, field, "array")
         for i, dim in enumerate(value):

@@ -88,13 +88,13 @@ class Session:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None,
-                 trusted_keys: list[str | Path] | None = None):
+                 trusted_keys: list[str | Path] | str | Path | None = None):
         self.path = Path(path)
         artifact = open_artifact(self.path)  # the manifest's digest and schema
         if trusted_keys is not None:
             from forgeml.runtime.trust import check_signature  # imports cryptography: only when keys are given
 
-            check_signature(artifact.data, list(trusted_keys), str(self.path))
+            check_signature(artifact.data, trusted_keys, str(self.path))
         _check_compatible(artifact.manifest, self.path)
         artifact.verify_checksums()  # before any native code is loaded
         self.manifest = artifact.manifest

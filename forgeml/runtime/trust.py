@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,10 +151,14 @@ def load_public_key(path: str | Path) -> tuple[str, Any]:
     return key_id(key), key
 
 
-def check_signature(data: dict[str, Any], trusted_keys: list[str | Path], where: str) -> dict[str, Any]:
+def check_signature(data: dict[str, Any], trusted_keys: Iterable[str | Path] | str | Path,
+                    where: str) -> dict[str, Any]:
     """Refuse manifest `data` unless one of `trusted_keys` (public key files) signed it; its signature record.
 
     Checks only the manifest: the caller verifies the members against the checksums in it."""
+    if isinstance(trusted_keys, (str, os.PathLike)):  # one key file given as such
+        trusted_keys = [trusted_keys]
+    trusted_keys = list(trusted_keys)
     if not trusted_keys:
         raise InvalidInput("trusted_keys is empty: give at least one public key file, or None to skip the check")
     keys = dict(load_public_key(p) for p in trusted_keys)
