@@ -1,6 +1,6 @@
 """The manifest's integrity root and its schema.
 
-manifest.json is written in one canonical form (sorted keys, fixed separators, ASCII) and carries
+manifest.json is written in one canonical form (sorted keys, compact, ASCII: json's C encoder) and carries
 `digest`: the sha256 of that form without the digest itself. The member checksums are inside it, so
 that one digest covers every byte of the manifest and, through the checksums, of every member: an
 edited offset, dtype or shape changes it. A signature (`signature`, see trust.py) signs the manifest
@@ -26,7 +26,7 @@ from forgeml.errors import ArtifactError
 FORMAT_VERSION = 2  # 2: manifest digest and optional signature; 1 (no digest) is refused: rebuild it
 DIGEST = "digest"
 SIGNATURE = "signature"
-MAX_MANIFEST_BYTES = 16 << 20  # a resnet18 manifest is ~40 kB
+MAX_MANIFEST_BYTES = 16 << 20  # far above any real one (a manifest line per weight tensor: ~100 bytes)
 WEIGHT_ALIGN = 64
 _INT64 = 1 << 63  # integers (sizes, offsets, index ranges) must fit an int64
 
