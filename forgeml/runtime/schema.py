@@ -26,7 +26,7 @@ from forgeml.errors import ArtifactError
 FORMAT_VERSION = 2  # 2: manifest digest and optional signature; 1 (no digest) is refused: rebuild it
 DIGEST = "digest"
 SIGNATURE = "signature"
-MAX_MANIFEST_BYTES = 16 << 20  # far above any real one (a manifest line per weight tensor: ~100 bytes)
+MAX_MANIFEST_BYTES = 16 << 20  # far above any real one (~100 bytes per weight tensor)
 WEIGHT_ALIGN = 64
 _INT64 = 1 << 63  # integers (sizes, offsets, index ranges) must fit an int64
 
