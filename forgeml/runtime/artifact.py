@@ -3,7 +3,7 @@ and the weights, with the sha256 of every member in the manifest.
 
 Only numpy and the standard library are used here: the runtime reads artifacts on devices that
 have no compiler. Weights are raw little-endian bytes in `weights.bin`, each tensor 64-byte aligned,
-so they can be memory-mapped straight out of the tar without a copy.
+so they can be read straight out of the tar into one aligned buffer and used in place.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import math
-import mmap
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -188,23 +187,31 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
 class ArtifactFile:
     """An opened artifact: manifest parsed, members located (not yet verified).
 
-    The file is mapped once, private and copy-on-write: members are hashed from the mapping without a
-    copy, and the weights are arrays into it."""
+    Each member is read into the process's own memory on first use (the weights into one 64-byte aligned
+    buffer) and hashed there, so what is verified is what runs, and replacing or rewriting the file
+    under a live session changes nothing in it. (Until issue 20 the file was mapped copy-on-write and
+    the weights were arrays into the mapping: `cp other.fml live.fml` truncated the file under the
+    session, whose next run died of SIGBUS, and a same-size overwrite silently changed its outputs.)"""
 
     def __init__(self, path: Path, manifest: Manifest, offsets: dict[str, tuple[int, int]]) -> None:
         self.path = path
         self.manifest = manifest
         self.offsets = offsets  # member -> (data offset in the file, size)
-        self._mapping: mmap.mmap | None = None
+        self._members: dict[str, memoryview] = {}
 
     def _member(self, name: str) -> memoryview:
-        if self._mapping is None:
+        view = self._members.get(name)
+        if view is None:
+            offset, size = self.offsets[name]
+            buffer = _aligned_buffer(size) if name == WEIGHTS else bytearray(size)
             with open(self.path, "rb") as f:
-                self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        offset, size = self.offsets[name]
-        view = memoryview(self._mapping)[offset:offset + size]
-        if len(view) != size:
-            raise ArtifactError(f"{self.path}: member '{name}' is truncated")
+                f.seek(offset)
+                done = 0
+                while done < size and (got := f.readinto(memoryview(buffer)[done:])):
+                    done += got
+            if done != size:
+                raise ArtifactError(f"{self.path}: member '{name}' is truncated")
+            view = self._members[name] = memoryview(buffer)
         return view
 
     def read_member(self, name: str) -> bytes:
@@ -223,8 +230,9 @@ class ArtifactFile:
         if extra:
             raise ArtifactError(f"{self.path}: unexpected members not in the manifest: {', '.join(sorted(extra))}")
 
-    def map_weights(self) -> list[np.ndarray]:
-        """Weights as copy-on-write memory maps into the artifact file (64-byte aligned)."""
+    def read_weights(self) -> list[np.ndarray]:
+        """The weights as arrays into one 64-byte aligned buffer of this process's memory, holding the
+        bytes `verify_checksums` hashed (writable: TVM's DLPack import wants writable arrays)."""
         if not self.manifest.weights:
             return []
         blob = self._member(WEIGHTS)
@@ -239,6 +247,14 @@ class ArtifactFile:
             except ValueError:
                 raise ArtifactError(f"{self.path}: weight '{w.name}' lies outside {WEIGHTS}") from None
         return arrays
+
+
+def _aligned_buffer(size: int) -> np.ndarray:
+    """`size` uninitialized bytes starting at a 64-byte aligned address (each weight's offset is a
+    multiple of 64, so every weight is aligned as compiled kernels assume)."""
+    raw = np.empty(size + _ALIGN, dtype=np.uint8)
+    start = (-raw.__array_interface__["data"][0]) % _ALIGN
+    return raw[start:start + size]
 
 
 def open_artifact(path: str | Path) -> ArtifactFile:
