@@ -159,6 +159,14 @@ def pack_weights(named: list[tuple[str, np.ndarray]]) -> tuple[bytes, list[Weigh
     return buf.getvalue(), entries
 
 
+def create_beside(path: Path) -> tuple[int, Path]:
+    """A new temp file in `path`'s directory, open for writing: (fd, its path), for a write that ends by
+    renaming it to `path`. Its mode is 0o666 less the umask, as for any file `open` creates
+    (tempfile.mkstemp's 0o600 made every artifact private to its owner whatever the umask)."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+
+
 def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Path:
     """Write the artifact atomically: a temp file beside `path`, then rename. `files` are the members
     other than the manifest; their checksums are recorded in the manifest."""
@@ -166,10 +174,9 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
     manifest.members = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     manifest_bytes = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tarfile  # writing is the compiler's job: the runtime does not pay for these imports
-    import tempfile
+    import tarfile  # writing is the compiler's job: the runtime does not pay for this import
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_beside(path)
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, data in [(MANIFEST, manifest_bytes), *files.items()]:
@@ -179,7 +186,7 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
                 tar.addfile(info, io.BytesIO(data))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
