@@ -82,7 +82,9 @@ def _check_compatible(manifest: Manifest, where: Path) -> None:
 
 
 class Session:
-    """A loaded model. `run({"x": array}) -> {"y": array}`, like onnxruntime.InferenceSession.run.
+    """A loaded model. `run({"x": array}) -> {"y": array}`, or onnxruntime.InferenceSession's
+    `run(None, {"x": array}) -> [array]`. Holds its weights and library in this process's memory: the
+    artifact file may be replaced or deleted while it runs.
 
     Safe to call from many threads: calls into one session are serialized. `threads` sizes TVM's CPU
     thread pool (None: $TVM_NUM_THREADS, else one thread per core the caller may use) in each thread
