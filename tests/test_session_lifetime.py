@@ -14,6 +14,7 @@ from conftest import _compile_once, _model, mlp_model, ort_run
 
 import forgeml
 from forgeml.errors import InvalidInput
+from forgeml.runtime.artifact import open_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,17 +49,19 @@ print("same" if np.array_equal(before, after) else "changed")
 
 @pytest.mark.parametrize("how", ["cp", "mv"])
 @pytest.mark.parametrize("other", ["smaller", "same size"])
-def test_replacing_the_file_under_a_live_session_changes_nothing(compiled_mlp, other_mlp, tmp_path, how, other):
+def test_replacing_the_file_under_a_live_session_changes_nothing(compiled_mlp, tmp_path, how, other):
     """`cp other.fml live.fml` under a live session killed the process with SIGBUS (its weights were a
     private mapping of the file, truncated under it); a same-size overwrite silently changed its outputs."""
     live = tmp_path / "live.fml"
-    live.write_bytes(compiled_mlp[1].read_bytes())
+    data = compiled_mlp[1].read_bytes()
+    live.write_bytes(data)
     replacement = tmp_path / "other.fml"
     if other == "smaller":  # ends before the mlp's weights: reading them past the file's end is SIGBUS
-        replacement.write_bytes(other_mlp[1].read_bytes()[:1024])
-    else:
-        assert other_mlp[1].stat().st_size == live.stat().st_size
-        replacement.write_bytes(other_mlp[1].read_bytes())
+        replacement.write_bytes(data[:1024])
+    else:  # the same file with every weight negated (float32 sign bits flipped)
+        start, size = open_artifact(live).offsets["weights.bin"]
+        weights = np.frombuffer(data, np.uint32, size // 4, start) ^ np.uint32(0x80000000)
+        replacement.write_bytes(data[:start] + weights.tobytes() + data[start + size:])
     proc = _python(_REPLACE, str(live), str(replacement), how)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.strip() == "same"
