@@ -254,8 +254,11 @@ class Session:
           arrays, every output in the model's order for None, else the named ones in the order given.
         """
         if type(first) is dict or isinstance(first, Mapping):
+            if second is None:
+                return self._run(first)
+            names = self._known_outputs(second)
             outputs = self._run(first)
-            return outputs if second is None else {n: outputs[n] for n in self._known_outputs(second)}
+            return {n: outputs[n] for n in names}
         if not isinstance(second, Mapping):
             raise InvalidInput("run takes (feeds) or (feeds, output_names), where feeds is a dict of input "
                                "name -> array, or ONNX Runtime's (output_names or None, feeds); got "
