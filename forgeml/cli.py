@@ -261,6 +261,12 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
             feeds[name] = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InvalidInput(f"--input {name}: cannot read {file} as .npy ({e})") from None
+    if output:
+        for source in [artifact, *(item.partition("=")[2] for item in inputs)]:
+            if output.resolve() == Path(source).resolve() or (
+                    Path(source).exists() and output.exists() and os.path.samefile(source, output)):
+                raise InvalidInput(f"-o {output} is {source}, which this run reads; give another name such as "
+                                   "outputs.npz")
     session = forgeml.load(artifact, threads=threads)
     results = session.run(feeds)
     if output:

@@ -48,6 +48,18 @@ def test_output_that_is_the_model_is_refused(tmp_path):
     assert model.read_bytes() == original
 
 
+def test_run_output_that_is_its_artifact_or_input_is_refused(compiled_mlp, tmp_path):
+    artifact = tmp_path / "m.fml"
+    artifact.write_bytes(compiled_mlp[1].read_bytes())
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((4, 16), "float32"))
+    for output in (artifact, x):
+        kept = output.read_bytes()
+        proc = cli("run", artifact, "-i", f"x={x}", "-o", output)
+        assert_one_line_error(proc, 2, f"is {output}, which this run reads")
+        assert output.read_bytes() == kept
+
+
 def test_artifact_mode_follows_the_umask(tmp_path):
     """Artifacts were written with mode 600 whatever the umask (tempfile.mkstemp's mode)."""
     model = save(mlp_model(), tmp_path / "m.onnx")
