@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -35,14 +34,16 @@ def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 def _atomic_save_npz(path: Path, arrays: dict) -> None:
     import numpy as np
 
+    from forgeml.runtime.artifact import create_beside
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -267,6 +268,12 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
             feeds[name] = np.load(file, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InvalidInput(f"--input {name}: cannot read {file} as .npy ({e})") from None
+    if output:
+        for source in [artifact, *(item.partition("=")[2] for item in inputs)]:
+            if output.resolve() == Path(source).resolve() or (
+                    Path(source).exists() and output.exists() and os.path.samefile(source, output)):
+                raise InvalidInput(f"-o {output} is {source}, which this run reads; give another name such as "
+                                   "outputs.npz")
     session = forgeml.load(artifact, threads=threads, trusted_keys=list(trusted_keys) or None)
     results = session.run(feeds)
     if output:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from forgeml.errors import CompileFailed, ForgeError, InvalidInput, ToolchainMissing, VerificationFailed, last_line
-from forgeml.runtime.artifact import WEIGHTS, Manifest, pack_weights, write_artifact
+from forgeml.runtime.artifact import WEIGHTS, Manifest, create_beside, pack_weights, write_artifact
 from forgeml.targets import TargetSpec, resolve_target
 from forgeml.targets.host import has_cuda_gpu
 
@@ -73,6 +74,42 @@ def resolve_conv_layout(spec, precision: str, conv_layout: str) -> str:
     if conv_layout != "auto":
         return conv_layout
     return "NHWC" if spec.device == "cuda" and precision == "fp16" else "NCHW"
+
+
+def tvm_target(spec: TargetSpec) -> Any:
+    """The TVM target of `spec`, or an InvalidInput naming what TVM rejects (an unknown kind, an option
+    of the wrong type) before any work starts."""
+    import tvm
+
+    try:
+        return tvm.target.Target(spec.tvm_target())
+    except (ValueError, TypeError, RuntimeError) as e:  # "Target creation from config dict failed: ..."
+        raise InvalidInput(f"target '{spec.name}' is not a valid TVM target: {last_line(e)}") from None
+
+
+def check_output_path(model_path: str | Path, output: Path) -> None:
+    """Refuse, before any work, an output that would overwrite the model being compiled, that is a
+    directory, or whose directory cannot be written (found after the whole compile until issue 20).
+    Nothing is created: the nearest existing directory above the output is probed with a temp file."""
+    if output.is_dir():
+        raise InvalidInput(f"output path {output} is a directory; give a file name such as model.fml")
+    model = Path(model_path)
+    same = (output.exists() and model.exists() and os.path.samefile(model, output)) or \
+        output.resolve() == model.resolve()
+    if same:
+        raise InvalidInput(f"output {output} is the model being compiled; give another name such as "
+                           f"{model.with_suffix('.fml').name if model.suffix != '.fml' else 'model.fml'}")
+    existing = output.parent.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInput(f"cannot write {output}: {existing} is a file, not a directory")
+    try:
+        fd, probe = create_beside(existing / output.name)
+    except OSError as e:
+        raise InvalidInput(f"cannot write {output}: {existing} is not writable ({e.strerror})") from None
+    os.close(fd)
+    probe.unlink()
 
 
 def _with_gpu_options(mod: Any, spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> Any:
@@ -195,7 +232,6 @@ def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Pro
 def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions | None = None,
                   progress: Progress | None = None, tune_progress: Callable[[dict], None] | None = None) -> Manifest:
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
-    import tvm
 
     from forgeml.compiler import pipeline, verify
     from forgeml.compiler.frontend import onnx_model, relax_import
@@ -204,9 +240,9 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     options = options or CompileOptions()
     say = progress or (lambda _msg: None)
     output = Path(output)
-    if output.is_dir():
-        raise InvalidInput(f"output path {output} is a directory; give a file name such as model.fml")
+    check_output_path(model_path, output)
     spec = resolve_target(options.target)
+    target = tvm_target(spec)
     run_pipeline = pipeline.get_pipeline(options.opt_level)
     _check_gpu_options(spec, options.precision, options.conv_layout, options.tensor_core_schedule)
     conv_layout = resolve_conv_layout(spec, options.precision, options.conv_layout)
@@ -231,7 +267,6 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     timings["import_s"] = time.perf_counter() - clock
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
-    target = tvm.target.Target(spec.tvm_target())
     mod = _with_gpu_options(mod, spec, options.precision, conv_layout, options.tensor_core_schedule)
     tuning_summary = None
     if _uses_tuning(options, spec, target):
@@ -312,7 +347,6 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
     With `measure_elsewhere`, nothing is measured here: a batch of candidates (about `trials`) is
     written to that directory for `python -m forgeml.runtime.measure` on a machine that runs the
     target's kernels (tuning/batch.py); `import_measurements` brings the results back."""
-    import tvm
 
     from forgeml.compiler import pipeline
     from forgeml.compiler.frontend import onnx_model, relax_import
@@ -320,6 +354,7 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
     from forgeml.compiler.tuning import search
 
     spec = resolve_target(target_name)
+    target = tvm_target(spec)
     _check_gpu_options(spec, precision, conv_layout)
     conv_layout = resolve_conv_layout(spec, precision, conv_layout)
     if measure_elsewhere is not None and trials is None:
@@ -328,7 +363,6 @@ def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: flo
         raise InvalidInput("give a tuning budget: --minutes and/or --trials")
     loaded = onnx_model.load_onnx(model_path, input_shapes or {})
     loaded = dataclasses.replace(loaded, model=normalize(loaded.model)[0])
-    target = tvm.target.Target(spec.tvm_target())
     mod = relax_import.import_onnx(loaded)
     mod = pipeline.tuning_input(_with_gpu_options(mod, spec, precision, conv_layout), target)
     if measure_elsewhere is not None:
@@ -375,7 +409,44 @@ def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_pat
     if spec.device == "cuda" and not has_cuda_gpu():
         return skipped("no CUDA GPU on this machine")
     say("verifying against ONNX Runtime")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".forgeml-verify-", dir=output.parent) as tmp:
+    remove_stale_scratch([(Path(tempfile.gettempdir()), f"{_SCRATCH}*"), (output.parent, f".{_SCRATCH}*")])
+    with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH}{os.getpid()}-") as tmp:
         candidate = write_artifact(Path(tmp) / output.name, manifest, files)
         return verify_against_onnxruntime(Session(candidate), model_path, tolerance, options.seed)
+
+
+_SCRATCH = "forgeml-verify-"  # + pid + "-" + random: the candidate artifact that verification loads
+STALE_AFTER_S = 3600.0
+
+
+def remove_stale_scratch(places: list[tuple[Path, str]]) -> list[Path]:
+    """Remove verification scratch directories that a killed compile left (a `kill -9` during
+    verification left a 47 MB directory beside the output that nothing removed): those matching a glob
+    in each (folder, glob) pair, untouched for STALE_AFTER_S, whose process (the pid in the name; none in
+    the hidden `.forgeml-verify-*` directories earlier versions made beside the output) is gone.
+    Returns the removed paths."""
+    removed = []
+    now = time.time()
+    for folder, pattern in places:
+        for path in folder.glob(pattern):
+            try:
+                if not path.is_dir() or path.is_symlink() or now - path.stat().st_mtime < STALE_AFTER_S:
+                    continue
+            except OSError:
+                continue
+            pid = path.name.removeprefix(".").removeprefix(_SCRATCH).split("-")[0]
+            if pid.isdigit() and _process_alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True

@@ -4,7 +4,7 @@ integrity root: schema.py) in it.
 
 Only numpy and the standard library are used here: the runtime reads artifacts on devices that
 have no compiler. Weights are raw little-endian bytes in `weights.bin`, each tensor 64-byte aligned,
-so they can be memory-mapped straight out of the tar without a copy.
+so they can be read straight out of the tar into one aligned buffer and used in place.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import math
-import mmap
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -166,6 +165,14 @@ def pack_weights(named: list[tuple[str, np.ndarray]]) -> tuple[bytes, list[Weigh
     return buf.getvalue(), entries
 
 
+def create_beside(path: Path) -> tuple[int, Path]:
+    """A new temp file in `path`'s directory, open for writing: (fd, its path), for a write that ends by
+    renaming it to `path`. Its mode is 0o666 less the umask, as for any file `open` creates
+    (tempfile.mkstemp's 0o600 made every artifact private to its owner whatever the umask)."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+
+
 def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes], signing_key: Any = None) -> Path:
     """Write the artifact atomically: a temp file beside `path`, then rename. `files` are the members
     other than the manifest; their checksums are recorded in the manifest, and the manifest's digest in
@@ -184,10 +191,9 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
         _check_weights_fit(manifest, {WEIGHTS: (0, len(files[WEIGHTS]))}, path)
     manifest.digest, manifest.signature = data[schema.DIGEST], data.get(schema.SIGNATURE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tarfile  # writing is the compiler's job: the runtime does not pay for these imports
-    import tempfile
+    import tarfile  # writing is the compiler's job: the runtime does not pay for this import
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_beside(path)
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, data in [(MANIFEST, manifest_bytes), *files.items()]:
@@ -197,7 +203,7 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
                 tar.addfile(info, io.BytesIO(data))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -205,8 +211,11 @@ def write_artifact(path: str | Path, manifest: Manifest, files: dict[str, bytes]
 class ArtifactFile:
     """An opened artifact: manifest parsed, members located (not yet verified).
 
-    The file is mapped once, private and copy-on-write: members are hashed from the mapping without a
-    copy, and the weights are arrays into it."""
+    Each member is read into the process's own memory on first use (the weights into one 64-byte aligned
+    buffer) and hashed there, so what is verified is what runs, and replacing or rewriting the file
+    under a live session changes nothing in it. (Until issue 20 the file was mapped copy-on-write and
+    the weights were arrays into the mapping: `cp other.fml live.fml` truncated the file under the
+    session, whose next run died of SIGBUS, and a same-size overwrite silently changed its outputs.)"""
 
     def __init__(self, path: Path, manifest: Manifest, offsets: dict[str, tuple[int, int]],
                  data: dict[str, Any] | None = None) -> None:
@@ -214,16 +223,21 @@ class ArtifactFile:
         self.manifest = manifest
         self.data = manifest.to_json() if data is None else data  # the manifest as read: what its digest covers
         self.offsets = offsets  # member -> (data offset in the file, size)
-        self._mapping: mmap.mmap | None = None
+        self._members: dict[str, memoryview] = {}
 
     def _member(self, name: str) -> memoryview:
-        if self._mapping is None:
+        view = self._members.get(name)
+        if view is None:
+            offset, size = self.offsets[name]
+            buffer = _aligned_buffer(size) if name == WEIGHTS else bytearray(size)
             with open(self.path, "rb") as f:
-                self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        offset, size = self.offsets[name]
-        view = memoryview(self._mapping)[offset:offset + size]
-        if len(view) != size:
-            raise ArtifactError(f"{self.path}: member '{name}' is truncated")
+                f.seek(offset)
+                done = 0
+                while done < size and (got := f.readinto(memoryview(buffer)[done:])):
+                    done += got
+            if done != size:
+                raise ArtifactError(f"{self.path}: member '{name}' is truncated")
+            view = self._members[name] = memoryview(buffer)
         return view
 
     def read_member(self, name: str) -> bytes:
@@ -242,8 +256,9 @@ class ArtifactFile:
         if extra:
             raise ArtifactError(f"{self.path}: unexpected members not in the manifest: {', '.join(sorted(extra))}")
 
-    def map_weights(self) -> list[np.ndarray]:
-        """Weights as copy-on-write memory maps into the artifact file (64-byte aligned)."""
+    def read_weights(self) -> list[np.ndarray]:
+        """The weights as arrays into one 64-byte aligned buffer of this process's memory, holding the
+        bytes `verify_checksums` hashed (writable: TVM's DLPack import wants writable arrays)."""
         if not self.manifest.weights:
             return []
         blob = self._member(WEIGHTS)
@@ -258,6 +273,14 @@ class ArtifactFile:
             except ValueError:
                 raise ArtifactError(f"{self.path}: weight '{w.name}' lies outside {WEIGHTS}") from None
         return arrays
+
+
+def _aligned_buffer(size: int) -> np.ndarray:
+    """`size` uninitialized bytes starting at a 64-byte aligned address (each weight's offset is a
+    multiple of 64, so every weight is aligned as compiled kernels assume)."""
+    raw = np.empty(size + _ALIGN, dtype=np.uint8)
+    start = (-raw.__array_interface__["data"][0]) % _ALIGN
+    return raw[start:start + size]
 
 
 def open_artifact(path: str | Path) -> ArtifactFile:

@@ -149,11 +149,20 @@ def resolve_target(name_or_json: str) -> TargetSpec:
             target = json.loads(text)
         except json.JSONDecodeError as e:
             raise InvalidInput(f"target JSON is not valid JSON: {e}") from None
-        if not isinstance(target, dict) or "kind" not in target:
+        if not isinstance(target, dict) or not isinstance(target.get("kind"), str):
             raise InvalidInput('target JSON must be an object with a "kind", e.g. {"kind": "llvm"}')
         host = target.get("host", target)
+        if not isinstance(host, dict):
+            raise InvalidInput('target JSON: "host" must be an object, e.g. {"kind": "llvm", "mtriple": "..."}')
         triple = host.get("mtriple", "")
-        arch = triple.split("-")[0] if triple else platform.machine()
+        arch = triple.split("-")[0] if isinstance(triple, str) and triple else platform.machine()
+        known = sorted({platform.machine(), *_CROSS})
+        if arch not in known:  # an LLVM triple forgeml cannot link for (an unknown one crashed LLVM)
+            raise InvalidInput(f'target JSON: "mtriple" {json.dumps(triple)} is not a machine forgeml builds '
+                               f"for; its first part must be one of {', '.join(known)}")
+        if target["kind"] == "cuda" and not str(target.get("arch", "")).startswith("sm_"):
+            raise InvalidInput('target JSON: a "cuda" target needs "arch": "sm_XY", e.g. '
+                               '{"kind": "cuda", "arch": "sm_80"} (or the preset cuda, which detects it)')
         mattr = host.get("mattr", [])
         fpu = {"d": "+d", "f": "+f"}.get(str(host.get("mabi", ""))[-1:]) if arch == "riscv64" else None
         if fpu and fpu not in mattr:

@@ -230,7 +230,7 @@ class RemoteArtifact:
         if threads:
             remote.get_function("runtime.config_threadpool")(1, int(threads))
         self.vm = VirtualMachine(remote.load_module(name), self.dev)
-        self.weights = [tvm.runtime.tensor(np.ascontiguousarray(w), self.dev) for w in artifact.map_weights()]
+        self.weights = [tvm.runtime.tensor(np.ascontiguousarray(w), self.dev) for w in artifact.read_weights()]
         self._tvm = tvm
 
     def _set_inputs(self, feeds: dict[str, Any]) -> None:
