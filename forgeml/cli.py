@@ -405,10 +405,18 @@ def device_group() -> None:
 @click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
 @click.option("--key", default="", help="Device key for the tracker (what `bench --device-key` asks for).")
 @click.option("--emulate", "emulate_arch", metavar="ARCH", help="Serve an emulated device instead (aarch64).")
+@click.option("--token-file", type=click.Path(path_type=Path),
+              help="File holding the token every client must give (or $FORGEML_RPC_TOKEN); required beyond "
+                   "loopback.")
+@click.option("--idle-timeout", default=300.0, show_default=True, type=float,
+              help="Close a session whose client is silent this many seconds.")
 def device_serve(host: str, port: int, port_end: int | None, tracker: str | None, key: str,
-                 emulate_arch: str | None) -> None:
-    """Run TVM's RPC server (runtime library only) until interrupted. Trusted networks only: clients
-    upload and run native code."""
+                 emulate_arch: str | None, token_file: Path | None, idle_timeout: float) -> None:
+    """Serve TVM RPC sessions (runtime library only) until interrupted. Clients that give the token
+    upload and run native code as this user: the token keeps others out, it does not sandbox."""
+    from forgeml.targets.rpc_server import read_token_file, server_token
+
+    token = server_token(host, read_token_file(token_file) if token_file else None)
     if emulate_arch:
         import signal
 
@@ -416,13 +424,15 @@ def device_serve(host: str, port: int, port_end: int | None, tracker: str | None
 
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `with` ends the emulated server too
         with EmulatedServer(emulate_arch, host, port, port_end, tracker, key, output=sys.stdout,
-                            progress=lambda msg: console.print(msg)) as server:
+                            progress=lambda msg: console.print(msg), token=token,
+                            idle_timeout_s=idle_timeout) as server:
             out.print(server.log[-1], highlight=False)
             server.wait()
         return
     from forgeml.targets.rpc import serve
 
-    serve(host, port, port_end, tracker, key, announce=lambda msg: out.print(msg, highlight=False))
+    serve(host, port, port_end, tracker, key, token=token, idle_timeout_s=idle_timeout,
+          announce=lambda msg: out.print(msg, highlight=False))
 
 
 @cli.group("zoo")
