@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[compiler,dev]"
+	$(BIN)/python -m pip install -q -e ".[compiler,dev,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -272,7 +272,12 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
 
 @cli.command("bench")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--baseline", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "none"]))
+@click.option("--baseline", "baselines", multiple=True, default=["onnxruntime"], show_default=True,
+              type=click.Choice(["onnxruntime", "onnxruntime-tf32-off", "onnxruntime-fp16", "onnxruntime-trt-fp16",
+                                 "none"]),
+              help="Repeatable. onnxruntime: the model as given (fp32; TF32 on CUDA); -tf32-off: CUDA fp32 without "
+                   "TF32; -fp16: an fp16 copy of the model (CUDA, or the CPU without it); -trt-fp16: TensorRT "
+                   "fp16 (engine build time reported apart). Ratios only between rows of equal precision.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path),
               help="ONNX model for the baseline [default: the one recorded at compile time].")
 @click.option("--threads", default=2, show_default=True, type=int, help="Threads for every engine.")
@@ -284,11 +289,14 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
 @click.option("--rpc", metavar="HOST:PORT", help="Also run them on this TVM RPC device (`forgeml device serve`).")
 @click.option("--tracker", metavar="HOST:PORT", help="Also run them on a device from this TVM RPC tracker.")
 @click.option("--device-key", metavar="KEY", help="With --tracker: the device's key.")
+@click.option("--rpc-token-file", type=click.Path(path_type=Path),
+              help="File holding the device server's token (default: $FORGEML_RPC_TOKEN).")
 @click.option("--offsite-seconds", default=60.0, show_default=True, type=float,
               help="Emulated/RPC cases: cut --repeat to about this long.")
-def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None, threads: int, warmup: int,
-              repeat: int, no_memory: bool, json_path: Path | None, emulate: bool, rpc: str | None,
-              tracker: str | None, device_key: str | None, offsite_seconds: float) -> None:
+def bench_cmd(artifacts: tuple[Path, ...], baselines: tuple[str, ...], onnx_path: Path | None, threads: int,
+              warmup: int, repeat: int, no_memory: bool, json_path: Path | None, emulate: bool, rpc: str | None,
+              tracker: str | None, device_key: str | None, rpc_token_file: Path | None,
+              offsite_seconds: float) -> None:
     """Benchmark ARTIFACTS side by side with ONNX Runtime (alternating, same inputs and threads).
 
     Artifacts for another architecture run emulated (--emulate) or on a device (--rpc, --tracker);
@@ -298,14 +306,17 @@ def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None
 
     from forgeml.bench.report import print_table
     from forgeml.bench.run import run_benchmark
+    from forgeml.targets.rpc_server import read_token_file
+
+    token = read_token_file(rpc_token_file) if rpc_token_file else None
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("benchmarking", total=None)
-        report = run_benchmark(list(artifacts), baseline=baseline, threads=threads, warmup=warmup,
+        report = run_benchmark(list(artifacts), baseline=list(baselines), threads=threads, warmup=warmup,
                                repeat=repeat, onnx_path=onnx_path, memory=not no_memory,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                emulate=emulate, rpc=rpc, tracker=tracker, device_key=device_key,
-                               offsite_budget_s=offsite_seconds)
+                               offsite_budget_s=offsite_seconds, rpc_token=token)
     print_table(report, out)
     if json_path:
         report.save(json_path)
