@@ -102,3 +102,41 @@ def test_bench_fp16_baseline_runs_on_the_cpu_and_names_every_precision(compiled_
     out = capsys.readouterr().out
     assert "precision" in out and "fp16" in out
 
+
+def _gpu_bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("forgeml_gpu_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_report_ratios_only_between_equal_precisions():
+    gpu = _gpu_bench_module()
+    info = {"torch_tf32_conv": True, "torch_tf32_matmul": False}
+    assert [gpu._precision(label, info) for label in ("forgeml fp16", "forgeml fp32", "onnxruntime cuda tf32",
+            "onnxruntime cuda fp32", "onnxruntime cuda fp16", "onnxruntime trt fp16", "pytorch eager fp32",
+            "pytorch eager fp16")] == ["fp16", "fp32", "tf32", "fp32", "fp16", "fp16", "tf32", "fp16"]
+
+    def row(precision: str, p50: float) -> dict:
+        return {"precision": precision, "passed": True, "max_rel_error": 1e-3,
+                "stats": {"p50_ms": p50, "p90_ms": p50, "min_ms": p50, "throughput_per_s": 1e3 / p50}}
+
+    engines = {"forgeml fp16": row("fp16", 1.0), "forgeml fp32": row("fp32", 4.0),
+               "onnxruntime cuda tf32": row("tf32", 2.0), "onnxruntime cuda fp16": row("fp16", 1.5),
+               "onnxruntime trt fp16": {"precision": "fp16", "error": "BaselineUnavailable: baseline "
+                                        "onnxruntime-trt-fp16: provider not available"},
+               "pytorch eager fp16": row("fp16", 3.0)}
+    assert gpu.same_precision_ratio(engines, "onnxruntime cuda", "fp16", 1.0) == "1.50x"
+    assert gpu.same_precision_ratio(engines, "onnxruntime cuda", "fp32", 4.0) == "-"  # the TF32 row is not fp32
+    assert gpu.same_precision_ratio(engines, "onnxruntime trt", "fp16", 1.0) == "-"  # not measured
+    results = {"machine": {"gpu": {}}, "settings": {}, "target": "cuda-sm90", "cases": [
+        {"id": "resnet18_b1", "model": "resnet18", "batch": 1, "engines": engines}]}
+    table = {line.split("|")[3].strip(): line for line in gpu.markdown(results).splitlines()
+             if line.startswith("| resnet18")}
+    assert "| fp16 | 1.000 |" in table["forgeml fp16"] and "| 1.50x | - | 3.00x |" in table["forgeml fp16"]
+    assert "| - | - | - |" in table["forgeml fp32"]
+    assert "not measured: BaselineUnavailable" in table["onnxruntime trt fp16"]
