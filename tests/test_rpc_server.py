@@ -5,6 +5,7 @@ subprocess, real TVM RPC clients; no cross toolchain needed."""
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -50,6 +51,7 @@ def server(tmp_path_factory):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"the server did not start: {log.read_text()[-2000:]}")
         time.sleep(0.2)
+    assert f"127.0.0.1:{port} ({platform.machine()}); token required, idle timeout {IDLE_S} s" in log.read_text()
     yield f"127.0.0.1:{port}", log
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)

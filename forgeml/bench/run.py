@@ -118,6 +118,10 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | list[str] | None 
                     raise InvalidInput(f"{path} is built for {arch} and this machine is {platform.machine()}: add "
                                        f"--emulate, or --rpc/--tracker to run it on such a device")
         samples = measure_blocks(engines, warmup=warmup, repeat=repeat, block=BLOCK, progress=progress)
+    if remote is not None and offsite:  # a fresh session: the first sat idle through the local timing, and
+        remote = None                   # the device server closes sessions idle past its timeout
+        remote = rpc_device.connect(rpc, tracker, device_key, token=rpc_token)
+        remote_info = rpc_device.remote_info(remote) or remote_info
 
     cases = []
     for meta in local:

@@ -98,8 +98,8 @@ def serve(host: str = "127.0.0.1", port: int = 9090, port_end: int | None = None
     where = f", registering with tracker {tracker} as '{key}'" if tracker_addr else ""
     guard = "token required" if token else "no token: loopback only"
     try:
-        announce(f"{_READY} {host}:{server.port} ({platform.machine()}){where} [{guard}, idle timeout "
-                 f"{idle_timeout_s:g} s]")
+        announce(f"{_READY} {host}:{server.port} ({platform.machine()}){where}; {guard}, idle timeout "
+                 f"{idle_timeout_s:g} s")
         server.serve_forever()
     except KeyboardInterrupt:
         sys.stdout.flush()
