@@ -184,9 +184,12 @@ def _weights_of(manifest: dict, blob: bytes) -> list:
                           offset=w["offset"]).reshape(w["shape"]) for w in manifest["weights"]]
 
 
-def pack(work: Path, bundle: Path, with_runtime: bool = True) -> dict:
-    """Write `bundle`: unique members (lzma, float bytes shuffled), fp16 weights as cast recipes."""
+def pack(work: Path, bundle: Path, with_runtime: bool = True, batches: list[int] | None = None) -> dict:
+    """Write `bundle`: unique members (lzma, float bytes shuffled), fp16 weights as cast recipes; only the
+    cases of `batches` when given (one device call carries 64 MiB)."""
     plan = json.loads((work / "plan.json").read_text())
+    if batches:
+        plan["cases"] = [c for c in plan["cases"] if c["batch"] in batches]
     if bundle.exists():
         shutil.rmtree(bundle)
     (bundle / "blobs").mkdir(parents=True)
@@ -390,7 +393,7 @@ ORT_BASELINES = {"onnxruntime cuda tf32": "onnxruntime", "onnxruntime cuda fp32"
 TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "fp16": 2e-2}
 
 
-def _ort_case(label: str, onnx_path: Path, feeds: dict, engine_cache: Path):
+def _ort_case(label: str, onnx_path: Path, feeds: dict, engine_cache: Path | None):
     """(runner, outputs, extra) of an ONNX Runtime GPU baseline; BaselineUnavailable where its provider is
     missing. TensorRT's engine build (session + first run) is in extra["build_s"], never in the timing."""
     from forgeml.bench.baselines import BASELINES, gpu_runner
@@ -607,7 +610,7 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
                 if "CUDAExecutionProvider" in info["onnxruntime_providers"] and "onnxruntime_cuda_options" not in info:
                     info["onnxruntime_cuda_options"] = _ort_cuda_options(onnx_path)
                 before = device.cuda_memory()
-                runner, values, extra = _ort_case(label, onnx_path, feeds, out.parent / f"trt-cache-{cid}")
+                runner, values, extra = _ort_case(label, onnx_path, feeds, None)  # TensorRT cache: a temp dir
                 abs_err, rel_err = _max_rel(values, expected)
                 tol = TOLERANCE[precision]
                 engines[label] = {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": tol,
@@ -802,7 +805,7 @@ def main() -> None:
         prepare(work, models, batches, args.target, reuse=args.reuse,
                 variants=tuple(v.strip() for v in args.variants.split(",")))
     if args.command == "pack":
-        pack(work, Path(args.bundle))
+        pack(work, Path(args.bundle), batches=batches)
     if args.command == "unpack":
         _unpack_to(Path(args.bundle), work)
     if args.command == "export-onnx":
