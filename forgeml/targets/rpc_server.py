@@ -6,8 +6,8 @@ connection that never finishes the handshake blocks every other client), and res
 by joining them to the session's directory (`../x` and `/x` reach anywhere). Here:
 
 - a client must present the server's token (`-forgeml-token=...` after the key, where TVM carries
-  its own options; a stock TVM client ignores nothing it would need), compared in constant time; a
-  bind beyond loopback refuses to start without one;
+  its own options, so TVM's own client sends it unchanged and a stock TVM server ignores it),
+  compared in constant time; a bind beyond loopback refuses to start without one;
 - every connection's handshake runs in a thread of its own with a deadline, each session in a
   process of its own with its own work directory, and a session whose client stays silent longer
   than the idle timeout is closed (SO_RCVTIMEO on the session socket: TVM's C++ loop then ends);
