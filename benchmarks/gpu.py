@@ -184,12 +184,15 @@ def _weights_of(manifest: dict, blob: bytes) -> list:
                           offset=w["offset"]).reshape(w["shape"]) for w in manifest["weights"]]
 
 
-def pack(work: Path, bundle: Path, with_runtime: bool = True, batches: list[int] | None = None) -> dict:
+def pack(work: Path, bundle: Path, with_runtime: bool = True, cases: list[str] | None = None) -> dict:
     """Write `bundle`: unique members (lzma, float bytes shuffled), fp16 weights as cast recipes; only the
-    cases of `batches` when given (one device call carries 64 MiB)."""
+    `cases` (ids such as resnet18_b32) when given (one device call carries 64 MiB)."""
     plan = json.loads((work / "plan.json").read_text())
-    if batches:
-        plan["cases"] = [c for c in plan["cases"] if c["batch"] in batches]
+    if cases:
+        unknown = set(cases) - {c["id"] for c in plan["cases"]}
+        if unknown:
+            raise SystemExit(f"--cases: {', '.join(sorted(unknown))} not in {work}/plan.json")
+        plan["cases"] = [c for c in plan["cases"] if c["id"] in cases]
     if bundle.exists():
         shutil.rmtree(bundle)
     (bundle / "blobs").mkdir(parents=True)
@@ -793,6 +796,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
     parser.add_argument("--onnx-dir", help="export-onnx's output / run's ONNX models when the bundle has none")
+    parser.add_argument("--cases", default="", help="pack: only these case ids (e.g. resnet18_b32), comma-separated")
     parser.add_argument("--ort-baselines", default=",".join(ORT_BASELINES),
                         help=f"run: ONNX Runtime rows, of {', '.join(ORT_BASELINES)}")
     parser.add_argument("--out", default=str(RESULTS / "gpu"), help="results path without suffix")
@@ -805,7 +809,7 @@ def main() -> None:
         prepare(work, models, batches, args.target, reuse=args.reuse,
                 variants=tuple(v.strip() for v in args.variants.split(",")))
     if args.command == "pack":
-        pack(work, Path(args.bundle), batches=batches)
+        pack(work, Path(args.bundle), cases=[c for c in args.cases.split(",") if c] or None)
     if args.command == "unpack":
         _unpack_to(Path(args.bundle), work)
     if args.command == "export-onnx":
