@@ -1,6 +1,9 @@
-"""GPU speed, side by side: forgeml fp32, forgeml fp16 (mixed precision), ONNX Runtime's CUDA provider
-(when installed) and PyTorch eager on CUDA (fp32 and fp16), on the zoo models at batch 1 and 32,
-alternating in one run, each output checked against ONNX Runtime (CPU) reference outputs.
+"""GPU speed, side by side: forgeml fp32, forgeml fp16 (mixed precision), ONNX Runtime (CUDA provider on
+the fp32 model with TF32 on and off, CUDA on an fp16 copy of the model, TensorRT fp16; each where its
+provider loads) and PyTorch eager on CUDA (fp32 and fp16), on the zoo models at batch 1 and 32,
+alternating in one run, each output checked against ONNX Runtime (CPU) reference outputs. Every row
+names its precision (fp32, tf32, fp16) and a speed ratio is only printed between rows of equal
+precision (forgeml.bench.baselines).
 
     python benchmarks/gpu.py all                      # a machine with the compiler and a GPU
     python benchmarks/gpu.py prepare --work build/gpu # no GPU needed: export, compile, reference outputs
@@ -181,9 +184,15 @@ def _weights_of(manifest: dict, blob: bytes) -> list:
                           offset=w["offset"]).reshape(w["shape"]) for w in manifest["weights"]]
 
 
-def pack(work: Path, bundle: Path, with_runtime: bool = True) -> dict:
-    """Write `bundle`: unique members (lzma, float bytes shuffled), fp16 weights as cast recipes."""
+def pack(work: Path, bundle: Path, with_runtime: bool = True, cases: list[str] | None = None) -> dict:
+    """Write `bundle`: unique members (lzma, float bytes shuffled), fp16 weights as cast recipes; only the
+    `cases` (ids such as resnet18_b32) when given (one device call carries 64 MiB)."""
     plan = json.loads((work / "plan.json").read_text())
+    if cases:
+        unknown = set(cases) - {c["id"] for c in plan["cases"]}
+        if unknown:
+            raise SystemExit(f"--cases: {', '.join(sorted(unknown))} not in {work}/plan.json")
+        plan["cases"] = [c for c in plan["cases"] if c["id"] in cases]
     if bundle.exists():
         shutil.rmtree(bundle)
     (bundle / "blobs").mkdir(parents=True)
@@ -381,12 +390,33 @@ def _torch_case(model: str, feeds: dict, precision: str, device: str = "cuda"):
     return run, values
 
 
-def _ort_cuda_case(onnx_path: Path, feeds: dict):
-    from forgeml.compiler.verify import onnxruntime_cuda_runner
+# ONNX Runtime rows: label -> forgeml.bench.baselines name (each at the precision it computes in)
+ORT_BASELINES = {"onnxruntime cuda tf32": "onnxruntime", "onnxruntime cuda fp32": "onnxruntime-tf32-off",
+                 "onnxruntime cuda fp16": "onnxruntime-fp16", "onnxruntime trt fp16": "onnxruntime-trt-fp16"}
+TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "fp16": 2e-2}
 
-    run, outputs = onnxruntime_cuda_runner(onnx_path, feeds)  # called only when the provider exists
-    run()
-    return run, outputs()
+
+def _ort_case(label: str, onnx_path: Path, feeds: dict, engine_cache: Path | None):
+    """(runner, outputs, extra) of an ONNX Runtime GPU baseline; BaselineUnavailable where its provider is
+    missing. TensorRT's engine build (session + first run) is in extra["build_s"], never in the timing."""
+    from forgeml.bench.baselines import BASELINES, gpu_runner
+
+    gpu = gpu_runner(BASELINES[ORT_BASELINES[label]], onnx_path, feeds, engine_cache=engine_cache)
+    return gpu.run, gpu.outputs(), gpu.extra
+
+
+def _precision(label: str, info: dict) -> str:
+    """The precision a row computes in: forgeml's variant's, ONNX Runtime's baseline's, PyTorch's
+    (fp32 eager is "tf32" when cuDNN or cuBLAS may use TF32, as PyTorch's defaults allow for convolutions)."""
+    from forgeml.bench.baselines import BASELINES, precision_of
+
+    if label.startswith("forgeml "):
+        return VARIANTS[label.removeprefix("forgeml ")][0]
+    if label in ORT_BASELINES:
+        return precision_of(BASELINES[ORT_BASELINES[label]], on_cuda=True)
+    if label.endswith("fp16"):
+        return "fp16"
+    return "tf32" if info.get("torch_tf32_conv") or info.get("torch_tf32_matmul") else "fp32"
 
 
 def _ort_cuda_options(onnx_path: Path) -> dict:
@@ -487,7 +517,8 @@ def export_onnx(plan: dict, dest: Path) -> None:
 
 
 def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: bool = True,
-        memory: bool = True, onnx_dir: Path | None = None, isolate: tuple[str, ...] = ()) -> dict:
+        memory: bool = True, onnx_dir: Path | None = None, isolate: tuple[str, ...] = (),
+        ort_baselines: tuple[str, ...] = tuple(ORT_BASELINES)) -> dict:
     """Check every artifact against the reference outputs and measure all engines, alternating. The
     `isolate` variants (new kernels) first run in a process of their own and are left out where they
     fail there."""
@@ -576,19 +607,22 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
                 engines[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 _say(f"{cid} {label}: {engines[label]['error']}")
         onnx_path = _onnx_of(base, case, onnx_dir)
-        if "CUDAExecutionProvider" in info["onnxruntime_providers"] and onnx_path is not None:
-            label = "onnxruntime cuda"
+        for label in ort_baselines if onnx_path is not None else ():
+            precision = _precision(label, info)
             try:
-                if "onnxruntime_cuda_options" not in info:
+                if "CUDAExecutionProvider" in info["onnxruntime_providers"] and "onnxruntime_cuda_options" not in info:
                     info["onnxruntime_cuda_options"] = _ort_cuda_options(onnx_path)
                 before = device.cuda_memory()
-                runner, values = _ort_cuda_case(onnx_path, feeds)
+                runner, values, extra = _ort_case(label, onnx_path, feeds, None)  # TensorRT cache: a temp dir
                 abs_err, rel_err = _max_rel(values, expected)
-                engines[label] = {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": 1e-3,
-                                  "passed": bool(rel_err <= 1e-3), "gpu_mem_inprocess_mib": _mem_used(before)}
+                tol = TOLERANCE[precision]
+                engines[label] = {"max_abs_error": abs_err, "max_rel_error": rel_err, "tolerance": tol,
+                                  "passed": bool(rel_err <= tol), "gpu_mem_inprocess_mib": _mem_used(before),
+                                  "build_s": extra.get("build_s"), "provider_options": extra["provider_options"]}
                 runners[label] = runner
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 (BaselineUnavailable: "provider not available")
                 engines[label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                _say(f"{cid} {label}: {engines[label]['error']}")
         if torch is not None and info.get("torch_cuda"):
             for precision in PRECISIONS:
                 label = f"pytorch eager {precision}"
@@ -616,6 +650,8 @@ def run(base: Path, out: Path, repeat: int, budget_s: float, torch_baseline: boo
         n -= n % 10
         _say(f"{cid}: measuring {', '.join(runners)} ({n} runs each)")
         samples = measure_alternating(runners, warmup=5, repeat=n, block=10, pause_s=0.0)
+        for label in engines:
+            engines[label]["precision"] = _precision(label, info)
         for label, times in samples.items():
             stats = Stats.of(times, batch=batch)
             engines[label]["stats"] = {k: round(v, 4) for k, v in stats.__dict__.items()}
@@ -649,12 +685,21 @@ def _tuning_text(tuned: dict) -> str:
         f"{name} {t['tuned_kernels_used']} of {t['tasks']} kernels" for name, t in tuned.items())
 
 
+def same_precision_ratio(engines: dict, prefix: str, precision: str, p50_ms: float) -> str:
+    """p50 of the first measured row whose label starts with `prefix` and whose precision is `precision`,
+    over p50_ms ("1.23x"), or "-" when there is none: never a ratio across precisions."""
+    for label, e in engines.items():
+        if label.startswith(prefix) and e.get("precision") == precision and "stats" in e:
+            return f"{e['stats']['p50_ms'] / p50_ms:.2f}x"
+    return "-"
+
+
 def markdown(results: dict) -> str:
     gpu = results["machine"].get("gpu", {})
     m = results["machine"]
     gpu_name = gpu.get("name", "unknown GPU")
     lines = [
-        "# GPU latency: forgeml (fp32, fp16; with and without CUDA graphs) vs ONNX Runtime CUDA vs PyTorch eager",
+        "# GPU latency at equal precision: forgeml vs ONNX Runtime (CUDA, TensorRT) vs PyTorch eager",
         "",
         f"GPU: **{gpu_name}** ({gpu.get('memory.total', '?')}, compute capability {gpu.get('compute_cap', '?')}, "
         f"driver {gpu.get('driver_version', '?')}); Python {m.get('python')}, torch {m.get('torch', 'absent')}, "
@@ -668,7 +713,6 @@ def markdown(results: dict) -> str:
         "synchronize; engines alternate in blocks of 10 on the same seeded inputs, in one process. "
         "`dev ms`: forgeml's time inside the TVM runtime (CUDA events, median of 5 means of up to 10 runs). "
         "`+copies ms`: forgeml's `Session.run` with numpy in and out (host-device copies). "
-        "`vs torch`, `vs ORT`: p50 of PyTorch eager fp32 (of ONNX Runtime CUDA) / p50: above 1 is faster. "
         "`rel err`: max |out - ONNX Runtime CPU| / max |ONNX Runtime CPU| over every output element. "
         "`GPU MiB`: GPU memory of the engine alone in a fresh process, after creating it and 3 runs "
         "(nvidia-smi's used memory, after minus before: CUDA context, kernels, weights, workspace; "
@@ -690,26 +734,33 @@ def markdown(results: dict) -> str:
         lines += [f"PyTorch fp32 runs with its defaults: TF32 convolutions {m.get('torch_tf32_conv')}, "
                   f"TF32 matmuls {m.get('torch_tf32_matmul')}. PyTorch fp16 is `module.half()` (fp16 "
                   "weights and activations).", ""]
-    header = ["model", "batch", "engine", "p50 ms", "p90 ms", "min ms", "items/s", "vs torch", "vs ORT", "dev ms",
-              "+copies ms", "rel err", "ok", "GPU MiB"]
+    lines += ["Ratios are printed only between rows of **equal precision** (`prec`): fp16 (forgeml --precision "
+              "fp16: fp16 compute, fp32 accumulation; ONNX Runtime CUDA on an fp16 copy of the model made by "
+              "onnxconverter-common with fp32 inputs and outputs; ONNX Runtime TensorRT with trt_fp16_enable; "
+              "PyTorch `.half()`), fp32 (forgeml fp32; ONNX Runtime CUDA with use_tf32=0), tf32 (ONNX Runtime "
+              "CUDA's default use_tf32=1; PyTorch fp32 where its TF32 flags are on). `vs X`: p50 of X at the "
+              "row's precision / p50 (above 1: faster than X); `-`: no row of X at that precision. "
+              "`build s`: TensorRT's engine build (session creation and first run), never in the latency.", ""]
+    header = ["model", "batch", "engine", "prec", "p50 ms", "p90 ms", "min ms", "items/s", "vs ORT CUDA",
+              "vs ORT TRT", "vs torch", "dev ms", "+copies ms", "rel err", "ok", "GPU MiB", "build s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in results["cases"]:
-        ref = case["engines"].get("pytorch eager fp32", {}).get("stats", {}).get("p50_ms")
-        ort_ref = case["engines"].get("onnxruntime cuda", {}).get("stats", {}).get("p50_ms")
         for label, e in case["engines"].items():
+            prec = e.get("precision", "?")
             if "stats" not in e:
-                lines.append(f"| {case['model']} | {case['batch']} | {label} | error: {e.get('error', '?')[:80]} "
-                             + "| " * (len(header) - 4) + "|")
+                lines.append(f"| {case['model']} | {case['batch']} | {label} | {prec} | "
+                             f"not measured: {e.get('error', '?')[:100]} " + "| " * (len(header) - 5) + "|")
                 continue
             s = e["stats"]
-            ratio = f"{ref / s['p50_ms']:.2f}x" if ref else "-"
-            ort_ratio = f"{ort_ref / s['p50_ms']:.2f}x" if ort_ref else "-"
+            ratios = [same_precision_ratio(case["engines"], prefix, prec, s["p50_ms"])
+                      for prefix in ("onnxruntime cuda", "onnxruntime trt", "pytorch eager")]
             lines.append(
-                f"| {case['model']} | {case['batch']} | {label} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
-                f"{s['min_ms']:.3f} | {s['throughput_per_s']:.0f} | {ratio} | {ort_ratio} | "
+                f"| {case['model']} | {case['batch']} | {label} | {prec} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
+                f"{s['min_ms']:.3f} | {s['throughput_per_s']:.0f} | {' | '.join(ratios)} | "
                 f"{e.get('device_timer_ms', '-')} | {e.get('with_copies_ms', '-')} | "
                 f"{e.get('max_rel_error', float('nan')):.2g} | {'yes' if e.get('passed') else 'NO'} | "
-                f"{e.get('gpu_mem_mib') if e.get('gpu_mem_mib') is not None else '-'} |")
+                f"{e.get('gpu_mem_mib') if e.get('gpu_mem_mib') is not None else '-'} | "
+                f"{e.get('build_s') if e.get('build_s') is not None else '-'} |")
     lines += ["", f"Settings: {json.dumps(results['settings'])}.", ""]
     return "\n".join(lines)
 
@@ -745,6 +796,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
     parser.add_argument("--onnx-dir", help="export-onnx's output / run's ONNX models when the bundle has none")
+    parser.add_argument("--cases", default="", help="pack: only these case ids (e.g. resnet18_b32), comma-separated")
+    parser.add_argument("--ort-baselines", default=",".join(ORT_BASELINES),
+                        help=f"run: ONNX Runtime rows, of {', '.join(ORT_BASELINES)}")
     parser.add_argument("--out", default=str(RESULTS / "gpu"), help="results path without suffix")
     args = parser.parse_args()
     work = Path(args.work)
@@ -755,7 +809,7 @@ def main() -> None:
         prepare(work, models, batches, args.target, reuse=args.reuse,
                 variants=tuple(v.strip() for v in args.variants.split(",")))
     if args.command == "pack":
-        pack(work, Path(args.bundle))
+        pack(work, Path(args.bundle), cases=[c for c in args.cases.split(",") if c] or None)
     if args.command == "unpack":
         _unpack_to(Path(args.bundle), work)
     if args.command == "export-onnx":
@@ -770,7 +824,8 @@ def main() -> None:
             _unpack_to(Path(args.bundle), base)
         results = run(base, out, args.repeat, args.budget_s, torch_baseline=not args.no_torch,
                       memory=not args.no_memory, onnx_dir=Path(args.onnx_dir) if args.onnx_dir else None,
-                      isolate=tuple(v.strip() for v in args.isolate.split(",") if v.strip()))
+                      isolate=tuple(v.strip() for v in args.isolate.split(",") if v.strip()),
+                      ort_baselines=tuple(v.strip() for v in args.ort_baselines.split(",") if v.strip()))
         print(markdown(results))
     if args.command == "mem":
         print(json.dumps(measure_memory(args.engine, models[0], batches[0], args.precision, args.artifact)))

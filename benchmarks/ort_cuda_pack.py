@@ -10,7 +10,9 @@ one GPU architecture, as a tar.xz of about 58 MiB.
 
 Every fatbin entry for another architecture is zeroed in place (the layout stays; the driver picks the
 entry for its own architecture and never reads the others); a fatbin with no entry for `--sm` keeps
-everything. The TensorRT provider and the C API library (not used by the Python module) are left out.
+everything. The C API library (not used by the Python module) is left out, and the TensorRT provider
+unless --with-tensorrt (it also needs TensorRT's own libraries, libnvinfer, on the GPU machine: where
+they are missing the onnxruntime-trt-fp16 baseline reports "provider not available").
 Check the result on the GPU: `verify.onnxruntime_cuda_runner` refuses a session that fell back to CPU.
 """
 
@@ -25,8 +27,8 @@ import zipfile
 from pathlib import Path
 
 FATBIN_MAGIC = 0xBA55ED50
-LEFT_OUT = ("libonnxruntime_providers_tensorrt.so", "libonnxruntime.so", "onnxruntime/transformers/",
-            "onnxruntime/quantization/", "onnxruntime/tools/")
+TENSORRT = "libonnxruntime_providers_tensorrt.so"
+LEFT_OUT = ("libonnxruntime.so", "onnxruntime/transformers/", "onnxruntime/quantization/", "onnxruntime/tools/")
 
 
 def _section(elf: bytes, name: bytes) -> tuple[int, int]:
@@ -73,12 +75,14 @@ def main() -> None:
     parser.add_argument("wheel", type=Path)
     parser.add_argument("-o", "--output", type=Path, default=Path(".ortgpu/site.tar.xz"))
     parser.add_argument("--sm", type=int, default=90, help="GPU architecture to keep (90: H100/H200)")
+    parser.add_argument("--with-tensorrt", action="store_true", help="keep the TensorRT provider library")
     args = parser.parse_args()
+    left_out = LEFT_OUT if args.with_tensorrt else (*LEFT_OUT, TENSORRT)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(args.wheel) as wheel, lzma.open(args.output, "wb", preset=6) as xz, \
             tarfile.open(fileobj=xz, mode="w") as tar:
         for info in wheel.infolist():
-            if info.is_dir() or any(part in info.filename for part in LEFT_OUT):
+            if info.is_dir() or any(part in info.filename for part in left_out):
                 continue
             data = wheel.read(info)
             if info.filename.endswith("libonnxruntime_providers_cuda.so"):

@@ -286,7 +286,12 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
 
 @cli.command("bench")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--baseline", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "none"]))
+@click.option("--baseline", "baselines", multiple=True, default=["onnxruntime"], show_default=True,
+              type=click.Choice(["onnxruntime", "onnxruntime-tf32-off", "onnxruntime-fp16", "onnxruntime-trt-fp16",
+                                 "none"]),
+              help="Repeatable. onnxruntime: the model as given (fp32; TF32 on CUDA); -tf32-off: CUDA fp32 without "
+                   "TF32; -fp16: an fp16 copy of the model (CUDA, or the CPU without it); -trt-fp16: TensorRT "
+                   "fp16 (engine build time reported apart). Ratios only between rows of equal precision.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path),
               help="ONNX model for the baseline [default: the one recorded at compile time].")
 @click.option("--threads", default=2, show_default=True, type=int, help="Threads for every engine.")
@@ -298,11 +303,14 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
 @click.option("--rpc", metavar="HOST:PORT", help="Also run them on this TVM RPC device (`forgeml device serve`).")
 @click.option("--tracker", metavar="HOST:PORT", help="Also run them on a device from this TVM RPC tracker.")
 @click.option("--device-key", metavar="KEY", help="With --tracker: the device's key.")
+@click.option("--rpc-token-file", type=click.Path(path_type=Path),
+              help="File holding the device server's token (default: $FORGEML_RPC_TOKEN).")
 @click.option("--offsite-seconds", default=60.0, show_default=True, type=float,
               help="Emulated/RPC cases: cut --repeat to about this long.")
-def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None, threads: int, warmup: int,
-              repeat: int, no_memory: bool, json_path: Path | None, emulate: bool, rpc: str | None,
-              tracker: str | None, device_key: str | None, offsite_seconds: float) -> None:
+def bench_cmd(artifacts: tuple[Path, ...], baselines: tuple[str, ...], onnx_path: Path | None, threads: int,
+              warmup: int, repeat: int, no_memory: bool, json_path: Path | None, emulate: bool, rpc: str | None,
+              tracker: str | None, device_key: str | None, rpc_token_file: Path | None,
+              offsite_seconds: float) -> None:
     """Benchmark ARTIFACTS side by side with ONNX Runtime (alternating, same inputs and threads).
 
     Artifacts for another architecture run emulated (--emulate) or on a device (--rpc, --tracker);
@@ -312,14 +320,17 @@ def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None
 
     from forgeml.bench.report import print_table
     from forgeml.bench.run import run_benchmark
+    from forgeml.targets.rpc_server import read_token_file
+
+    token = read_token_file(rpc_token_file) if rpc_token_file else None
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("benchmarking", total=None)
-        report = run_benchmark(list(artifacts), baseline=baseline, threads=threads, warmup=warmup,
+        report = run_benchmark(list(artifacts), baseline=list(baselines), threads=threads, warmup=warmup,
                                repeat=repeat, onnx_path=onnx_path, memory=not no_memory,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                emulate=emulate, rpc=rpc, tracker=tracker, device_key=device_key,
-                               offsite_budget_s=offsite_seconds)
+                               offsite_budget_s=offsite_seconds, rpc_token=token)
     print_table(report, out)
     if json_path:
         report.save(json_path)
@@ -459,10 +470,18 @@ def device_group() -> None:
 @click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
 @click.option("--key", default="", help="Device key for the tracker (what `bench --device-key` asks for).")
 @click.option("--emulate", "emulate_arch", metavar="ARCH", help="Serve an emulated device instead (aarch64).")
+@click.option("--token-file", type=click.Path(path_type=Path),
+              help="File holding the token every client must give (or $FORGEML_RPC_TOKEN); required beyond "
+                   "loopback.")
+@click.option("--idle-timeout", default=300.0, show_default=True, type=float,
+              help="Close a session whose client is silent this many seconds.")
 def device_serve(host: str, port: int, port_end: int | None, tracker: str | None, key: str,
-                 emulate_arch: str | None) -> None:
-    """Run TVM's RPC server (runtime library only) until interrupted. Trusted networks only: clients
-    upload and run native code."""
+                 emulate_arch: str | None, token_file: Path | None, idle_timeout: float) -> None:
+    """Serve TVM RPC sessions (runtime library only) until interrupted. Clients that give the token
+    upload and run native code as this user: the token keeps others out, it does not sandbox."""
+    from forgeml.targets.rpc_server import read_token_file, server_token
+
+    token = server_token(host, read_token_file(token_file) if token_file else None)
     if emulate_arch:
         import signal
 
@@ -470,13 +489,15 @@ def device_serve(host: str, port: int, port_end: int | None, tracker: str | None
 
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the `with` ends the emulated server too
         with EmulatedServer(emulate_arch, host, port, port_end, tracker, key, output=sys.stdout,
-                            progress=lambda msg: console.print(msg)) as server:
+                            progress=lambda msg: console.print(msg), token=token,
+                            idle_timeout_s=idle_timeout) as server:
             out.print(server.log[-1], highlight=False)
             server.wait()
         return
     from forgeml.targets.rpc import serve
 
-    serve(host, port, port_end, tracker, key, announce=lambda msg: out.print(msg, highlight=False))
+    serve(host, port, port_end, tracker, key, token=token, idle_timeout_s=idle_timeout,
+          announce=lambda msg: out.print(msg, highlight=False))
 
 
 @cli.group("zoo")

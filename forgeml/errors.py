@@ -42,6 +42,12 @@ class ToolchainMissing(ForgeError):
     exit_code = 2
 
 
+class BaselineUnavailable(ForgeError):
+    """A benchmark baseline cannot run here: its ONNX Runtime provider or converter is missing (exit 2)."""
+
+    exit_code = 2
+
+
 class VerificationFailed(ForgeError):
     """The compiled model's outputs differ from ONNX Runtime beyond tolerance (exit 3)."""
 

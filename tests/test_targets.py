@@ -1,7 +1,7 @@
 """Target presets, cross-compilation of a small model, and the one-line errors of emulation and RPC.
 
 Fast: no qemu run here (tests/test_edge.py runs the emulated and RPC devices). The cross compilers
-come from `make toolchains` (CI runs it before the tests).
+come from `make toolchains` (CI runs it before the tests); without them those tests skip, saying so.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import mlp_model, save
+from toolchains import CROSS_COMPILERS, require_tools
 
 import forgeml
 from forgeml.cli import main
@@ -39,8 +40,7 @@ def mlp_onnx(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cross_mlp(mlp_onnx: Path) -> dict[str, Path]:
     """The MLP compiled for aarch64 and riscv64 (skips native verification: another architecture)."""
-    if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("riscv64-linux-gnu-g++")):
-        pytest.fail("cross compilers missing: run `make toolchains`")
+    require_tools(*CROSS_COMPILERS)
     out = {}
     for target in ("aarch64", "riscv64"):
         out[target] = mlp_onnx.with_name(f"mlp-{target}.fml")
@@ -166,13 +166,15 @@ def test_bad_rpc_addresses_are_refused(text):
         parse_address(text, "--rpc")
 
 
-def test_unreachable_rpc_device_is_one_line(cross_mlp, capsys):
+def test_unreachable_rpc_device_is_one_line(mlp_onnx, tmp_path, capsys):
     import socket
 
+    forgeml.compile_model(mlp_onnx, tmp_path / "m.fml")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["bench", str(cross_mlp["aarch64"]), "--rpc", f"127.0.0.1:{port}", "--no-memory"]) == 2
+    assert main(["bench", str(tmp_path / "m.fml"), "--rpc", f"127.0.0.1:{port}", "--no-memory", "--repeat", "3",
+                 "--warmup", "1"]) == 2
     assert "cannot reach the RPC device" in capsys.readouterr().err
 
 

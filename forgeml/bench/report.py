@@ -9,7 +9,7 @@ from rich.table import Table
 
 from forgeml.bench.harness import Report
 
-COLUMNS = ["case", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "min ms", "runs/s", "peak RSS MB",
+COLUMNS = ["case", "precision", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "min ms", "runs/s", "peak RSS MB",
            "size MB", "p50 vs ref"]
 
 
@@ -21,16 +21,31 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if value < 100 else f"{value:.1f}"
 
 
+def precision(case: Any) -> str:
+    """A case's precision ("fp32", "tf32", "fp16"); reports written before it was recorded: fp32."""
+    return str(case.extra.get("precision") or "fp32")
+
+
+def references(report: Report) -> dict[tuple[str, str], Any]:
+    """(model, precision) -> the first baseline case of that model and precision."""
+    out: dict[tuple[str, str], Any] = {}
+    for c in report.cases:
+        if c.extra.get("reference"):
+            out.setdefault((c.model, precision(c)), c)
+    return out
+
+
 def rows(report: Report) -> list[list[str]]:
-    """One row per case; the ratio is p50 over the reference case's p50 of the same model (<1: faster)."""
-    reference = {c.model: c for c in report.cases if c.extra.get("reference")}
+    """One row per case; the ratio is p50 over the p50 of the reference case of the same model and the
+    same precision (<1: faster); a case with no reference at its precision gets none ("-")."""
+    reference = references(report)
     out = []
     for case in report.cases:
         s = case.stats
-        ref = reference.get(case.model)
+        ref = reference.get((case.model, precision(case)))
         ratio = "ref" if ref is case else (f"{s.p50_ms / ref.stats.p50_ms:.2f}x" if ref else "-")
-        out.append([case.name, _fmt(s.p50_ms), _fmt(s.p90_ms), _fmt(s.p99_ms), _fmt(s.mean_ms), _fmt(s.std_ms),
-                    _fmt(s.min_ms), _fmt(s.throughput_per_s, 1), _fmt(case.peak_rss_mb, 1),
+        out.append([case.name, precision(case), _fmt(s.p50_ms), _fmt(s.p90_ms), _fmt(s.p99_ms), _fmt(s.mean_ms),
+                    _fmt(s.std_ms), _fmt(s.min_ms), _fmt(s.throughput_per_s, 1), _fmt(case.peak_rss_mb, 1),
                     _fmt(case.artifact_mb, 2), ratio])
     return out
 

@@ -8,6 +8,16 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from forgeml.bench.baselines import (
+    Baseline,
+    BaselineUnavailable,
+    artifact_precision,
+    baseline_model,
+    check_provider,
+    get_baseline,
+    gpu_runner,
+    precision_of,
+)
 from forgeml.bench.harness import (
     BlockRunner,
     CaseResult,
@@ -26,11 +36,15 @@ BLOCK = 10
 WORKER_FACTS = ("pid", "affinity_inherited", "affinity_at_start", "affinity_after_first_run", "threads", "load_s")
 
 
-def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxruntime", threads: int = 2,
+def run_benchmark(artifacts: list[str | Path], baseline: str | list[str] | None = "onnxruntime", threads: int = 2,
                   warmup: int = 10, repeat: int = 100, onnx_path: str | Path | None = None, memory: bool = True,
                   progress: Callable[[int, int], None] | None = None, emulate: bool = False, rpc: str | None = None,
-                  tracker: str | None = None, device_key: str | None = None, offsite_budget_s: float = 60.0) -> Report:
-    """Benchmark each artifact and, for each distinct source model, the baseline, alternating.
+                  tracker: str | None = None, device_key: str | None = None, offsite_budget_s: float = 60.0,
+                  rpc_token: str | None = None) -> Report:
+    """Benchmark each artifact and, for each distinct source model, the baselines, alternating.
+
+    `baseline`: one name or several of forgeml.bench.baselines.BASELINES ("none" or None: no baseline).
+    Every row records its precision (extra["precision"]); reports compare equal precisions only.
 
     Artifacts for this machine run here: each CPU engine in a worker process of its own
     (forgeml.bench.worker), started before this process loads any TVM runtime; CUDA rows run in this
@@ -42,8 +56,10 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
 
     from forgeml.compiler.verify import seeded_inputs, source_onnx
 
-    if baseline not in (None, "none", "onnxruntime"):
-        raise InvalidInput(f"unknown baseline '{baseline}'; known: onnxruntime, none")
+    names = [baseline] if isinstance(baseline, str) or baseline is None else list(baseline)
+    baselines = [get_baseline(n) for n in dict.fromkeys(names) if n not in (None, "none")]
+    for b in baselines:
+        check_provider(b)  # "provider not available" up front, before anything is loaded
     local, feeds_by_model, sources, every = [], {}, {}, []
     for path in map(Path, artifacts):  # plan: nothing is loaded yet
         manifest = open_artifact(path).manifest
@@ -58,12 +74,18 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
         else:
             local.append(dict(name=f"forgeml {path.name} ({manifest.target.get('name')})", engine="forgeml",
                               model=model_key, path=path, feeds=feeds, cuda=cuda,
-                              artifact_mb=path.stat().st_size / 1e6))
+                              artifact_mb=path.stat().st_size / 1e6,
+                              precision=artifact_precision(manifest.compile_options)))
         every.append((path, arch, model_key))
-        if baseline == "onnxruntime" and model_key not in sources:
+        if baselines and model_key not in sources:
             source = sources[model_key] = source_onnx(path, onnx_path)
-            local.append(dict(name=f"onnxruntime {source.name}", engine="onnxruntime", model=model_key, path=source,
-                              feeds=feeds, cuda=cuda, artifact_mb=source.stat().st_size / 1e6))
+            for b in baselines:
+                if not cuda and b.provider != "cuda-or-cpu":
+                    raise BaselineUnavailable(f"baseline {b.name} runs on the GPU: bench it beside a CUDA artifact")
+                model = source if cuda else baseline_model(b, source)  # CUDA rows convert in _cuda_runner
+                local.append(dict(name=f"{b.name} {source.name}", engine="onnxruntime", model=model_key, path=model,
+                                  source=source, baseline=b, feeds=feeds, cuda=cuda,
+                                  artifact_mb=model.stat().st_size / 1e6, precision=precision_of(b, False)))
 
     with ExitStack() as stack:
         engines: dict[str, BlockRunner] = {}
@@ -71,16 +93,19 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
             worker = stack.enter_context(EngineWorker(case["engine"], case["path"], case["feeds"], threads))
             engines[case["name"]], case["extra"] = worker.run, _worker_extra(worker)
         for case in [c for c in local if c["cuda"]]:  # CUDA rows: in this process, as before
-            runner, case["extra"] = _cuda_runner(case, threads)  # may rename the case (onnxruntime-cuda)
+            runner, case["extra"] = _cuda_runner(case, threads)  # may rename the case (onnxruntime-cuda...)
             engines[case["name"]] = runner
             if case["extra"].pop("cpu_fallback", False):  # ONNX Runtime without CUDA: a CPU worker after all
+                case["path"] = baseline_model(case["baseline"], case["source"])
                 worker = stack.enter_context(EngineWorker("onnxruntime", case["path"], case["feeds"], threads))
                 engines[case["name"]], case["extra"] = worker.run, _worker_extra(worker)
+                case["extra"]["provider"] = "CPUExecutionProvider (no CUDA provider here)"
+                case["precision"] = precision_of(case["baseline"], False)
         remote = remote_info = None
         if rpc or tracker:  # after the workers started: this imports TVM here
             from forgeml.targets import rpc as rpc_device
 
-            remote = rpc_device.connect(rpc, tracker, device_key)
+            remote = rpc_device.connect(rpc, tracker, device_key, token=rpc_token)
             remote_info = rpc_device.remote_info(remote)  # None for a stock TVM server: send it everything
         offsite = []
         for path, arch, model_key in every:
@@ -93,6 +118,10 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
                     raise InvalidInput(f"{path} is built for {arch} and this machine is {platform.machine()}: add "
                                        f"--emulate, or --rpc/--tracker to run it on such a device")
         samples = measure_blocks(engines, warmup=warmup, repeat=repeat, block=BLOCK, progress=progress)
+    if remote is not None and offsite:  # a fresh session: the first sat idle through the local timing, and
+        remote = None                   # the device server closes sessions idle past its timeout
+        remote = rpc_device.connect(rpc, tracker, device_key, token=rpc_token)
+        remote_info = rpc_device.remote_info(remote) or remote_info
 
     cases = []
     for meta in local:
@@ -102,7 +131,8 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
             name=name, engine=meta["engine"], model=meta["model"], stats=Stats.of(times),
             samples_ms=[t * 1e3 for t in times], peak_rss_mb=rss.get("peak_rss_mb"), artifact_mb=meta["artifact_mb"],
             extra={"reference": meta["engine"] == "onnxruntime", "path": str(meta["path"]),
-                   "load_to_first_output_s": rss.get("load_to_first_output_s"), **meta["extra"]},
+                   "precision": meta["precision"], "load_to_first_output_s": rss.get("load_to_first_output_s"),
+                   **meta["extra"]},
         ))
     for placement, path, model_key in offsite:  # timed on the emulated or RPC device; checked against ORT
         feeds = feeds_by_model[model_key]
@@ -115,6 +145,7 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
             case = rpc_device.remote_case(remote, remote_info, rpc or f"{tracker}/{device_key}", path, feeds,
                                           model_key, threads, warmup, repeat, expected, offsite_budget_s)
         case.extra["isolation"] = f"{'emulated' if placement == 'emulate' else 'RPC'} device, after the local rows"
+        case.extra["precision"] = artifact_precision(open_artifact(path).manifest.compile_options)
         cases.append(case)
     in_bench = any(c["cuda"] and c["extra"].get("isolation") != "worker process" for c in local)
     isolation = f"process per engine, alternating blocks of {BLOCK}"
@@ -123,7 +154,9 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | None = "onnxrunti
     if offsite:
         isolation += "; emulated/RPC rows: on their device, not alternated"
     settings = {"threads": threads, "warmup": warmup, "repeat": repeat, "block": BLOCK,
-                "inputs": "seeded normal, seed 0", "isolation": isolation, "bench_pid": os.getpid()}
+                "inputs": "seeded normal, seed 0", "isolation": isolation, "bench_pid": os.getpid(),
+                "baselines": [b.name for b in baselines],
+                "ratios": "p50 over the first baseline row of the same model and precision; none across precisions"}
     if offsite:
         settings["offsite"] = (f"emulated/RPC cases are timed on their device after the local ones, runs cut to "
                                f"about {offsite_budget_s:g} s each")
@@ -137,7 +170,8 @@ def _worker_extra(worker: EngineWorker) -> dict:
 
 def _cuda_runner(case: dict, threads: int) -> tuple[BlockRunner, dict]:
     """A CUDA row, timed in this process: a forgeml CUDA artifact (device-resident inputs, synchronized),
-    or ONNX Runtime's CUDA provider ({"cpu_fallback": True} when this onnxruntime has none)."""
+    or an ONNX Runtime GPU baseline ({"cpu_fallback": True} for a CUDA-or-CPU baseline when this
+    onnxruntime has no working CUDA provider; the others raise BaselineUnavailable)."""
     extra = {"isolation": "bench process (CUDA, device-timed)"}
     if case["engine"] == "forgeml":
         import forgeml
@@ -145,17 +179,19 @@ def _cuda_runner(case: dict, threads: int) -> tuple[BlockRunner, dict]:
 
         run, device_extra = bench_runner(forgeml.load(case["path"], threads=threads), case["feeds"])
         return in_process(run), {**extra, **device_extra}
-    from forgeml.compiler.verify import onnxruntime_cuda_runner
-
+    baseline: Baseline = case["baseline"]
     try:
-        cuda = onnxruntime_cuda_runner(case["path"], case["feeds"])
-    except RuntimeError as e:  # the provider did not load: keep the CPU baseline, say so
-        warnings.warn(f"baseline on the CPU: {e}", stacklevel=1)
-        cuda = None
-    if cuda is None:
+        gpu = gpu_runner(baseline, case["source"], case["feeds"])
+    except BaselineUnavailable as e:
+        if baseline.provider != "cuda-or-cpu":
+            raise
+        warnings.warn(f"baseline on the CPU: {e}", stacklevel=1)  # keep the CPU baseline, say so
         return in_process(lambda: None), {"cpu_fallback": True}
-    case["name"] = case["name"].replace("onnxruntime ", "onnxruntime-cuda ", 1)
-    return in_process(cuda[0]), extra
+    if baseline.provider != "tensorrt":
+        case["name"] = case["name"].replace("onnxruntime", "onnxruntime-cuda", 1)
+    case["precision"] = precision_of(baseline, True)
+    case["path"] = Path(gpu.extra["model"])
+    return in_process(gpu.run), {**extra, **gpu.extra}
 
 
 def _expected(source: Path, feeds: dict) -> dict:

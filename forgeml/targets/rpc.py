@@ -70,28 +70,38 @@ def device_info() -> dict[str, Any]:
 
 
 def serve(host: str = "127.0.0.1", port: int = 9090, port_end: int | None = None, tracker: str | None = None,
-          key: str = "", silent: bool = False, announce: Callable[[str], None] = print) -> None:
-    """Run TVM's RPC server in this process until interrupted."""
+          key: str = "", silent: bool = False, announce: Callable[[str], None] = print, token: str | None = None,
+          idle_timeout_s: float = 300.0, handshake_timeout_s: float = 10.0) -> None:
+    """Serve TVM RPC sessions in this process until interrupted (forgeml.targets.rpc_server: token, confined
+    work directory, timeouts); `token` defaults to $FORGEML_RPC_TOKEN and is required beyond loopback."""
+    from forgeml.targets.rpc_server import DeviceServer, server_token
+
     tracker_addr = parse_address(tracker, "--tracker") if tracker else None
     if tracker_addr and not key:
         raise InvalidInput("--tracker needs --key: the name clients request this device by")
-    server = _import_rpc_server()
+    token = server_token(host, token)
+    if idle_timeout_s <= 0 or handshake_timeout_s <= 0:
+        raise InvalidInput("--idle-timeout must be positive (seconds)")
+    _import_rpc_server()
+    import logging
+
     import tvm_ffi
 
+    logging.basicConfig(level=logging.ERROR if silent else logging.INFO, format="%(asctime)s %(message)s")
     info = json.dumps(device_info())
     tvm_ffi.register_global_func(DEVICE_INFO, lambda: info, override=True)
     try:
-        bound = server._popen_start_rpc_server(host, port, port_end or port + 1, False, tracker_addr, key,
-                                               None, None, silent)
+        server = DeviceServer(host, port, port_end or port + 1, key, token, tracker_addr,
+                              handshake_timeout_s=handshake_timeout_s, idle_timeout_s=idle_timeout_s)
     except (OSError, ValueError) as e:
         raise InvalidInput(f"cannot serve TVM RPC on {host}:{port}: {e}") from None
     where = f", registering with tracker {tracker} as '{key}'" if tracker_addr else ""
-    thread = server.PopenRPCServerState.current.thread
+    guard = "token required" if token else "no token: loopback only"
     try:
-        announce(f"{_READY} {host}:{bound} ({platform.machine()}){where}")
-        while thread.is_alive():
-            thread.join(1.0)
-    except KeyboardInterrupt:  # TVM's listening thread never returns and retries a closed socket forever
+        announce(f"{_READY} {host}:{server.port} ({platform.machine()}){where}; {guard}, idle timeout "
+                 f"{idle_timeout_s:g} s")
+        server.serve_forever()
+    except KeyboardInterrupt:
         sys.stdout.flush()
         os._exit(130)
 
@@ -101,19 +111,25 @@ class EmulatedServer:
 
     def __init__(self, arch: str, host: str = "127.0.0.1", port: int = 9090, port_end: int | None = None,
                  tracker: str | None = None, key: str = "", start_timeout_s: float = 180,
-                 progress: Callable[[str], None] | None = None, output: Any = subprocess.PIPE):
+                 progress: Callable[[str], None] | None = None, output: Any = subprocess.PIPE,
+                 token: str | None = None, idle_timeout_s: float = 300.0):
         from forgeml.targets.emulate import copy_forgeml, prepare
+        from forgeml.targets.rpc_server import TOKEN_ENV, server_token
 
         device = prepare(arch, progress)
         self._tmp = Path(tempfile.mkdtemp(prefix="forgeml-rpc-"))
         copy_forgeml(self._tmp)
         args = ["-m", "forgeml.targets.rpc", "--host", host, "--port", str(port),
-                "--port-end", str(port_end or port + 1), "--key", key]
+                "--port-end", str(port_end or port + 1), "--key", key, "--idle-timeout", str(idle_timeout_s)]
+        token = server_token(host, token)  # refused here, before qemu starts, when missing beyond loopback
         if tracker:
             args += ["--tracker", tracker]
         if progress:
             progress(f"starting the RPC server under {device.emulator.qemu}")
-        self.proc = subprocess.Popen(device.command(*args), env=device.environ(self._tmp), stdout=subprocess.PIPE,
+        env = device.environ(self._tmp, {TOKEN_ENV: token} if token else None)
+        if not token:
+            env.pop(TOKEN_ENV, None)
+        self.proc = subprocess.Popen(device.command(*args), env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, cwd=self._tmp, start_new_session=True)
         self.host, self.port, self.log = host, port, []
         deadline = time.monotonic() + start_timeout_s
@@ -124,7 +140,7 @@ class EmulatedServer:
                 break
             self.log.append(line.rstrip())
             if line.startswith(_READY):
-                self.port = int(line.split()[5].rsplit(":", 1)[1])
+                self.port = int(line.split()[5].rsplit(":", 1)[1])  # "forgeml: serving TVM RPC on HOST:PORT"
                 break
         else:
             self.stop()
@@ -176,24 +192,55 @@ class EmulatedServer:
 # host side
 
 
-def connect(rpc: str | None = None, tracker: str | None = None, key: str | None = None, timeout_s: int = 900):
-    """An RPC session: to the server at `rpc`, or to a device of kind `key` from the `tracker`."""
+def _tracker_request(host: str, port: int, key: str) -> tuple[str, int, str]:
+    """(address, port, match key) of a device of kind `key`, from a TVM RPC tracker."""
+    import struct
+
+    from tvm.rpc import base
+
+    sock = base.connect_with_retry((host, port), timeout=30)
+    try:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+            raise InvalidInput(f"{host}:{port} is not a TVM RPC tracker")
+        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
+        value = base.recvjson(sock)
+    finally:
+        sock.close()
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise InvalidInput(f"the tracker at {host}:{port} answered {value!r} for device key '{key}'")
+    url, device_port, matchkey = value[1]
+    return url, int(device_port), matchkey
+
+
+def connect(rpc: str | None = None, tracker: str | None = None, key: str | None = None, timeout_s: int = 900,
+            token: str | None = None):
+    """An RPC session: to the server at `rpc`, or to a device of kind `key` from the `tracker`; `token`
+    (default $FORGEML_RPC_TOKEN) is the device server's (`forgeml device serve`)."""
     from tvm import rpc as tvm_rpc
 
+    from forgeml.targets.rpc_server import TOKEN_ENV, client_key
+
+    token = token or os.environ.get(TOKEN_ENV) or None
     try:
         if rpc:
             host, port = parse_address(rpc, "--rpc")
-            return tvm_rpc.connect(host, port, session_timeout=timeout_s)
+            return tvm_rpc.connect(host, port, client_key("", token), session_timeout=timeout_s)
         if tracker:
             if not key:
                 raise InvalidInput("--tracker needs --device-key: the key the device registered with")
             host, port = parse_address(tracker, "--tracker")
-            return tvm_rpc.connect_tracker(host, port).request(key, priority=1, session_timeout=timeout_s)
+            url, device_port, matchkey = _tracker_request(host, port, key)
+            return tvm_rpc.connect(url, device_port, client_key(matchkey, token), session_timeout=timeout_s)
     except ForgeError:
         raise
     except Exception as e:  # TVM raises RuntimeError/TVMError with multi-line messages
         where = rpc or f"{tracker} (key {key})"
-        raise InvalidInput(f"cannot reach the RPC device at {where}: {_one_line(e)}") from None
+        reason = _one_line(e)
+        if "matches key" in reason:  # the server's answer to a wrong key or token
+            reason = (f"the device refused the key or token ({'a token was given' if token else 'no token given'}; "
+                      f"set {TOKEN_ENV} to the server's)")
+        raise InvalidInput(f"cannot reach the RPC device at {where}: {reason}") from None
     raise InvalidInput("give --rpc HOST:PORT or --tracker HOST:PORT --device-key K")
 
 
@@ -301,10 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-end", type=int)
     parser.add_argument("--tracker", help="HOST:PORT of a TVM RPC tracker to register with")
     parser.add_argument("--key", default="", help="device key to register with the tracker")
+    parser.add_argument("--token-file", help="file holding the token clients must give (or $FORGEML_RPC_TOKEN)")
+    parser.add_argument("--idle-timeout", type=float, default=300.0, help="close a session silent this long (s)")
     args = parser.parse_args(argv)
     try:
-        serve(args.host, args.port, args.port_end, args.tracker, args.key,
-              announce=lambda msg: print(msg, flush=True))
+        from forgeml.targets.rpc_server import read_token_file
+
+        token = read_token_file(args.token_file) if args.token_file else None
+        serve(args.host, args.port, args.port_end, args.tracker, args.key, token=token,
+              idle_timeout_s=args.idle_timeout, announce=lambda msg: print(msg, flush=True))
     except ForgeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
