@@ -131,3 +131,35 @@ def test_softmax_of_fully_masked_rows(tmp_path):
     got, want = _run_both(tmp_path, model, {"x": x, "bias": bias})
     assert (want["y"][1] == 0).all()
     _assert_same(got, want)
+
+
+def test_verification_records_the_nonfinite_probe(tmp_path):
+    """A default compile also runs both engines on inputs with NaN, +inf and -inf and records it."""
+    path = save(_one_node("Relu", ROW), tmp_path / "m.onnx")
+    manifest = forgeml.compile_model(path, tmp_path / "m.fml", target="x86-64")
+    assert manifest.verification["passed"]
+    assert manifest.verification["nonfinite"] == {"passed": True, "inputs": ["x"], "mismatch": None, "skipped": None}
+
+
+def test_nonfinite_probe_reports_nan_positions(tmp_path):
+    """forgeml's Relu against ONNX Runtime running Where(x > 0, x, 0): equal on finite inputs, not on NaN.
+    The finite check passes, the probe names the output, what differs and where, and the result fails."""
+    from forgeml.compiler.verify import nonfinite_inputs, verify_against_onnxruntime
+
+    relu = save(_one_node("Relu", ROW), tmp_path / "relu.onnx")
+    forgeml.compile_model(relu, tmp_path / "relu.fml", target="x86-64", verify=False)
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["above"]),
+             helper.make_node("Where", ["above", "x", "zero"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(ROW.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(ROW.shape))],
+                              [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    where = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "where.onnx")
+    result = verify_against_onnxruntime(forgeml.load(tmp_path / "relu.fml"), where, 1e-3)
+    assert result.max_rel_error == 0.0 and not result.passed
+    probe = result.nonfinite
+    assert not probe["passed"] and probe["inputs"] == ["x"]
+    assert probe["mismatch"].startswith("output 'y': NaN at 0 positions in ONNX Runtime, 1 in forgeml")
+    assert "non-finite inputs" in result.failure()
+    probed = nonfinite_inputs({"x": np.ones((2, 2), np.float32), "n": np.ones(3, np.int64)})
+    assert np.isnan(probed["x"][0, 0]) and probed["x"][0, 1] == INF and probed["x"][1, 0] == -INF
+    assert (probed["n"] == 1).all()
