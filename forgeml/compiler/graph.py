@@ -14,6 +14,7 @@ import tvm
 from tvm import relax
 
 from forgeml.compiler import nonfinite  # noqa: F401 (registers NaN/inf-correct legalizations on import)
+from forgeml.compiler.float16 import compute_float16_in_float32
 
 _MIN_WEIGHT_ELEMENTS = 64  # smaller constants (scalars, shapes) stay in the code
 
@@ -64,6 +65,7 @@ def graph_passes() -> list[tvm.transform.Pass]:
         fold_constants(),  # BN folds into conv only after the first FoldConstant
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        compute_float16_in_float32(),  # before fast_math: its approximations then run in float32 too
         fast_math(),
         relax.get_pipeline("zero"),  # legalize ops, fuse, FuseTIR
     ]
