@@ -208,9 +208,9 @@ def nonfinite_mismatch(actual: dict[str, np.ndarray], expected: dict[str, np.nda
     return None
 
 
-def _probe(session, ort_session, feeds: dict[str, np.ndarray], unit: set[str] | frozenset[str],
+def _probe(session, ort_session, feeds: dict[str, np.ndarray], keep: set[str] | frozenset[str],
            tolerance: float) -> NonFiniteProbe:
-    probe = nonfinite_inputs(feeds, skip=unit)
+    probe = nonfinite_inputs(feeds, skip=keep)
     changed = sorted(n for n in probe if not np.array_equal(probe[n], feeds[n], equal_nan=True))
     if not changed:
         return NonFiniteProbe(True, [], skipped="no float inputs")
@@ -245,15 +245,15 @@ def _reason(err: Exception) -> str:
 
 def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float, seed: int = 0) -> VerifyResult:
     """Run `session` (a forgeml Session) and ONNX Runtime on the same seeded inputs, then on them with NaN
-    and infinities in the float inputs (`NonFiniteProbe`; unit-interval inputs, thresholds and ratios, keep
-    their values); both must agree. When ONNX Runtime
+    and infinities in the float inputs (`NonFiniteProbe`; thresholds and convolution weights keep their
+    values); both must agree. When ONNX Runtime
     cannot run the model (no kernel for an op at that opset or dtype, inputs or outputs its Python API
     cannot convert, seeded inputs it rejects) the result is skipped with its reason; forgeml's session
     still runs once on the inputs so that a failure of its own surfaces here, except where ONNX Runtime
     rejected the seeded inputs and forgeml rejects them at run time too (random axes, indices)."""
     import onnx
 
-    from forgeml.compiler.frontend.onnx_model import divisor_inputs, unit_interval_inputs
+    from forgeml.compiler.frontend.onnx_model import convolution_weight_inputs, divisor_inputs, unit_interval_inputs
 
     def skipped(reason: str) -> VerifyResult:
         return VerifyResult(False, float("nan"), float("nan"), tolerance, seed, skipped=reason)
@@ -279,7 +279,7 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
         return skipped(reason)
     actual = session.run(feeds)
     max_abs, max_rel = compare(actual, expected)
-    probe = _probe(session, ort_session, feeds, unit, tolerance)
+    probe = _probe(session, ort_session, feeds, unit | convolution_weight_inputs(graph), tolerance)
     return VerifyResult(bool(max_rel <= tolerance and probe.passed), max_abs, max_rel, tolerance, seed,
                         nonfinite=probe.to_json())
 
