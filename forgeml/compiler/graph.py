@@ -161,6 +161,7 @@ def _nan_passing(fast: Callable) -> Callable:
         y = fast(x)
         return te.compute(x.shape, lambda *i: tirx.Select(tirx.isnan(x[i]), x[i], y[i]), name=y.op.name + "_nan")
 
+    compute.__name__ = fast.__name__  # the kernel's name
     return compute
 
 

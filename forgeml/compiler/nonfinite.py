@@ -57,7 +57,7 @@ def _binary(combine: Callable, fallback: Callable) -> Callable:
 
             return te.compute(shape, element, name="T_nan_" + fallback.__name__, tag="broadcast")
 
-        return bb.call_te(compute, *call.args)
+        return bb.call_te(compute, *call.args, primfunc_name_hint=fallback.__name__)
 
     return legalize
 
@@ -67,7 +67,7 @@ def _elementwise(element: Callable, fallback: Callable) -> Callable:
         if not _is_float(call.ty.dtype):
             return bb.call_te(fallback, call.args[0])
         return bb.call_te(lambda x: te.compute(x.shape, lambda *i: element(x[i]), name="T_" + fallback.__name__,
-                                               tag="elemwise"), call.args[0])
+                                               tag="elemwise"), call.args[0], primfunc_name_hint=fallback.__name__)
 
     return legalize
 
@@ -94,7 +94,7 @@ def _clip(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
         return te.compute(x.shape, element, name="T_clip", tag="elemwise")
 
-    return bb.call_te(compute, x, lo, hi)
+    return bb.call_te(compute, x, lo, hi, primfunc_name_hint="clip")
 
 
 def _reduce_axes(call: relax.Call, ndim: int) -> list[int]:
@@ -134,7 +134,7 @@ def _reduction(combine: Callable, start: float, fallback: Callable) -> Callable:
 
             return te.compute(shape, element, name="T_" + fallback.__name__, tag="comm_reduce")
 
-        return bb.call_te(compute, x)
+        return bb.call_te(compute, x, primfunc_name_hint=fallback.__name__)
 
     return legalize
 
@@ -179,7 +179,7 @@ def _arg_reduction(better: Callable, worst: float, fallback: Callable) -> Callab
 
             return te.compute(shape, element, name="T_" + fallback.__name__, tag="comm_reduce_idx")[0]
 
-        return bb.call_te(compute, x)
+        return bb.call_te(compute, x, primfunc_name_hint=fallback.__name__)
 
     return legalize
 
