@@ -138,7 +138,8 @@ def test_verification_records_the_nonfinite_probe(tmp_path):
     path = save(_one_node("Relu", ROW), tmp_path / "m.onnx")
     manifest = forgeml.compile_model(path, tmp_path / "m.fml", target="x86-64")
     assert manifest.verification["passed"]
-    assert manifest.verification["nonfinite"] == {"passed": True, "inputs": ["x"], "mismatch": None, "skipped": None}
+    assert manifest.verification["nonfinite"] == {"passed": True, "inputs": ["x"], "mismatch": None, "skipped": None,
+                                                  "enforced": True, "unsettled": None}
 
 
 def test_nonfinite_probe_reports_nan_positions(tmp_path):
