@@ -544,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default="forgeml,tvm", help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--sample", type=int, default=1, help="run every Nth case (1: all)")
     parser.add_argument("--filter", default="", help="only cases whose name contains this substring")
+    parser.add_argument("--cases", type=Path, help="only the cases named in this file, one a line (with --resume: "
+                        "re-run them by deleting their results from OUT.json first)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per case and engine")
     parser.add_argument("--opt-level", default="O2", help="forgeml's optimization level (O0, O2)")
@@ -560,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [e for e in engines if e not in ENGINES]:
         parser.error(f"unknown engine {unknown[0]}; known: {', '.join(ENGINES)}")
     cases = [c for c in collect_cases() if args.filter in c.name][::max(args.sample, 1)]
+    only = set(args.cases.read_text().split()) if args.cases else None
     selection = f"{len(cases)} of the suite" + (f", every {args.sample}th" if args.sample > 1 else "") + \
         (f", names containing '{args.filter}'" if args.filter else "")
     doc = {"meta": {"command": "python benchmarks/onnx_conformance.py " + " ".join(argv or sys.argv[1:]),
@@ -573,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["results"] = {e: {n: r for n, r in old["results"].get(e, {}).items() if n in doc["cases"]}
                           for e in sorted(set(old["results"]) | set(engines), key=ENGINES.index)}
         doc["meta"]["command"] = f"{old['meta']['command']}`, then `{doc['meta']['command']}"
-    tasks = [(e, c) for c in cases for e in engines if c.name not in doc["results"][e]]
+    tasks = [(e, c) for c in cases for e in engines if c.name not in doc["results"][e]
+             and (only is None or c.name in only)]
     json_path.parent.mkdir(parents=True, exist_ok=True)
     clock, done = time.monotonic(), [0]
 

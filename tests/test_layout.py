@@ -140,7 +140,7 @@ def _under(module: str, *packages: str) -> bool:
 # The compiler's stages, lowest first: a module may import its own stage and the ones below it.
 STAGES = [
     ("forgeml.compiler.frontend", "forgeml.compiler.graph", "forgeml.compiler.tensor_intrinsics",
-     "forgeml.compiler.verify"),
+     "forgeml.compiler.verify", "forgeml.compiler.nonfinite", "forgeml.compiler.float16"),
     ("forgeml.compiler.cpu", "forgeml.compiler.cuda"),
     ("forgeml.compiler.tuning",),
     ("forgeml.compiler.pipeline",),

@@ -25,6 +25,11 @@ FAST_CASES = (
     "test_flatten_axis1", "test_concat_2d_axis_0", "test_concat_3d_axis_1", "test_gather_0",
     "test_einsum_batch_matmul", "test_depthtospace_example",
     "test_ReLU", "test_Softmax", "test_MaxPool2d", "test_PixelShuffle", "test_operator_chunk",
+    # fixed in issue 18's last stop: NaN/inf (fully masked attention rows), float16 numerics, function-body
+    # shape inference, constant sequence positions, onnxscript's opset slip, optional inputs, e8m0 inputs
+    "test_attention_23_fullymasked_qk_matmul_output_mode3_zero_expanded", "test_causal_conv_with_state_silu_fp16",
+    "test_mvn", "test_sequence_model1", "test_sequence_model5", "test_optional_get_element_optional_tensor",
+    "test_cast_e8m0_FLOAT8E8M0_to_FLOAT",
 )
 
 with warnings.catch_warnings():  # building the node cases runs numpy edge cases (overflow, log(0))

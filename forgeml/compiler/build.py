@@ -316,11 +316,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     if kernels:
         manifest.compile_options["cuda_kernels"] = kernels
     if not result.passed and result.skipped is None:
-        raise VerificationFailed(
-            f"outputs differ from ONNX Runtime: max abs error {result.max_abs_error:.3g}, max rel error "
-            f"{result.max_rel_error:.3g} > tolerance {result.tolerance:g} (no artifact written; "
-            "--no-verify to write it anyway, --tolerance to loosen)"
-        )
+        raise VerificationFailed(f"{result.failure()} (no artifact written; "
+                                 "--no-verify to write it anyway, --tolerance to loosen)")
     write_artifact(output, manifest, files, signing_key=signing_key)
     return manifest
 

@@ -13,6 +13,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from forgeml.compiler import nonfinite  # noqa: F401 (registers NaN/inf-correct legalizations on import)
+from forgeml.compiler.float16 import compute_float16_in_float32
+
 _MIN_WEIGHT_ELEMENTS = 64  # smaller constants (scalars, shapes) stay in the code
 
 
@@ -62,6 +65,7 @@ def graph_passes() -> list[tvm.transform.Pass]:
         fold_constants(),  # BN folds into conv only after the first FoldConstant
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        compute_float16_in_float32(),  # before fast_math: its approximations then run in float32 too
         fast_math(),
         relax.get_pipeline("zero"),  # legalize ops, fuse, FuseTIR
     ]
@@ -119,13 +123,16 @@ def _drop_dangling_calls() -> tvm.transform.Pass:
 def fast_math() -> tvm.transform.Pass:
     """TVM's FastMathTransform (softmax, exp, erf, tanh -> fast approximations) that leaves calls to
     anything but an operator alone: TVM's own read `call.op.name` of every call and raised
-    "'ExternFunc' object has no attribute 'name'" on R.call_packed / call_dps_packed calls."""
+    "'ExternFunc' object has no attribute 'name'" on R.call_packed / call_dps_packed calls.
+
+    The approximations keep ONNX Runtime's NaN/inf results (tests/test_nonfinite.py) except fast_erf,
+    which clamps its input to [-4, 4] and so gave erf(NaN) = 1: it passes NaN through."""
     from tvm import topi
     from tvm.relax import expr_functor
 
     fast = {"relax.nn.softmax": lambda call: (topi.nn.fast_softmax, call.args[0], call.attrs.axis),
             "relax.exp": lambda call: (topi.fast_exp, call.args[0]),
-            "relax.erf": lambda call: (topi.fast_erf, call.args[0]),
+            "relax.erf": lambda call: (_nan_passing(topi.fast_erf), call.args[0]),
             "relax.tanh": lambda call: (topi.fast_tanh, call.args[0])}
 
     @expr_functor.mutator
@@ -144,6 +151,20 @@ def fast_math() -> tvm.transform.Pass:
         return mutator.builder_.get()
 
     return transform
+
+
+def _nan_passing(fast: Callable) -> Callable:
+    """`fast` (a TE function of one tensor) returning NaN where its input is NaN."""
+    from tvm import te, tirx
+
+    def compute(x):
+        y = fast(x)
+        if str(x.dtype) not in ("float16", "float32", "float64"):  # TVM's isnan lowers these only
+            return y
+        return te.compute(x.shape, lambda *i: tirx.Select(tirx.isnan(x[i]), x[i], y[i]), name=y.op.name + "_nan")
+
+    compute.__name__ = fast.__name__  # the kernel's name
+    return compute
 
 
 # Elementwise and layout ops on constants that numpy computes exactly as the compiled kernels would.

@@ -11,7 +11,8 @@ back as 0-d zeros), Dropout (the mask was float32, training_mode ignored), Batch
 (training_mode=1 used the running statistics), Mod (floating-point floor mod: 0 * inf made NaNs of
 infinite divisors), ConvTranspose (output_shape ignored), SpaceToDepth (mode CRD ignored), Expand (a
 run-time target shape replaced the input's dimensions instead of broadcasting with them), Trilu (a
-run-time k failed to import: unnormalized mask). Refused:
+run-time k failed to import: unnormalized mask), Clip (emitted TE kernels that dropped NaN), ThresholdedRelu
+(NaN and -inf gave NaN). Refused:
 RoiAlign mode=max (TVM's max pooling is not ONNX's max of bilinear samples), Dropout in training mode
 with a nonzero or run-time ratio (random masks).
 """
@@ -23,6 +24,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
@@ -304,10 +306,62 @@ class Trilu(OnnxOpConverter):
         return relax.op.where(mask, x, relax.const(0, x.ty.dtype))
 
 
+class Clip(OnnxOpConverter):
+    """Clip as relax.maximum/minimum ops (TVM's emits TE kernels directly, which skip forgeml's NaN-passing
+    legalization in compiler/nonfinite.py: Clip(NaN) was the lower bound, ONNX Runtime gives NaN). A missing
+    bound is the type's lowest/highest finite value, as the ONNX spec and ONNX Runtime have it (Clip(inf)
+    without `max` is 3.4e38; TVM's left it inf)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        dtype = str(inputs[0].ty.dtype)
+        low, high = _finite_range(dtype)
+        lo, hi = float(attr.get("min", low)), float(attr.get("max", high))
+        return relax.op.minimum(relax.op.maximum(inputs[0], relax.const(lo, dtype)), relax.const(hi, dtype))
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        low, high = _finite_range(dtype)
+        bounds = [inputs[i] if len(inputs) > i and inputs[i] is not None else None for i in (1, 2)]
+        if bounds[0] is not None:
+            lo = onnx_frontend.Clip._sanitize_nan_clip_bound(bb, bounds[0], for_min=True)
+        else:
+            lo = None if low is None else relax.const(low, dtype)
+        if bounds[1] is not None:
+            hi = onnx_frontend.Clip._sanitize_nan_clip_bound(bb, bounds[1], for_min=False)
+        else:
+            hi = None if high is None else relax.const(high, dtype)
+        result = x if lo is None else bb.normalize(relax.op.maximum(x, lo))
+        return result if hi is None else bb.normalize(relax.op.minimum(result, hi))
+
+
+def _finite_range(dtype: str) -> tuple[float | None, float | None]:
+    """(lowest, highest) finite value of float16/32/64; no bound (None) for other types (an integer's own
+    range clips nothing)."""
+    if dtype not in ("float16", "float32", "float64"):
+        return None, None
+    info = np.finfo(np.dtype(dtype))
+    return float(info.min), float(info.max)
+
+
+class ThresholdedRelu(OnnxOpConverter):
+    """x where x > alpha, else 0 (TVM's multiplied x by the comparison: NaN and -inf gave NaN, ONNX 0)."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = x.ty.dtype
+        above = relax.op.greater(x, relax.const(float(attr.get("alpha", 1.0)), dtype))
+        return relax.op.where(above, x, relax.const(0, dtype))
+
+
 OVERRIDES: dict[str, type] = {
     "IsInf": IsInf, "LayerNormalization": LayerNormalization, "Dropout": Dropout,
     "BatchNormalization": BatchNormalization, "Mod": Mod, "ConvTranspose": ConvTranspose, "RoiAlign": RoiAlign,
-    "SpaceToDepth": SpaceToDepth, "Expand": Expand, "Trilu": Trilu, **ATTENTION_CONVERTERS,
+    "SpaceToDepth": SpaceToDepth, "Expand": Expand, "Trilu": Trilu, "Clip": Clip,
+    "ThresholdedRelu": ThresholdedRelu, **ATTENTION_CONVERTERS,
 }
 
 

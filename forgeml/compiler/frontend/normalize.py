@@ -100,7 +100,12 @@ def _fold(model: onnx.ModelProto, input_size_limit: int, output_size_limit: int)
         if not result.modified:
             return model
         RemoveUnusedNodesPass()(graph)
-        return ir.serde.serialize_model(graph)
+        folded = ir.serde.serialize_model(graph)
+    # onnxscript's rewrites may write nodes of a later opset than the model's (ConcatFromSequence with
+    # new_axis became Unsqueeze with an axes input in an opset-12 model, which the importer then read
+    # as Unsqueeze-11 without axes): a folded model the checker refuses is not used
+    onnx.checker.check_model(folded)
+    return folded
 
 
 def normalize(model: onnx.ModelProto, input_size_limit: int = 8192,

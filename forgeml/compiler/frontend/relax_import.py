@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from forgeml.errors import ForgeError, InvalidInput, UnsupportedOperator
 from forgeml.runtime.artifact import TensorSpec
 
@@ -24,12 +26,13 @@ def import_onnx(loaded) -> Any:
 
     shapes = {spec.name: list(spec.shape) for spec in loaded.inputs}
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
+    model = small_integer_initializers_as_constants(loaded.model)
     failure = None
     # the importer prints the failing node's inputs as IR (a screenful on a real model), and TVM logs a
     # BlockBuilder warning to fd 2 when the failed import is collected: keep both off the terminal
     with _silenced_output(), forgeml_converters():
         try:
-            mod = from_onnx(loaded.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
+            mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
         except Exception as e:
             failure = e.with_traceback(None) if isinstance(e, ForgeError) else _importer_failure(e, loaded.path.name)
             del e
@@ -43,6 +46,35 @@ def import_onnx(loaded) -> Any:
     if params.get("main"):
         mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
     return _shapes_as_tensors(mod)
+
+
+_INTEGER_TYPES = {6, 7}  # onnx.TensorProto.INT32, INT64
+_SMALL = 64  # elements: positions, axes, shapes, pads; compiler/graph.py keeps constants this small inline too
+
+
+def small_integer_initializers_as_constants(model):
+    """`model` with its small integer initializers given by Constant nodes instead (a copy; `model` itself
+    when it has none). The importer is called with the weights kept as parameters, so an initializer is a
+    Var to it, and converters that need a constant (SequenceInsert/SequenceErase/SequenceAt positions,
+    Unsqueeze axes) refused it ("Position must be a constant") where TVM's plain import saw a constant."""
+    import onnx
+    from onnx import helper
+
+    small = [t for t in model.graph.initializer
+             if t.data_type in _INTEGER_TYPES and int(np.prod(t.dims, dtype=np.int64)) <= _SMALL]
+    if not small:
+        return model
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    names = {t.name for t in small}
+    kept = [t for t in result.graph.initializer if t.name not in names]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(kept)
+    nodes = [helper.make_node("Constant", [], [t.name], value=t, name=f"{t.name}__constant") for t in small]
+    nodes += list(result.graph.node)
+    del result.graph.node[:]
+    result.graph.node.extend(nodes)
+    return result
 
 
 @contextlib.contextmanager
