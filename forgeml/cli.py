@@ -12,24 +12,14 @@ import click
 from rich.console import Console
 
 from forgeml.errors import ForgeError, InvalidInput
+from forgeml.shapes import InputShapes, parse_input_shapes
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and pipes
 
 
-def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            raise InvalidInput(f"--input-shape '{item}' is not NAME=D1,D2,... (e.g. x=1,3,224,224)") from None
-        if any(d < 0 for d in shapes[name]):
-            raise InvalidInput(f"--input-shape '{item}': dimensions must be sizes (0 or more)")
-    return shapes
+def _parse_shapes(items: tuple[str, ...]) -> InputShapes:
+    return parse_input_shapes(items)
 
 
 def _atomic_save_npz(path: Path, arrays: dict) -> None:
@@ -67,7 +57,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Target preset (see `forgeml targets`) or a TVM target dict as JSON.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact path [default: MODEL with .fml].")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
-              help="Fix an input's shape (needed for symbolic dimensions). Repeatable.")
+              help="An input's shape: a size pins a dimension, a range A..B lets it vary at run time "
+                   "(e.g. input_ids=1..8,1..128). Needed for symbolic dimensions. Repeatable.")
 @click.option("-O", "--opt-level", default="O2", show_default=True, type=click.Choice(["O0", "O2"]),
               help="O2: forgeml's rule-based schedules (CPU, GPU: dlight + forgeml's); O0: naive loops (debug).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with ONNX Runtime.")

@@ -16,6 +16,8 @@ import numpy as np
 
 from forgeml.errors import CompileFailed, ForgeError, InvalidInput, ToolchainMissing, VerificationFailed, last_line
 from forgeml.runtime.artifact import WEIGHTS, Manifest, pack_weights, write_artifact
+from forgeml.shapes import InputShapes
+from forgeml.shapes import to_json as shapes_to_json
 from forgeml.targets import TargetSpec, resolve_target
 from forgeml.targets.host import has_cuda_gpu
 
@@ -25,7 +27,7 @@ Progress = Callable[[str], None]
 @dataclass
 class CompileOptions:
     target: str = "x86-64"
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shapes: InputShapes = field(default_factory=dict)  # a size pins a dimension; (low, high) lets it vary
     opt_level: str = "O2"
     verify: bool = True
     tolerance: float | None = None  # None: the default for the precision
@@ -259,7 +261,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
                          "conv_layout": conv_layout, "tensor_core_schedule": options.tensor_core_schedule,
                          "cuda_graph": cuda_graph,
-                         "input_shapes": {k: list(v) for k, v in options.input_shapes.items()},
+                         "input_shapes": shapes_to_json(options.input_shapes),
                          "normalize": normalized.to_json()},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},
@@ -297,7 +299,7 @@ def _uses_tuning(options: CompileOptions, spec: TargetSpec, target) -> bool:
 
 
 def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: float | None = None,
-               trials: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+               trials: int | None = None, input_shapes: InputShapes | None = None,
                progress: Callable[[dict], None] | None = None, precision: str = "fp32", refine: bool = False,
                measure_elsewhere: str | Path | None = None, say: Progress | None = None, conv_layout: str = "auto"):
     """Tune a model's kernels into the target's persistent database (no artifact). Returns the summary.
@@ -345,7 +347,7 @@ def import_measurements(batch_dir: str | Path):
 def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_path: Path, spec: TargetSpec,
             options: CompileOptions, tolerance: float, say: Progress):
     """Load the packaged artifact with the real runtime and compare it with ONNX Runtime."""
-    from forgeml.compiler.verify import VerifyResult, verify_against_onnxruntime
+    from forgeml.compiler.verify import VerifyResult, verify_range
     from forgeml.runtime.session import Session
 
     def skipped(reason: str) -> VerifyResult:
@@ -371,4 +373,4 @@ def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_pat
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".forgeml-verify-", dir=output.parent) as tmp:
         candidate = write_artifact(Path(tmp) / output.name, manifest, files)
-        return verify_against_onnxruntime(Session(candidate), model_path, tolerance, options.seed)
+        return verify_range(Session(candidate), model_path, tolerance, options.seed)

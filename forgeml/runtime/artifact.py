@@ -39,23 +39,39 @@ class TensorSpec(NamedTuple):
     shape: tuple[int, ...]
     dtype: str
     valid_range: tuple[int, int] | None = None
+    dynamic: tuple[DynamicDim, ...] = ()  # the axes that vary at run time (their `shape` entry is -1)
 
     def to_json(self) -> dict[str, Any]:
         d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
         if self.valid_range is not None:
             d["range"] = list(self.valid_range)
+        if self.dynamic:
+            d["dynamic"] = [dim._asdict() for dim in self.dynamic]
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
         bounds = d.get("range")
+        dynamic = tuple(DynamicDim(int(x["axis"]), str(x["variable"]), int(x["min"]), int(x["max"]))
+                        for x in d.get("dynamic", ()))
         return cls(d["name"], tuple(int(s) for s in d["shape"]), d["dtype"],
-                   (int(bounds[0]), int(bounds[1])) if bounds is not None else None)
+                   (int(bounds[0]), int(bounds[1])) if bounds is not None else None, dynamic)
 
     def describe(self) -> str:
         bounds = f" in [{self.valid_range[0]}, {self.valid_range[1]}]" if self.valid_range else ""
-        dims = ", ".join("?" if d < 0 else str(d) for d in self.shape)  # ?: known only at run time
-        return f"{self.name}: {self.dtype}[{dims}]{bounds}"
+        ranges = {dim.axis: f"{dim.min}..{dim.max}" for dim in self.dynamic}
+        dims = ", ".join(ranges.get(n, "?" if d < 0 else str(d)) for n, d in enumerate(self.shape))  # ?: known
+        return f"{self.name}: {self.dtype}[{dims}]{bounds}"  # only at run time
+
+
+class DynamicDim(NamedTuple):
+    """An input axis that may take any size in [min, max] at run time; axes (of any inputs) that share a
+    `variable` (an ONNX dim_param) must have the same size in one call."""
+
+    axis: int
+    variable: str
+    min: int
+    max: int
 
 
 class WeightEntry(NamedTuple):

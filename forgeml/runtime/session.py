@@ -112,7 +112,10 @@ class Session:
         self._weights = [self._to_device(w) for w in artifact.map_weights()]
         self._lock = threading.Lock()
         # what run() compares each input against, precomputed: its per-call cost is part of the latency
-        self._input_checks = [(spec.name, np.dtype(spec.dtype), tuple(spec.shape)) for spec in self.manifest.inputs]
+        # (an input with dynamic dimensions has shape None there: `_check_dims` checks it against its ranges)
+        self._input_checks = [(spec.name, np.dtype(spec.dtype), None if spec.dynamic else tuple(spec.shape))
+                              for spec in self.manifest.inputs]
+        self._dynamic = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.dynamic]
         self._any_exotic = any(_exotic(dtype) for _, dtype, _ in self._input_checks)
         self._ranges = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.valid_range is not None]
         self._output_names = [spec.name for spec in self.manifest.outputs]
@@ -160,7 +163,9 @@ class Session:
         (calls are serialized; a fresh cudaMalloc/cudaFree per call would stall the device)."""
         if self._on_cpu:
             return [self._to_device(a) for a in arrays]
-        if getattr(self, "_input_buffers", None) is None:
+        buffers = getattr(self, "_input_buffers", None)
+        if buffers is None or (self._dynamic and any(tuple(t.shape) != a.shape for t, a in zip(buffers, arrays))):
+            # (dynamic dimensions: new buffers when the shape changes; a server keeps to few shapes)
             self._input_buffers = [self._to_device(a) for a in arrays]
             return self._input_buffers
         copy = self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")
@@ -181,24 +186,34 @@ class Session:
         tensors = []
         for n, (name, dtype, shape) in enumerate(self._input_checks):
             array = feeds.get(name)
-            if type(array) is not np.ndarray or array.dtype != dtype or array.shape != shape:
+            if type(array) is not np.ndarray or array.dtype != dtype or (array.shape != shape and shape is not None):
                 return None
             flags = array.flags
             if not (flags.c_contiguous and flags.writeable):
                 return None
             tensor = self._ffi.from_dlpack(array)
             if tensor.data_ptr() % _ALIGN or not array.size:  # empty: numpy may give it zero strides
-                stage, tensor = self._staging(n, shape, dtype)
+                stage, tensor = self._staging(n, array.shape, dtype)
                 np.copyto(stage, array)
             tensors.append(tensor)
+        if self._dynamic:
+            self._check_dims([feeds[name] for name, _, _ in self._input_checks])
         return tensors
 
     def _staging(self, n: int, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, Any]:
-        """Input n's aligned staging buffer and its tensor."""
+        """Input n's aligned staging buffer and its tensor. A dynamic input's buffer is allocated once at
+        its largest shape; smaller shapes use its leading elements (a new tensor header per call)."""
+        spec = self.manifest.inputs[n]
         if self._stages[n] is None:
-            stage = _aligned_empty(shape, dtype)
+            largest = list(spec.shape)
+            for dim in spec.dynamic:
+                largest[dim.axis] = dim.max
+            stage = _aligned_empty(tuple(largest), dtype)
             self._stages[n] = (stage, self._ffi.from_dlpack(stage))
-        return self._stages[n]
+        if not spec.dynamic:
+            return self._stages[n]
+        view = self._stages[n][0].reshape(-1)[:math.prod(shape)].reshape(shape)
+        return view, self._ffi.from_dlpack(view)
 
     def _check_inputs(self, feeds: dict[str, Any]) -> list[np.ndarray]:
         specs = self.manifest.inputs
@@ -215,12 +230,33 @@ class Session:
             if array.dtype != spec.dtype:
                 raise InvalidInput(f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}; "
                                    f"the model expects {self._expected()}")
-            if array.shape != spec.shape:
+            if array.shape != spec.shape and not spec.dynamic:
                 raise InvalidInput(f"input '{spec.name}' has shape {list(array.shape)}, expected "
                                    f"{list(spec.shape)}; the model expects {self._expected()}")
             arrays.append(_aligned(array))
+        self._check_dims(arrays)
         self._check_ranges(arrays)
         return arrays
+
+    def _check_dims(self, arrays: list[np.ndarray]) -> None:
+        """Refuse inputs whose shape lies outside the ranges the model was compiled for (its memory is
+        planned for their upper bounds), or whose axes that share a dimension variable differ."""
+        sizes: dict[str, tuple[int, str]] = {}
+        for n, spec in self._dynamic:
+            shape = arrays[n].shape
+            fixed = [(axis, d) for axis, d in enumerate(spec.shape) if d >= 0]
+            if len(shape) != len(spec.shape) or any(shape[axis] != d for axis, d in fixed):
+                raise InvalidInput(f"input '{spec.name}' has shape {list(shape)}, expected {spec.describe()}")
+            for dim in spec.dynamic:
+                size = shape[dim.axis]
+                if not dim.min <= size <= dim.max:
+                    raise InvalidInput(f"input '{spec.name}' axis {dim.axis} ('{dim.variable}') is {size}, outside "
+                                       f"the range {dim.min}..{dim.max} it was compiled for; the model expects "
+                                       f"{self._expected()}")
+                seen = sizes.setdefault(dim.variable, (size, f"'{spec.name}' axis {dim.axis}"))
+                if seen[0] != size:
+                    raise InvalidInput(f"input '{spec.name}' axis {dim.axis} is {size}, but {seen[1]} is {seen[0]}: "
+                                       f"both are dimension '{dim.variable}'")
 
     def _check_ranges(self, arrays: list[np.ndarray]) -> None:
         """Refuse index inputs outside the tensor they index (the compiled gather would read out of
