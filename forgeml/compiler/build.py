@@ -41,6 +41,7 @@ class CompileOptions:
     tensor_core_schedule: str = "wmma"  # "mma": fp16 GEMMs on mma.sync + cp.async (sm_80+, cuda/mma.py)
     cuda_graph: bool | None = None  # cuda targets: replay each call's static launches as one CUDA graph
     # (None: on for cuda targets; measured faster on every zoo model, benchmarks/results/gpu.md)
+    buckets: str = "ends"  # dynamic shapes: static functions beside the symbolic one (compiler/dynamic.py)
 
 
 def _check_gpu_options(spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> None:
@@ -159,31 +160,37 @@ def _failing_kernels(mod, target) -> dict[str, str]:
     return failing
 
 
-def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Progress):
-    """(executable, weights): the pipeline, weight lifting and code generation. When code generation
+def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Progress,
+                           functions: list[str] | None = None):
+    """(executable, weights, function -> its weights' indices or None): the pipeline, weight lifting (of
+    `main`, or of each of `functions` with equal weights stored once) and code generation. When code generation
     fails on kernels the CPU rules scheduled, those kernels are rebuilt with TVM's naive loops (the
     others keep their schedules); a failure that remains is a CompileFailed naming the kernels (their
     names carry the fused operators) and TVM's reason."""
     from forgeml.compiler import graph
     from forgeml.compiler.cpu.rules import unscheduled
+    from forgeml.compiler.dynamic import lift_functions
 
     def build(skip: set[str]):
         with unscheduled(skip):
             optimized = _stage(f"optimizing for {target.kind.name}", lambda: run_pipeline(mod, target))
-        lifted, weights = _stage("lifting the weights", lambda: graph.lift_weights(optimized))
-        return lifted, weights, lambda: _codegen(lifted, target, cuda_graph)
+        if functions:
+            lifted, weights, table = _stage("lifting the weights", lambda: lift_functions(optimized, functions))
+        else:
+            (lifted, weights), table = _stage("lifting the weights", lambda: graph.lift_weights(optimized)), None
+        return lifted, weights, table, lambda: _codegen(lifted, target, cuda_graph)
 
-    lifted, weights, generate = build(set())
+    lifted, weights, table, generate = build(set())
     try:
-        return generate(), weights
+        return generate(), weights, table
     except Exception as err:  # noqa: BLE001
         first = err
     failing = _failing_kernels(lifted, target) if target.kind.name == "llvm" else {}
     if failing:
         say(f"generating code failed in {', '.join(failing)}; rebuilding them without schedules")
-        lifted, weights, generate = build(set(failing))
+        lifted, weights, table, generate = build(set(failing))
         try:
-            return generate(), weights
+            return generate(), weights, table
         except Exception as err:  # noqa: BLE001
             first = err
             failing = _failing_kernels(lifted, target) or failing
@@ -197,7 +204,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
     import tvm
 
-    from forgeml.compiler import pipeline, verify
+    from forgeml.compiler import dynamic, pipeline, verify
     from forgeml.compiler.frontend import onnx_model, relax_import
     from forgeml.compiler.frontend.normalize import normalize
 
@@ -223,6 +230,10 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     say(f"importing into Relax ({len(loaded.model.graph.node)} nodes)")
     mod = relax_import.import_onnx(loaded)
     outputs = relax_import.output_specs(mod, loaded.outputs)
+    points = dynamic.bucket_points(loaded.ranges, options.buckets)
+    if points:
+        mod = _stage("importing the static buckets", lambda: dynamic.add_buckets(mod, loaded, points, say))
+    functions = ["main", *map(dynamic.function_name, points)] if loaded.ranges else None
     timings["import_s"] = time.perf_counter() - clock
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
@@ -240,7 +251,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
     say("generating code")
-    executable, weights = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say)
+    executable, weights, table = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say, functions)
     with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
         lib_path = Path(tmp) / "model.so"
         kernels = _stage("linking the library", lambda: _export_library(executable, spec, lib_path))
@@ -265,6 +276,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                          "normalize": normalized.to_json()},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},
+        functions=dynamic.dispatch_table(points, table) if table else None,
     )
     files = {"model.so": library, WEIGHTS: blob}
     tolerance = options.tolerance if options.tolerance is not None else verify.DEFAULT_TOLERANCE[

@@ -169,18 +169,24 @@ def _reason(err: Exception) -> str:
 
 def verify_range(session, model_path: str | Path, tolerance: float, seed: int = 0) -> VerifyResult:
     """Verify a session at the minimum, a point between and the maximum of its inputs' dimension ranges
-    (`shapes.check_points`); the result holds the worst errors and each point's own result. A model
-    without dynamic dimensions is checked once, as `verify_against_onnxruntime` does."""
+    (`shapes.check_points`), and at every static bucket's sizes, so that each function of the artifact
+    runs; the result holds the worst errors and each point's own result (with the function that ran it).
+    A model without dynamic dimensions is checked once, as `verify_against_onnxruntime` does."""
     from forgeml.shapes import check_points, concrete_shapes, dimension_variables
 
     variables = dimension_variables(session.inputs)
     if not variables:
         return verify_against_onnxruntime(session, model_path, tolerance, seed)
+    buckets = {tuple(sorted(f["dimensions"].items())): f["name"] for f in session.manifest.functions or ()
+               if f["dimensions"] is not None}
+    points = check_points(variables)
+    points += [dict(key) for key in buckets if dict(key) not in points]
     results = []
-    for values in check_points(variables):
+    for values in points:
         result = verify_against_onnxruntime(session, model_path, tolerance, seed,
                                             concrete_shapes(session.inputs, values))
-        results.append({"dimensions": values} | result.to_json())
+        function = buckets.get(tuple(sorted(values.items())), "main")
+        results.append({"dimensions": values, "function": function} | result.to_json())
     checked = [r for r in results if r["skipped"] is None]
     failed = any(not r["passed"] for r in checked)
     skipped = None if failed else next((r["skipped"] for r in results if r["skipped"] is not None), None)

@@ -101,6 +101,7 @@ class Manifest:
         verification: dict[str, Any] | None = None,
         versions: dict[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
+        functions: list[dict[str, Any]] | None = None,  # dynamic shapes: the VM functions and their weights
     ) -> None:
         self.target = target
         self.inputs = inputs
@@ -114,6 +115,7 @@ class Manifest:
         self.verification = {} if verification is None else verification
         self.versions = {} if versions is None else versions
         self.format_version = format_version
+        self.functions = functions
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -127,9 +129,12 @@ class Manifest:
         """JSON-ready data, a deep copy: editing it leaves the manifest as it was."""
         import copy
 
-        return copy.deepcopy({**vars(self), "inputs": [t.to_json() for t in self.inputs],
-                              "outputs": [t.to_json() for t in self.outputs],
-                              "weights": [w._asdict() | {"shape": list(w.shape)} for w in self.weights]})
+        out = copy.deepcopy({**vars(self), "inputs": [t.to_json() for t in self.inputs],
+                             "outputs": [t.to_json() for t in self.outputs],
+                             "weights": [w._asdict() | {"shape": list(w.shape)} for w in self.weights]})
+        if self.functions is None:  # a static model: `main` with every weight, as before dynamic shapes
+            del out["functions"]
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = "artifact") -> Manifest:
@@ -156,6 +161,7 @@ class Manifest:
                 verification=d.get("verification", {}),
                 versions=d.get("versions", {}),
                 format_version=version,
+                functions=d.get("functions"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{where}: manifest is malformed ({type(e).__name__}: {e})") from None

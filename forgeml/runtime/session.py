@@ -110,6 +110,9 @@ class Session:
             raise ArtifactError(f"{self.path}: the model failed to initialize: {last_line(e)}") from None
         self._main = self._vm["main"]
         self._weights = [self._to_device(w) for w in artifact.map_weights()]
+        self._call, self._buckets, self._key_axes = (self._main, self._weights), {}, []
+        if self.manifest.functions is not None:
+            self._dispatch_table()
         self._lock = threading.Lock()
         # what run() compares each input against, precomputed: its per-call cost is part of the latency
         # (an input with dynamic dimensions has shape None there: `_check_dims` checks it against its ranges)
@@ -120,6 +123,26 @@ class Session:
         self._ranges = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.valid_range is not None]
         self._output_names = [spec.name for spec in self.manifest.outputs]
         self._stages: list[tuple[np.ndarray, Any] | None] = [None] * len(self._input_checks)
+
+    def _dispatch_table(self) -> None:
+        """Dynamic shapes: the symbolic `main` and each static bucket with its weights, keyed by the sizes
+        of the dimension variables (sorted by name), and where to read each variable from the inputs."""
+        axes = {}
+        for n, spec in enumerate(self.manifest.inputs):
+            for dim in spec.dynamic:
+                axes.setdefault(dim.variable, (n, dim.axis))
+        names = sorted(axes)
+        self._key_axes = [axes[v] for v in names]
+        try:
+            for entry in self.manifest.functions:
+                call = (self._vm[entry["name"]], [self._weights[i] for i in entry["weights"]])
+                if entry["dimensions"] is None:
+                    self._call = call
+                else:
+                    self._buckets[tuple(int(entry["dimensions"][v]) for v in names)] = call
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+            raise ArtifactError(f"{self.path}: the manifest's functions are malformed ({type(e).__name__}: "
+                                f"{last_line(e)})") from None
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -280,8 +303,12 @@ class Session:
                 args = self._upload_inputs(self._check_inputs(feeds))
             elif self._ranges:
                 self._check_ranges([feeds[name] for name, _, _ in self._input_checks])
+            function, weights = self._call
+            if self._buckets:  # a static bucket where the sizes match one exactly, else the symbolic main
+                key = tuple(args[n].shape[axis] for n, axis in self._key_axes)
+                function, weights = self._buckets.get(key, self._call)
             try:
-                result = self._main(*args, *self._weights)
+                result = function(*args, *weights)
                 tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
                 outputs = dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
             except ForgeError:
