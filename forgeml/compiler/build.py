@@ -169,13 +169,16 @@ def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Pro
     names carry the fused operators) and TVM's reason."""
     from forgeml.compiler import graph
     from forgeml.compiler.cpu.rules import unscheduled
-    from forgeml.compiler.dynamic import lift_functions
+    from forgeml.compiler.dynamic import lift_functions, memory_plan
 
     def build(skip: set[str]):
         with unscheduled(skip):
             optimized = _stage(f"optimizing for {target.kind.name}", lambda: run_pipeline(mod, target))
         if functions:
             lifted, weights, table = _stage("lifting the weights", lambda: lift_functions(optimized, functions))
+            if target.kind.name == "llvm":  # the functions' memory plans, for the manifest
+                plan = _stage("planning memory", lambda: memory_plan(lifted, target))
+                table = {name: {"weights": table[name], "memory": plan.get(name)} for name in table}
         else:
             (lifted, weights), table = _stage("lifting the weights", lambda: graph.lift_weights(optimized)), None
         return lifted, weights, table, lambda: _codegen(lifted, target, cuda_graph)

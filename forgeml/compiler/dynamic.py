@@ -85,9 +85,48 @@ def lift_functions(mod, names: list[str]):
     return mod, unique, table
 
 
-def dispatch_table(points: list[dict[str, int]], table: dict[str, list[int]]) -> list[dict]:
+def dispatch_table(points: list[dict[str, int]], table: dict[str, list[int] | dict]) -> list[dict]:
     """The manifest's `functions`: the symbolic main (dimensions null: any size in range) and each bucket
-    with its dimension values, each with the indices of its weights in weights.bin."""
-    rows = [{"name": "main", "dimensions": None, "weights": table["main"]}]
-    rows += [{"name": function_name(p), "dimensions": p, "weights": table[function_name(p)]} for p in points]
+    with its dimension values, each with the indices of its weights in weights.bin (and its memory plan
+    where `table` gives one)."""
+    rows = []
+    for name, dimensions in [("main", None), *((function_name(p), p) for p in points)]:
+        entry = table[name] if isinstance(table[name], dict) else {"weights": table[name]}
+        rows.append({"name": name, "dimensions": dimensions, **{k: v for k, v in entry.items() if v is not None}})
     return rows
+
+
+def memory_plan(mod, target) -> dict[str, dict[str, int]]:
+    """Function -> what TVM's static memory planning made of it: `planned_bytes` (storage allocated once
+    per size, from the dimension variables' upper bounds where shapes are symbolic), `symbolic_storage`
+    (storage whose size is known only at run time: 0 when the bounds planned everything) and
+    `per_call_tensors` (tensors allocated at each call: the outputs). Runs relax's CPU lowering up to
+    StaticPlanBlockMemory on a copy of the lifted module."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as lowering
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        passes = [*lowering.library_dispatch_passes(target), *lowering.legalize_passes(target),
+                  *lowering.dataflow_lower_passes(target), relax.transform.StaticPlanBlockMemory()]
+        lowered = tvm.transform.Sequential(passes)(mod)
+    storage, tensor = tvm.ir.Op.get("relax.memory.alloc_storage"), tvm.ir.Op.get("relax.builtin.alloc_tensor")
+    plan = {}
+    for gv, func in lowered.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        row = {"planned_bytes": 0, "symbolic_storage": 0, "per_call_tensors": 0}
+
+        def visit(expr, row=row):
+            if isinstance(expr, relax.Call) and expr.op.same_as(storage):
+                sizes = expr.args[0].values
+                if all(isinstance(v, tvm.tirx.IntImm) for v in sizes):
+                    row["planned_bytes"] += int(np.prod([int(v) for v in sizes]))
+                else:
+                    row["symbolic_storage"] += 1
+            elif isinstance(expr, relax.Call) and expr.op.same_as(tensor):
+                row["per_call_tensors"] += 1
+
+        relax.analysis.post_order_visit(func.body, visit)
+        plan[gv.name_hint] = row
+    return plan
