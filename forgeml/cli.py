@@ -80,10 +80,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--tune-minutes", type=float, help="Tune with MetaSchedule for up to this long first (results persist).")
 @click.option("--tune-trials", type=int, help="Tuning budget in trials (with or without --tune-minutes).")
 @click.option("--no-tuning-db", is_flag=True, help="Ignore tuning records; rule-based schedules only.")
+@click.option("--buckets", default="ends", show_default=True, type=click.Choice(["ends", "none"]),
+              help="With ranges in --input-shape: static-shape functions beside the symbolic one, run when the "
+                   "inputs match them exactly (ends: each dimension at its minimum and maximum).")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
                 no_tuning_db: bool, precision: str, conv_layout: str, tensor_core_schedule: str,
-                cuda_graph: bool | None) -> None:
+                cuda_graph: bool | None, buckets: str) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
@@ -91,7 +94,7 @@ def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tup
                              verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
                              tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision,
                              conv_layout=conv_layout, tensor_core_schedule=tensor_core_schedule,
-                             cuda_graph=cuda_graph)
+                             cuda_graph=cuda_graph, buckets=buckets)
     output = output or model.with_suffix(".fml")
     with TuningProgress() as tuning_bar, console.status("compiling") as status:
         manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),
