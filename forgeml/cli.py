@@ -280,9 +280,13 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
 @click.option("--device-key", metavar="KEY", help="With --tracker: the device's key.")
 @click.option("--offsite-seconds", default=60.0, show_default=True, type=float,
               help="Emulated/RPC cases: cut --repeat to about this long.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Shape to time for an input with dynamic dimensions (inside its compiled ranges) "
+                   "[default: the upper bounds]. Repeatable.")
 def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None, threads: int, warmup: int,
               repeat: int, no_memory: bool, json_path: Path | None, emulate: bool, rpc: str | None,
-              tracker: str | None, device_key: str | None, offsite_seconds: float) -> None:
+              tracker: str | None, device_key: str | None, offsite_seconds: float,
+              input_shapes: tuple[str, ...]) -> None:
     """Benchmark ARTIFACTS side by side with ONNX Runtime (alternating, same inputs and threads).
 
     Artifacts for another architecture run emulated (--emulate) or on a device (--rpc, --tracker);
@@ -299,7 +303,7 @@ def bench_cmd(artifacts: tuple[Path, ...], baseline: str, onnx_path: Path | None
                                repeat=repeat, onnx_path=onnx_path, memory=not no_memory,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                emulate=emulate, rpc=rpc, tracker=tracker, device_key=device_key,
-                               offsite_budget_s=offsite_seconds)
+                               offsite_budget_s=offsite_seconds, input_shapes=_parse_shapes(input_shapes))
     print_table(report, out)
     if json_path:
         report.save(json_path)
