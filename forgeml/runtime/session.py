@@ -206,6 +206,11 @@ class Session:
         buffer, allocated once. Call with the lock held: the staging buffers are shared."""
         if len(feeds) != len(self._input_checks) or self._any_exotic:
             return None
+        if self._dynamic:  # before any staging: a staging buffer holds the largest shape in range
+            arrays = [feeds.get(name) for name, _, _ in self._input_checks]
+            if any(type(array) is not np.ndarray for array in arrays):
+                return None
+            self._check_dims(arrays)
         tensors = []
         for n, (name, dtype, shape) in enumerate(self._input_checks):
             array = feeds.get(name)
@@ -219,8 +224,6 @@ class Session:
                 stage, tensor = self._staging(n, array.shape, dtype)
                 np.copyto(stage, array)
             tensors.append(tensor)
-        if self._dynamic:
-            self._check_dims([feeds[name] for name, _, _ in self._input_checks])
         return tensors
 
     def _staging(self, n: int, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, Any]:
