@@ -4,6 +4,7 @@ buckets dispatched at run time, memory planned from the bounds, one-line refusal
 from __future__ import annotations
 
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -214,3 +215,13 @@ def test_cli_refuses_a_bad_range_in_one_line(tmp_path):
     path = save(shared_batch_model(), tmp_path / "m.onnx")
     proc = forgeml("compile", path, "--input-shape", "a=4..1,8")
     assert_one_line_error(proc, 2, "--input-shape", "4..1")
+
+
+def test_bundle_demo_runs_a_dynamic_artifact(cnn_artifact, tmp_path):
+    import sys
+
+    from forgeml.bundle import bundle
+
+    bundle(cnn_artifact[1], tmp_path / "deploy")
+    demo = subprocess.run([sys.executable, str(tmp_path / "deploy" / "run.py")], capture_output=True, text=True)
+    assert demo.returncode == 0 and "y: float32[16, 10]" in demo.stdout, demo.stderr  # at the upper bound
