@@ -11,24 +11,14 @@ import click
 from rich.console import Console
 
 from forgeml.errors import ForgeError, InvalidInput
+from forgeml.shapes import InputShapes, parse_input_shapes
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and pipes
 
 
-def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            raise InvalidInput(f"--input-shape '{item}' is not NAME=D1,D2,... (e.g. x=1,3,224,224)") from None
-        if any(d < 0 for d in shapes[name]):
-            raise InvalidInput(f"--input-shape '{item}': dimensions must be sizes (0 or more)")
-    return shapes
+def _parse_shapes(items: tuple[str, ...]) -> InputShapes:
+    return parse_input_shapes(items)
 
 
 def _atomic_save_npz(path: Path, arrays: dict) -> None:
@@ -68,7 +58,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Target preset (see `forgeml targets`) or a TVM target dict as JSON.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact path [default: MODEL with .fml].")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
-              help="Fix an input's shape (needed for symbolic dimensions). Repeatable.")
+              help="An input's shape: a size pins a dimension, a range A..B lets it vary at run time "
+                   "(e.g. input_ids=1..8,1..128). Needed for symbolic dimensions. Repeatable.")
 @click.option("-O", "--opt-level", default="O2", show_default=True, type=click.Choice(["O0", "O2"]),
               help="O2: forgeml's rule-based schedules (CPU, GPU: dlight + forgeml's); O0: naive loops (debug).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with ONNX Runtime.")
@@ -93,10 +84,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--sign-key", type=click.Path(path_type=Path), metavar="PRIVATE.pem",
               help="Sign the artifact with this ed25519 key (`forgeml keygen`).")
 @click.option("--signer", metavar="NAME", help="With --sign-key: the name the signature records [default: user@host].")
+@click.option("--buckets", default="ends", show_default=True, type=click.Choice(["ends", "none"]),
+              help="With ranges in --input-shape: static-shape functions beside the symbolic one, run when the "
+                   "inputs match them exactly (ends: each dimension at its minimum and maximum).")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
                 no_tuning_db: bool, precision: str, conv_layout: str, tensor_core_schedule: str,
-                cuda_graph: bool | None, sign_key: Path | None, signer: str | None) -> None:
+                cuda_graph: bool | None, sign_key: Path | None, signer: str | None, buckets: str) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
@@ -104,7 +98,7 @@ def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tup
                              verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
                              tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision,
                              conv_layout=conv_layout, tensor_core_schedule=tensor_core_schedule,
-                             cuda_graph=cuda_graph, sign_key=sign_key, signer=signer)
+                             cuda_graph=cuda_graph, sign_key=sign_key, signer=signer, buckets=buckets)
     output = output or model.with_suffix(".fml")
     with TuningProgress() as tuning_bar, console.status("compiling") as status:
         manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),
@@ -307,10 +301,13 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
               help="File holding the device server's token (default: $FORGEML_RPC_TOKEN).")
 @click.option("--offsite-seconds", default=60.0, show_default=True, type=float,
               help="Emulated/RPC cases: cut --repeat to about this long.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Shape to time for an input with dynamic dimensions (inside its compiled ranges) "
+                   "[default: the upper bounds]. Repeatable.")
 def bench_cmd(artifacts: tuple[Path, ...], baselines: tuple[str, ...], onnx_path: Path | None, threads: int,
               warmup: int, repeat: int, no_memory: bool, json_path: Path | None, emulate: bool, rpc: str | None,
               tracker: str | None, device_key: str | None, rpc_token_file: Path | None,
-              offsite_seconds: float) -> None:
+              offsite_seconds: float, input_shapes: tuple[str, ...]) -> None:
     """Benchmark ARTIFACTS side by side with ONNX Runtime (alternating, same inputs and threads).
 
     Artifacts for another architecture run emulated (--emulate) or on a device (--rpc, --tracker);
@@ -330,7 +327,8 @@ def bench_cmd(artifacts: tuple[Path, ...], baselines: tuple[str, ...], onnx_path
                                repeat=repeat, onnx_path=onnx_path, memory=not no_memory,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                emulate=emulate, rpc=rpc, tracker=tracker, device_key=device_key,
-                               offsite_budget_s=offsite_seconds, rpc_token=token)
+                               offsite_budget_s=offsite_seconds, rpc_token=token,
+                               input_shapes=_parse_shapes(input_shapes))
     print_table(report, out)
     if json_path:
         report.save(json_path)

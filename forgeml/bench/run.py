@@ -40,7 +40,8 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | list[str] | None 
                   warmup: int = 10, repeat: int = 100, onnx_path: str | Path | None = None, memory: bool = True,
                   progress: Callable[[int, int], None] | None = None, emulate: bool = False, rpc: str | None = None,
                   tracker: str | None = None, device_key: str | None = None, offsite_budget_s: float = 60.0,
-                  rpc_token: str | None = None) -> Report:
+                  rpc_token: str | None = None,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> Report:
     """Benchmark each artifact and, for each distinct source model, the baselines, alternating.
 
     `baseline`: one name or several of forgeml.bench.baselines.BASELINES ("none" or None: no baseline).
@@ -51,7 +52,8 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | list[str] | None 
     process as before (device-timed). With `emulate`, artifacts for another architecture also run under
     qemu; with `rpc`/`tracker`, those the device can run also run there (timed on the device). The
     baseline always runs here. Off-site cases are measured after the local ones, about
-    `offsite_budget_s` each."""
+    `offsite_budget_s` each. `input_shapes` picks the shapes of inputs with dynamic dimensions (any shape
+    inside the ranges they were compiled for; default: the upper bounds)."""
     import platform
 
     from forgeml.compiler.verify import seeded_inputs, source_onnx
@@ -65,7 +67,8 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | list[str] | None 
         manifest = open_artifact(path).manifest
         arch = manifest.target.get("arch")
         model_key = manifest.source.get("sha256", str(path))
-        feeds = feeds_by_model.setdefault(model_key, seeded_inputs(manifest.inputs, seed=0))
+        feeds = feeds_by_model.setdefault(model_key, seeded_inputs(
+            bench_specs(manifest.inputs, input_shapes or {}, path), seed=0))
         cuda = manifest.target.get("device") == "cuda"
         if arch != platform.machine():
             if not (emulate or rpc or tracker):
@@ -161,6 +164,44 @@ def run_benchmark(artifacts: list[str | Path], baseline: str | list[str] | None 
         settings["offsite"] = (f"emulated/RPC cases are timed on their device after the local ones, runs cut to "
                                f"about {offsite_budget_s:g} s each")
     return Report(machine=machine_info(), settings=settings, cases=cases)
+
+
+def bench_specs(specs, shapes: dict[str, tuple], where: Path) -> list:
+    """The artifact's input specs with the shapes to time: `shapes` where given (checked against the
+    artifact: a dynamic dimension inside its range, a fixed one equal), else dynamic dimensions at the size
+    given for their variable elsewhere, or at their upper bound."""
+    from forgeml.shapes import format_dim
+
+    unknown = sorted(set(shapes) - {spec.name for spec in specs})
+    if unknown:
+        raise InvalidInput(f"--input-shape names '{unknown[0]}', but {where.name}'s inputs are: "
+                           f"{', '.join(spec.name for spec in specs)}")
+    values: dict[str, int] = {}
+    for spec in specs:
+        shape = shapes.get(spec.name)
+        if shape is None:
+            continue
+        dynamic = {dim.axis: dim for dim in spec.dynamic}
+        if len(shape) != len(spec.shape) or any(isinstance(d, tuple) for d in shape):
+            raise InvalidInput(f"--input-shape {spec.name}={','.join(map(format_dim, shape))}: give "
+                               f"{len(spec.shape)} sizes, one per axis of {spec.describe()}")
+        for axis, size in enumerate(shape):
+            dim = dynamic.get(axis)
+            if dim is None and size != spec.shape[axis]:
+                raise InvalidInput(f"--input-shape {spec.name}: axis {axis} is fixed at {spec.shape[axis]} "
+                                   f"in {where.name}")
+            if dim is not None and not dim.min <= size <= dim.max:
+                raise InvalidInput(f"--input-shape {spec.name}: axis {axis} ('{dim.variable}') is {size}, outside "
+                                   f"the range {dim.min}..{dim.max} {where.name} was compiled for")
+            if dim is not None:
+                values.setdefault(dim.variable, size)
+    out = []
+    for spec in specs:
+        shape = list(shapes.get(spec.name, spec.shape))
+        for dim in spec.dynamic if spec.name not in shapes else ():
+            shape[dim.axis] = values.get(dim.variable, dim.max)
+        out.append(spec._replace(shape=tuple(shape)))
+    return out
 
 
 def _worker_extra(worker: EngineWorker) -> dict:

@@ -17,6 +17,8 @@ import numpy as np
 
 from forgeml.errors import CompileFailed, ForgeError, InvalidInput, ToolchainMissing, VerificationFailed, last_line
 from forgeml.runtime.artifact import WEIGHTS, Manifest, create_beside, pack_weights, write_artifact
+from forgeml.shapes import InputShapes
+from forgeml.shapes import to_json as shapes_to_json
 from forgeml.targets import TargetSpec, resolve_target
 from forgeml.targets.host import has_cuda_gpu
 
@@ -26,7 +28,7 @@ Progress = Callable[[str], None]
 @dataclass
 class CompileOptions:
     target: str = "x86-64"
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shapes: InputShapes = field(default_factory=dict)  # a size pins a dimension; (low, high) lets it vary
     opt_level: str = "O2"
     verify: bool = True
     tolerance: float | None = None  # None: the default for the precision
@@ -42,6 +44,7 @@ class CompileOptions:
     # (None: on for cuda targets; measured faster on every zoo model, benchmarks/results/gpu.md)
     sign_key: str | Path | None = None  # an ed25519 private key (`forgeml keygen`): the artifact is signed
     signer: str | None = None  # the name its signature records (None: user@host)
+    buckets: str = "ends"  # dynamic shapes: static functions beside the symbolic one (compiler/dynamic.py)
 
 
 def _check_gpu_options(spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> None:
@@ -196,31 +199,40 @@ def _failing_kernels(mod, target) -> dict[str, str]:
     return failing
 
 
-def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Progress):
-    """(executable, weights): the pipeline, weight lifting and code generation. When code generation
+def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Progress,
+                           functions: list[str] | None = None):
+    """(executable, weights, function -> its weights' indices or None): the pipeline, weight lifting (of
+    `main`, or of each of `functions` with equal weights stored once) and code generation. When code generation
     fails on kernels the CPU rules scheduled, those kernels are rebuilt with TVM's naive loops (the
     others keep their schedules); a failure that remains is a CompileFailed naming the kernels (their
     names carry the fused operators) and TVM's reason."""
     from forgeml.compiler import graph
     from forgeml.compiler.cpu.rules import unscheduled
+    from forgeml.compiler.dynamic import lift_functions, memory_plan
 
     def build(skip: set[str]):
         with unscheduled(skip):
             optimized = _stage(f"optimizing for {target.kind.name}", lambda: run_pipeline(mod, target))
-        lifted, weights = _stage("lifting the weights", lambda: graph.lift_weights(optimized))
-        return lifted, weights, lambda: _codegen(lifted, target, cuda_graph)
+        if functions:
+            lifted, weights, table = _stage("lifting the weights", lambda: lift_functions(optimized, functions))
+            if target.kind.name == "llvm":  # the functions' memory plans, for the manifest
+                plan = _stage("planning memory", lambda: memory_plan(lifted, target))
+                table = {name: {"weights": table[name], "memory": plan.get(name)} for name in table}
+        else:
+            (lifted, weights), table = _stage("lifting the weights", lambda: graph.lift_weights(optimized)), None
+        return lifted, weights, table, lambda: _codegen(lifted, target, cuda_graph)
 
-    lifted, weights, generate = build(set())
+    lifted, weights, table, generate = build(set())
     try:
-        return generate(), weights
+        return generate(), weights, table
     except Exception as err:  # noqa: BLE001
         first = err
     failing = _failing_kernels(lifted, target) if target.kind.name == "llvm" else {}
     if failing:
         say(f"generating code failed in {', '.join(failing)}; rebuilding them without schedules")
-        lifted, weights, generate = build(set(failing))
+        lifted, weights, table, generate = build(set(failing))
         try:
-            return generate(), weights
+            return generate(), weights, table
         except Exception as err:  # noqa: BLE001
             first = err
             failing = _failing_kernels(lifted, target) or failing
@@ -233,7 +245,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                   progress: Progress | None = None, tune_progress: Callable[[dict], None] | None = None) -> Manifest:
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
 
-    from forgeml.compiler import pipeline, verify
+    from forgeml.compiler import dynamic, pipeline, verify
     from forgeml.compiler.frontend import onnx_model, relax_import
     from forgeml.compiler.frontend.normalize import normalize
 
@@ -264,6 +276,10 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     say(f"importing into Relax ({len(loaded.model.graph.node)} nodes)")
     mod = relax_import.import_onnx(loaded)
     outputs = relax_import.output_specs(mod, loaded.outputs)
+    points = dynamic.bucket_points(loaded.ranges, options.buckets)
+    if points:
+        mod = _stage("importing the static buckets", lambda: dynamic.add_buckets(mod, loaded, points, say))
+    functions = ["main", *map(dynamic.function_name, points)] if loaded.ranges else None
     timings["import_s"] = time.perf_counter() - clock
 
     say(f"optimizing and scheduling for {spec.name} ({options.opt_level})")
@@ -280,7 +296,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
     say("generating code")
-    executable, weights = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say)
+    executable, weights, table = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say, functions)
     with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
         lib_path = Path(tmp) / "model.so"
         kernels = _stage("linking the library", lambda: _export_library(executable, spec, lib_path))
@@ -301,10 +317,11 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         compile_options={"target": options.target, "opt_level": options.opt_level, "precision": options.precision,
                          "conv_layout": conv_layout, "tensor_core_schedule": options.tensor_core_schedule,
                          "cuda_graph": cuda_graph,
-                         "input_shapes": {k: list(v) for k, v in options.input_shapes.items()},
+                         "input_shapes": shapes_to_json(options.input_shapes),
                          "normalize": normalized.to_json()},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},
+        functions=dynamic.dispatch_table(points, table) if table else None,
     )
     files = {"model.so": library, WEIGHTS: blob}
     tolerance = options.tolerance if options.tolerance is not None else verify.DEFAULT_TOLERANCE[
@@ -336,7 +353,7 @@ def _uses_tuning(options: CompileOptions, spec: TargetSpec, target) -> bool:
 
 
 def tune_model(model_path: str | Path, target_name: str = "x86-64", minutes: float | None = None,
-               trials: int | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+               trials: int | None = None, input_shapes: InputShapes | None = None,
                progress: Callable[[dict], None] | None = None, precision: str = "fp32", refine: bool = False,
                measure_elsewhere: str | Path | None = None, say: Progress | None = None, conv_layout: str = "auto"):
     """Tune a model's kernels into the target's persistent database (no artifact). Returns the summary.
@@ -383,7 +400,7 @@ def import_measurements(batch_dir: str | Path):
 def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_path: Path, spec: TargetSpec,
             options: CompileOptions, tolerance: float, say: Progress):
     """Load the packaged artifact with the real runtime and compare it with ONNX Runtime."""
-    from forgeml.compiler.verify import VerifyResult, verify_against_onnxruntime
+    from forgeml.compiler.verify import VerifyResult, verify_range
     from forgeml.runtime.session import Session
 
     def skipped(reason: str) -> VerifyResult:
@@ -409,7 +426,7 @@ def _verify(manifest: Manifest, files: dict[str, bytes], output: Path, model_pat
     remove_stale_scratch([(Path(tempfile.gettempdir()), f"{_SCRATCH}*"), (output.parent, f".{_SCRATCH}*")])
     with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH}{os.getpid()}-") as tmp:
         candidate = write_artifact(Path(tmp) / output.name, manifest, files)
-        return verify_against_onnxruntime(Session(candidate), model_path, tolerance, options.seed)
+        return verify_range(Session(candidate), model_path, tolerance, options.seed)
 
 
 _SCRATCH = "forgeml-verify-"  # + pid + "-" + random: the candidate artifact that verification loads

@@ -31,9 +31,13 @@ class VerifyResult:
     reference: str = "onnxruntime"
     skipped: str | None = None
     nonfinite: dict | None = None  # NonFiniteProbe.to_json(); None where no probe ran
+    points: tuple[dict, ...] = ()  # dynamic shapes: one result per point of the range checked
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.points:
+            del out["points"]
+        return out
 
     def failure(self) -> str:
         """Why the check failed, on one line."""
@@ -267,14 +271,45 @@ def _reason(err: Exception) -> str:
     return text[:300]
 
 
-def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float, seed: int = 0) -> VerifyResult:
+def verify_range(session, model_path: str | Path, tolerance: float, seed: int = 0) -> VerifyResult:
+    """Verify a session at the minimum, a point between and the maximum of its inputs' dimension ranges
+    (`shapes.check_points`), and at every static bucket's sizes, so that each function of the artifact
+    runs; the result holds the worst errors and each point's own result (with the function that ran it).
+    A model without dynamic dimensions is checked once, as `verify_against_onnxruntime` does."""
+    from forgeml.shapes import check_points, concrete_shapes, dimension_variables
+
+    variables = dimension_variables(session.inputs)
+    if not variables:
+        return verify_against_onnxruntime(session, model_path, tolerance, seed)
+    buckets = {tuple(sorted(f["dimensions"].items())): f["name"] for f in session.manifest.functions or ()
+               if f["dimensions"] is not None}
+    points = check_points(variables)
+    points += [dict(key) for key in buckets if dict(key) not in points]
+    results = []
+    for values in points:
+        result = verify_against_onnxruntime(session, model_path, tolerance, seed,
+                                            concrete_shapes(session.inputs, values))
+        function = buckets.get(tuple(sorted(values.items())), "main")
+        results.append({"dimensions": values, "function": function} | result.to_json())
+    checked = [r for r in results if r["skipped"] is None]
+    failed = any(not r["passed"] for r in checked)
+    skipped = None if failed else next((r["skipped"] for r in results if r["skipped"] is not None), None)
+    worst = {k: max((r[k] for r in checked), default=float("nan")) for k in ("max_abs_error", "max_rel_error")}
+    probe = next((r["nonfinite"] for r in checked if not r["passed"] and r.get("nonfinite")), None)
+    return VerifyResult(not failed and skipped is None, worst["max_abs_error"], worst["max_rel_error"], tolerance,
+                        seed, skipped=skipped, nonfinite=probe, points=tuple(results))
+
+
+def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float, seed: int = 0,
+                               shapes: dict[str, tuple[int, ...]] | None = None) -> VerifyResult:
     """Run `session` (a forgeml Session) and ONNX Runtime on the same seeded inputs, then on them with NaN
     and infinities in the float inputs (`NonFiniteProbe`; thresholds and convolution weights keep their
     values); both must agree. When ONNX Runtime
     cannot run the model (no kernel for an op at that opset or dtype, inputs or outputs its Python API
     cannot convert, seeded inputs it rejects) the result is skipped with its reason; forgeml's session
     still runs once on the inputs so that a failure of its own surfaces here, except where ONNX Runtime
-    rejected the seeded inputs and forgeml rejects them at run time too (random axes, indices)."""
+    rejected the seeded inputs and forgeml rejects them at run time too (random axes, indices). `shapes`
+    gives the inputs' shapes where they have dynamic dimensions."""
     import onnx
 
     from forgeml.compiler.frontend.onnx_model import convolution_weight_inputs, divisor_inputs, unit_interval_inputs
@@ -284,7 +319,8 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
 
     graph = onnx.load(str(model_path), load_external_data=False)  # read once for both input roles
     unit = unit_interval_inputs(graph)
-    feeds = seeded_inputs(session.inputs, seed, nonzero=divisor_inputs(graph), unit=unit)
+    specs = [spec._replace(shape=shapes[spec.name]) if shapes else spec for spec in session.inputs]
+    feeds = seeded_inputs(specs, seed, nonzero=divisor_inputs(graph), unit=unit)
     try:
         ort_session = onnxruntime_session(model_path)
     except Exception as err:  # noqa: BLE001 (onnxruntime raises its own pybind11 types)

@@ -40,23 +40,39 @@ class TensorSpec(NamedTuple):
     shape: tuple[int, ...]
     dtype: str
     valid_range: tuple[int, int] | None = None
+    dynamic: tuple[DynamicDim, ...] = ()  # the axes that vary at run time (their `shape` entry is -1)
 
     def to_json(self) -> dict[str, Any]:
         d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
         if self.valid_range is not None:
             d["range"] = list(self.valid_range)
+        if self.dynamic:
+            d["dynamic"] = [dim._asdict() for dim in self.dynamic]
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
         bounds = d.get("range")
+        dynamic = tuple(DynamicDim(int(x["axis"]), str(x["variable"]), int(x["min"]), int(x["max"]))
+                        for x in d.get("dynamic", ()))
         return cls(d["name"], tuple(int(s) for s in d["shape"]), d["dtype"],
-                   (int(bounds[0]), int(bounds[1])) if bounds is not None else None)
+                   (int(bounds[0]), int(bounds[1])) if bounds is not None else None, dynamic)
 
     def describe(self) -> str:
         bounds = f" in [{self.valid_range[0]}, {self.valid_range[1]}]" if self.valid_range else ""
-        dims = ", ".join("?" if d < 0 else str(d) for d in self.shape)  # ?: known only at run time
-        return f"{self.name}: {self.dtype}[{dims}]{bounds}"
+        ranges = {dim.axis: f"{dim.min}..{dim.max}" for dim in self.dynamic}
+        dims = ", ".join(ranges.get(n, "?" if d < 0 else str(d)) for n, d in enumerate(self.shape))  # ?: known
+        return f"{self.name}: {self.dtype}[{dims}]{bounds}"  # only at run time
+
+
+class DynamicDim(NamedTuple):
+    """An input axis that may take any size in [min, max] at run time; axes (of any inputs) that share a
+    `variable` (an ONNX dim_param) must have the same size in one call."""
+
+    axis: int
+    variable: str
+    min: int
+    max: int
 
 
 class WeightEntry(NamedTuple):
@@ -89,6 +105,7 @@ class Manifest:
         format_version: int = FORMAT_VERSION,
         digest: str | None = None,
         signature: dict[str, str] | None = None,
+        functions: list[dict[str, Any]] | None = None,  # dynamic shapes: the VM functions and their weights
     ) -> None:
         self.target = target
         self.inputs = inputs
@@ -104,6 +121,7 @@ class Manifest:
         self.format_version = format_version
         self.digest = digest
         self.signature = signature
+        self.functions = functions
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -117,7 +135,8 @@ class Manifest:
         """JSON-ready data, a deep copy: editing it leaves the manifest as it was."""
         import copy
 
-        fields = {k: v for k, v in vars(self).items() if v is not None or k not in (schema.DIGEST, schema.SIGNATURE)}
+        fields = {k: v for k, v in vars(self).items()
+                  if v is not None or k not in (schema.DIGEST, schema.SIGNATURE, "functions")}
         return copy.deepcopy({**fields, "inputs": [t.to_json() for t in self.inputs],
                               "outputs": [t.to_json() for t in self.outputs],
                               "weights": [w._asdict() | {"shape": list(w.shape)} for w in self.weights]})
@@ -147,6 +166,7 @@ class Manifest:
             format_version=d["format_version"],
             digest=d[schema.DIGEST],
             signature=d.get(schema.SIGNATURE),
+            functions=d.get("functions"),
         )
 
 

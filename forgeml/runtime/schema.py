@@ -173,7 +173,8 @@ def _type(value: Any) -> str:
 
 
 _TOP_REQUIRED = ("format_version", DIGEST, "target", "inputs", "outputs", "library", "members")
-_TOP_OPTIONAL = ("weights", "source", "compile_options", "tuning", "verification", "versions", SIGNATURE)
+_TOP_OPTIONAL = ("weights", "source", "compile_options", "tuning", "verification", "versions", SIGNATURE,
+                 "functions")
 
 
 def validate(data: dict[str, Any], where: str) -> None:
@@ -206,6 +207,8 @@ def validate(data: dict[str, Any], where: str) -> None:
     if weights and "weights.bin" not in members:
         c.fail("members", "lacks weights.bin, which the weights are in")
     _check_sections(c, data)
+    if "functions" in data:
+        _check_functions(c, data["functions"], len(weights))
     if SIGNATURE in data:
         check_signature_record(c, data[SIGNATURE])
 
@@ -221,9 +224,19 @@ def _check_target(c: _Checker, target: Any) -> None:
 
 
 def _check_tensor(c: _Checker, spec: Any, field: str) -> str:
-    c.record(spec, field, ("name", "shape", "dtype"), ("range",))
+    c.record(spec, field, ("name", "shape", "dtype"), ("range", "dynamic"))
     c.of(spec["name"], f"{field}.name", "string")
-    c.shape(spec["shape"], f"{field}.shape", -1)  # -1: a dimension known only at run time
+    shape = c.shape(spec["shape"], f"{field}.shape", -1)  # -1: a dimension known only at run time
+    for i, dim in enumerate(c.of(spec.get("dynamic", []), f"{field}.dynamic", "array")):
+        where = f"{field}.dynamic[{i}]"
+        c.record(dim, where, ("axis", "variable", "min", "max"))
+        axis = c.integer(dim["axis"], f"{where}.axis", 0)
+        if axis >= len(shape):
+            c.fail(f"{where}.axis", f"is {axis}, but the input has {len(shape)} axes")
+        c.of(dim["variable"], f"{where}.variable", "string")
+        low, high = c.integer(dim["min"], f"{where}.min", 0), c.integer(dim["max"], f"{where}.max", 0)
+        if low > high:
+            c.fail(where, f"has an empty range {low}..{high}")
     c.dtype(spec["dtype"], f"{field}.dtype")
     if "range" in spec:
         bounds = c.of(spec["range"], f"{field}.range", "array")
@@ -233,6 +246,21 @@ def _check_tensor(c: _Checker, spec: Any, field: str) -> str:
         if low > high:
             c.fail(f"{field}.range", f"is empty ([{low}, {high}])")
     return spec["name"]
+
+
+def _check_functions(c: _Checker, functions: Any, n_weights: int) -> None:
+    """Dynamic shapes: the VM functions (the symbolic `main`, dimensions null, and static buckets with
+    their dimension sizes), each with the indices of its weights."""
+    for i, entry in enumerate(c.of(functions, "functions", "array")):
+        field = f"functions[{i}]"
+        c.record(entry, field, ("name", "dimensions", "weights"), closed=False)
+        c.of(entry["name"], f"{field}.name", "string")
+        sizes = c.of(entry["dimensions"], f"{field}.dimensions", "object", "null")
+        for variable, size in (sizes or {}).items():
+            c.integer(size, f"{field}.dimensions.{variable}", 0)
+        for n, index in enumerate(c.of(entry["weights"], f"{field}.weights", "array")):
+            if c.integer(index, f"{field}.weights[{n}]", 0) >= n_weights:
+                c.fail(f"{field}.weights[{n}]", f"is {index}, but the manifest has {n_weights} weights")
 
 
 def _check_weight(c: _Checker, entry: Any, field: str) -> None:

@@ -121,13 +121,39 @@ class Session:
             raise ArtifactError(f"{self.path}: the model failed to initialize: {last_line(e)}") from None
         self._main = self._vm["main"]
         self._weights = [self._to_device(w) for w in artifact.read_weights()]
+        self._call, self._buckets, self._key_axes = (self._main, self._weights), {}, []
+        if self.manifest.functions is not None:
+            self._dispatch_table()
         self._lock = threading.Lock()
         # what run() compares each input against, precomputed: its per-call cost is part of the latency
-        self._input_checks = [(spec.name, np.dtype(spec.dtype), tuple(spec.shape)) for spec in self.manifest.inputs]
+        # (an input with dynamic dimensions has shape None there: `_check_dims` checks it against its ranges)
+        self._input_checks = [(spec.name, np.dtype(spec.dtype), None if spec.dynamic else tuple(spec.shape))
+                              for spec in self.manifest.inputs]
+        self._dynamic = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.dynamic]
         self._any_exotic = any(_exotic(dtype) for _, dtype, _ in self._input_checks)
         self._ranges = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.valid_range is not None]
         self._output_names = [spec.name for spec in self.manifest.outputs]
         self._stages: list[tuple[np.ndarray, Any] | None] = [None] * len(self._input_checks)
+
+    def _dispatch_table(self) -> None:
+        """Dynamic shapes: the symbolic `main` and each static bucket with its weights, keyed by the sizes
+        of the dimension variables (sorted by name), and where to read each variable from the inputs."""
+        axes = {}
+        for n, spec in enumerate(self.manifest.inputs):
+            for dim in spec.dynamic:
+                axes.setdefault(dim.variable, (n, dim.axis))
+        names = sorted(axes)
+        self._key_axes = [axes[v] for v in names]
+        try:
+            for entry in self.manifest.functions:
+                call = (self._vm[entry["name"]], [self._weights[i] for i in entry["weights"]])
+                if entry["dimensions"] is None:
+                    self._call = call
+                else:
+                    self._buckets[tuple(int(entry["dimensions"][v]) for v in names)] = call
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+            raise ArtifactError(f"{self.path}: the manifest's functions are malformed ({type(e).__name__}: "
+                                f"{last_line(e)})") from None
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -172,7 +198,9 @@ class Session:
         (calls are serialized; a fresh cudaMalloc/cudaFree per call would stall the device)."""
         if self._on_cpu:
             return [self._to_device(a) for a in arrays]
-        if getattr(self, "_input_buffers", None) is None:
+        buffers = getattr(self, "_input_buffers", None)
+        if buffers is None or (self._dynamic and any(tuple(t.shape) != a.shape for t, a in zip(buffers, arrays))):
+            # (dynamic dimensions: new buffers when the shape changes; a server keeps to few shapes)
             self._input_buffers = [self._to_device(a) for a in arrays]
             return self._input_buffers
         copy = self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")
@@ -190,27 +218,40 @@ class Session:
         buffer, allocated once. Call with the lock held: the staging buffers are shared."""
         if len(feeds) != len(self._input_checks) or self._any_exotic:
             return None
+        if self._dynamic:  # before any staging: a staging buffer holds the largest shape in range
+            arrays = [feeds.get(name) for name, _, _ in self._input_checks]
+            if any(type(array) is not np.ndarray for array in arrays):
+                return None
+            self._check_dims(arrays)
         tensors = []
         for n, (name, dtype, shape) in enumerate(self._input_checks):
             array = feeds.get(name)
-            if type(array) is not np.ndarray or array.dtype != dtype or array.shape != shape:
+            if type(array) is not np.ndarray or array.dtype != dtype or (array.shape != shape and shape is not None):
                 return None
             flags = array.flags
             if not (flags.c_contiguous and flags.writeable):
                 return None
             tensor = self._ffi.from_dlpack(array)
             if tensor.data_ptr() % _ALIGN or not array.size:  # empty: numpy may give it zero strides
-                stage, tensor = self._staging(n, shape, dtype)
+                stage, tensor = self._staging(n, array.shape, dtype)
                 np.copyto(stage, array)
             tensors.append(tensor)
         return tensors
 
     def _staging(self, n: int, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, Any]:
-        """Input n's aligned staging buffer and its tensor."""
+        """Input n's aligned staging buffer and its tensor. A dynamic input's buffer is allocated once at
+        its largest shape; smaller shapes use its leading elements (a new tensor header per call)."""
+        spec = self.manifest.inputs[n]
         if self._stages[n] is None:
-            stage = _aligned_empty(shape, dtype)
+            largest = list(spec.shape)
+            for dim in spec.dynamic:
+                largest[dim.axis] = dim.max
+            stage = _aligned_empty(tuple(largest), dtype)
             self._stages[n] = (stage, self._ffi.from_dlpack(stage))
-        return self._stages[n]
+        if not spec.dynamic:
+            return self._stages[n]
+        view = self._stages[n][0].reshape(-1)[:math.prod(shape)].reshape(shape)
+        return view, self._ffi.from_dlpack(view)
 
     def _check_inputs(self, feeds: dict[str, Any]) -> list[np.ndarray]:
         specs = self.manifest.inputs
@@ -227,12 +268,33 @@ class Session:
             if array.dtype != spec.dtype:
                 raise InvalidInput(f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}; "
                                    f"the model expects {self._expected()}")
-            if array.shape != spec.shape:
+            if array.shape != spec.shape and not spec.dynamic:
                 raise InvalidInput(f"input '{spec.name}' has shape {list(array.shape)}, expected "
                                    f"{list(spec.shape)}; the model expects {self._expected()}")
             arrays.append(_aligned(array))
+        self._check_dims(arrays)
         self._check_ranges(arrays)
         return arrays
+
+    def _check_dims(self, arrays: list[np.ndarray]) -> None:
+        """Refuse inputs whose shape lies outside the ranges the model was compiled for (its memory is
+        planned for their upper bounds), or whose axes that share a dimension variable differ."""
+        sizes: dict[str, tuple[int, str]] = {}
+        for n, spec in self._dynamic:
+            shape = arrays[n].shape
+            fixed = [(axis, d) for axis, d in enumerate(spec.shape) if d >= 0]
+            if len(shape) != len(spec.shape) or any(shape[axis] != d for axis, d in fixed):
+                raise InvalidInput(f"input '{spec.name}' has shape {list(shape)}, expected {spec.describe()}")
+            for dim in spec.dynamic:
+                size = shape[dim.axis]
+                if not dim.min <= size <= dim.max:
+                    raise InvalidInput(f"input '{spec.name}' axis {dim.axis} ('{dim.variable}') is {size}, outside "
+                                       f"the range {dim.min}..{dim.max} it was compiled for; the model expects "
+                                       f"{self._expected()}")
+                seen = sizes.setdefault(dim.variable, (size, f"'{spec.name}' axis {dim.axis}"))
+                if seen[0] != size:
+                    raise InvalidInput(f"input '{spec.name}' axis {dim.axis} is {size}, but {seen[1]} is {seen[0]}: "
+                                       f"both are dimension '{dim.variable}'")
 
     def _check_ranges(self, arrays: list[np.ndarray]) -> None:
         """Refuse index inputs outside the tensor they index (the compiled gather would read out of
@@ -293,8 +355,12 @@ class Session:
                 args = self._upload_inputs(self._check_inputs(feeds))
             elif self._ranges:
                 self._check_ranges([feeds[name] for name, _, _ in self._input_checks])
+            function, weights = self._call
+            if self._buckets:  # a static bucket where the sizes match one exactly, else the symbolic main
+                key = tuple(args[n].shape[axis] for n, axis in self._key_axes)
+                function, weights = self._buckets.get(key, self._call)
             try:
-                result = self._main(*args, *self._weights)
+                result = function(*args, *weights)
                 tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
                 return dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
             except ForgeError:

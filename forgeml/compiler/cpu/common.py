@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 
 PREPROC = "meta_schedule.layout_rewrite_preproc"
@@ -126,7 +127,10 @@ def trivial_binding(sch: s_tir.Schedule, block_rv) -> bool:
         loop = sch.get(lp)
         if not (isinstance(val, tirx.Var) and val.same_as(loop.loop_var)):
             return False
-        if as_int(loop.extent) is None or as_int(iv.dom.extent) != as_int(loop.extent):
+        if as_int(loop.extent) is None:  # symbolic (dynamic shapes): the same expression on both sides
+            if not tvm_ffi.structural_equal(loop.extent, iv.dom.extent):
+                return False
+        elif as_int(iv.dom.extent) != as_int(loop.extent):
             return False
     return True
 

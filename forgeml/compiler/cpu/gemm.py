@@ -75,6 +75,9 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
     return _MatmulInfo(block_rv, a_idx, b_idx, b_trans, batch, i_pos, pos[j_var], len(ivars) - 1)
 
 
+_SYMBOLIC_ROWS = 720  # stands for a symbolic row count when choosing a tile: every row count up to 6 divides it
+
+
 def _choose_gemm_tile(m: int, n: int, lanes: int, max_acc: int = common.MAX_ACC) -> tuple[int, int]:
     """(rows, vectors) of the register tile: divides M and N, <= max_acc accumulators."""
     nv, mr = common.choose_register_tile((3, 2, 4, 1, 5, 6), n, m, lanes, max_acc)
@@ -104,11 +107,18 @@ class MatmulRule(ScheduleRule):
         exts = common.loop_extents(sch, sch.get_loops(blk))
         m = exts[info.i] if info.i is not None else 1
         n = exts[info.j]
+        depth = exts[info.k]
+        if n is None and (depth is None or depth % cpu.fit(depth)):
+            return None  # symbolic columns and depth (dynamic shapes): the generic rule
         lanes = cpu.fit(n)
-        parallel = math.prod(exts) >= common.PAR_MIN_MACS
-        if n % lanes and exts[info.k] % cpu.fit(exts[info.k]) == 0:
-            lanes = cpu.fit(exts[info.k])
-            return _dot_schedule(sch, blk, info, func, lanes, n, parallel, cpu.max_acc)
+        # symbolic extents (dynamic shapes): parallel; symbolic rows tiled as if many (a predicated tail),
+        # symbolic columns as dot products along a static depth (attention's Q K^T)
+        parallel = None in exts or math.prod(exts) >= common.PAR_MIN_MACS
+        m = _SYMBOLIC_ROWS if m is None else m
+        if n is None or (n % lanes and depth is not None and depth % cpu.fit(depth) == 0):
+            lanes = cpu.fit(depth)
+            return _dot_schedule(sch, blk, info, func, lanes, _SYMBOLIC_ROWS if n is None else n, parallel,
+                                 cpu.max_acc)
         mr, nv = _choose_gemm_tile(m, n, lanes, cpu.max_acc)
         tw = nv * lanes
         b_buf = sch.get(blk).reads[info.b_idx].source
@@ -190,3 +200,4 @@ def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int,
     init = sch.decompose_reduction(rf, ko)
     sch.vectorize(sch.get_loops(init)[-1])
     return sch
+

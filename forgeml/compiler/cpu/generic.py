@@ -25,6 +25,7 @@ from forgeml.compiler.cpu.common import (
 from forgeml.compiler.cpu.rows import _row_schedule
 
 logger = logging.getLogger(__name__)
+SYMBOLIC_EXTENT = 1009  # stands for a symbolic loop extent: large, and prime (no vector width divides it)
 
 
 def _strided_inner(block, n_s: int) -> bool:
@@ -50,7 +51,9 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: CPUFacts) -> Non
         if as_int(sch.get(loops[0]).extent) not in (None, 1):
             sch.parallel(loops[0])
         return
-    exts = loop_extents(sch, loops)
+    # a symbolic extent (dynamic shapes) counts as a large one no vector width divides: such loops are
+    # parallelized, never split into vectors (a predicated vector loop)
+    exts = [SYMBOLIC_EXTENT if e is None else e for e in loop_extents(sch, loops)]
     lanes = cpu.fit(exts[-1])
     if all(k == "S" for k in kinds):
         total = 1
@@ -70,6 +73,7 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: CPUFacts) -> Non
             # short innermost row: vectorize over the flattened nest instead
             head, inner = [], sch.fuse(*loops)
         iext = as_int(sch.get(inner).extent)
+        iext = SYMBOLIC_EXTENT if iext is None else iext
         lanes = cpu.fit(iext)
         if iext % lanes == 0 and iext > lanes:
             outer, vec = sch.split(inner, [None, lanes])

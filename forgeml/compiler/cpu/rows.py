@@ -36,7 +36,7 @@ def _row_schedule(func, cpu: CPUFacts):
     if not is_spatial(sch, last) or not trivial_binding(sch, last):
         return None
     dom = loop_extents(sch, sch.get_loops(last))
-    if len(dom) < 2 or any(e is None for e in dom):
+    if len(dom) < 2 or dom[-1] is None:  # symbolic rows (dynamic shapes) are fine, a symbolic row is not
         return None
     rows, row_len = dom[:-1], dom[-1]
     reductions = []
@@ -54,7 +54,7 @@ def _row_schedule(func, cpu: CPUFacts):
             return None
     n_rows = 1
     for e in rows:
-        n_rows *= e
+        n_rows *= PAR_MIN if e is None else e  # a symbolic row count: parallel
     lanes = cpu.fit(row_len)
     rf_names = []
     if row_len % lanes == 0 and row_len >= 2 * lanes:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from onnx import shape_inference
 
 from forgeml.errors import InvalidInput, UnsupportedOperator
-from forgeml.runtime.artifact import TensorSpec
+from forgeml.runtime.artifact import DynamicDim, TensorSpec
+from forgeml.shapes import InputShapes, format_dim
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -26,6 +27,7 @@ class LoadedModel:
     outputs: tuple[TensorSpec, ...]
     sha256: str
     path: Path
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # dimension variable -> (low, high)
 
 
 # element types forgeml cannot compile: TVM packs them below a byte (numpy/ml_dtypes use a byte each, so
@@ -143,31 +145,56 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         raise InvalidInput(f"{path}: cannot read its external data: {str(e).strip().splitlines()[0]}") from None
 
 
-def _fix_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], path: Path) -> None:
-    """Write user-given shapes into the graph; refuse any dimension still symbolic."""
+def _fix_input_shapes(model: onnx.ModelProto, input_shapes: InputShapes, path: Path) -> dict[str, tuple[int, int]]:
+    """Write user-given shapes into the graph; refuse any dimension still symbolic. A range `A..B` keeps the
+    dimension symbolic under its ONNX dim_param (or `<input>_dim<axis>` where it had none), so that axes
+    sharing a dim_param stay one variable. Returns variable -> (low, high)."""
     inputs = {i.name: i for i in _graph_inputs(model)}
     for name in input_shapes:
         if name not in inputs:
             raise InvalidInput(f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs)}")
-    for name, value in inputs.items():
-        dims = value.type.tensor_type.shape.dim
-        if name in input_shapes:
-            shape = input_shapes[name]
-            if len(shape) != len(dims):
-                raise InvalidInput(
-                    f"--input-shape {name} has rank {len(shape)}, but the model's input '{name}' has rank {len(dims)}"
-                )
-            for dim, size in zip(dims, shape):
+    ranges: dict[str, tuple[int, int]] = {}
+    given: dict[str, str] = {}  # variable -> the input axis whose range set it
+    pinned: dict[str, str] = {}  # dim_param -> the input axis pinned to a size
+    for name, shape in input_shapes.items():
+        dims = inputs[name].type.tensor_type.shape.dim
+        if len(shape) != len(dims):
+            raise InvalidInput(
+                f"--input-shape {name} has rank {len(shape)}, but the model's input '{name}' has rank {len(dims)}"
+            )
+        for axis, (dim, size) in enumerate(zip(dims, shape)):
+            if not isinstance(size, tuple):
+                if dim.dim_param:
+                    pinned.setdefault(dim.dim_param, f"'{name}' axis {axis}")
                 dim.ClearField("dim_param")
                 dim.dim_value = size
+                continue
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                raise InvalidInput(f"--input-shape {name}: axis {axis} is fixed at {dim.dim_value} in the model; "
+                                   f"it cannot take the range {format_dim(size)}")
+            variable = dim.dim_param or f"{name}_dim{axis}"
+            if ranges.setdefault(variable, size) != size:
+                raise InvalidInput(f"--input-shape {name}: axis {axis} shares the dimension '{variable}' with "
+                                   f"{given[variable]}, which has the range {format_dim(ranges[variable])}, "
+                                   f"not {format_dim(size)}")
+            given.setdefault(variable, f"'{name}' axis {axis}")
+            dim.dim_param = variable
+    for variable in ranges.keys() & pinned.keys():
+        raise InvalidInput(f"--input-shape: dimension '{variable}' is pinned at {pinned[variable]} but varies at "
+                           f"{given[variable]}; give both the same size or the same range")
+    for name, value in inputs.items():
+        dims = value.type.tensor_type.shape.dim
         for axis, dim in enumerate(dims):
+            if dim.dim_param in ranges and not dim.HasField("dim_value"):
+                continue
             if not dim.HasField("dim_value") or dim.dim_value < 0:
                 label = dim.dim_param or "?"
                 raise InvalidInput(
                     f"input '{name}' of {path.name} has a symbolic dimension '{label}' (axis {axis}); "
-                    f"give its size with --input-shape {name}=" + ",".join(
+                    f"give its size (or a range A..B) with --input-shape {name}=" + ",".join(
                         str(d.dim_value) if d.HasField("dim_value") else "N" for d in dims)
                 )
+    return ranges
 
 
 def supported_ops() -> set[str]:
@@ -192,16 +219,20 @@ def find_unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
     return dict(missing)
 
 
-def _tensor_specs(values, read_only: bool = False) -> tuple[TensorSpec, ...]:
+def _tensor_specs(values, ranges: dict[str, tuple[int, int]] | None = None,
+                  read_only: bool = False) -> tuple[TensorSpec, ...]:
+    """Specs of graph values; axes whose dim_param is in `ranges` carry their range."""
     specs = []
     for v in values:
         t = v.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        specs.append(TensorSpec(v.name, shape, _dtype_of(t.elem_type, f"'{v.name}'", read_only)))
+        dynamic = tuple(DynamicDim(axis, d.dim_param, *ranges[d.dim_param]) for axis, d in enumerate(t.shape.dim)
+                        if ranges and not d.HasField("dim_value") and d.dim_param in ranges)
+        specs.append(TensorSpec(v.name, shape, _dtype_of(t.elem_type, f"'{v.name}'", read_only), dynamic=dynamic))
     return tuple(specs)
 
 
-def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedModel:
+def load_onnx(path: str | Path, input_shapes: InputShapes | None = None) -> LoadedModel:
     """Read, check and shape-infer an ONNX model; fail early on anything the compiler cannot take."""
     path = Path(path)
     model, sha = _read_model(path)
@@ -216,13 +247,13 @@ def load_onnx(path: str | Path, input_shapes: dict[str, tuple[int, ...]] | None 
     _drop_weight_inputs(model)
     _optional_inputs_as_tensors(model)
     _check_types(model)
-    _fix_input_shapes(model, input_shapes or {}, path)
+    dim_ranges = _fix_input_shapes(model, input_shapes or {}, path)
     model = _infer_shapes(model, path)
     outputs = _tensor_specs(model.graph.output)
     ranges = index_ranges(model)
     inputs = tuple(spec._replace(valid_range=ranges.get(spec.name)) if "int" in spec.dtype else spec
-                   for spec in _tensor_specs(_graph_inputs(model), read_only=True))
-    return LoadedModel(model, inputs, outputs, sha, path)
+                   for spec in _tensor_specs(_graph_inputs(model), dim_ranges, read_only=True))
+    return LoadedModel(model, inputs, outputs, sha, path, dim_ranges)
 
 
 def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -24,7 +24,7 @@ def import_onnx(loaded) -> Any:
 
     from forgeml.compiler.frontend.converters import forgeml_converters
 
-    shapes = {spec.name: list(spec.shape) for spec in loaded.inputs}
+    shapes = {spec.name: list(spec.shape) for spec in loaded.inputs if not spec.dynamic}  # dynamic: dim_params
     dtypes = {spec.name: spec.dtype for spec in loaded.inputs}
     model = small_integer_initializers_as_constants(loaded.model)
     failure = None
@@ -45,7 +45,20 @@ def import_onnx(loaded) -> Any:
     names = [p.name for p in func.params[num_input:]]
     if params.get("main"):
         mod = relax.transform.BindParams("main", dict(zip(names, params["main"])))(mod)
-    return _shapes_as_tensors(mod)
+    return with_dimension_bounds(_shapes_as_tensors(mod), loaded.ranges)
+
+
+def with_dimension_bounds(mod, ranges: dict[str, tuple[int, int]]):
+    """`main` annotated with each dimension variable's bounds (`tir_var_lower_bound`/`tir_var_upper_bound`,
+    as TVM's PyTorch importer sets them; its ONNX importer sets none): StaticPlanBlockMemory then plans
+    every intermediate buffer once, at its size for the upper bounds, and the arithmetic analyzer knows
+    the ranges."""
+    if not ranges:
+        return mod
+    func = mod["main"]
+    func = func.with_attr("tir_var_lower_bound", {k: lo for k, (lo, _) in ranges.items()})
+    mod["main"] = func.with_attr("tir_var_upper_bound", {k: hi for k, (_, hi) in ranges.items()})
+    return mod
 
 
 _INTEGER_TYPES = {6, 7}  # onnx.TensorProto.INT32, INT64
