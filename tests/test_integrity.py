@@ -96,6 +96,14 @@ MALFORMED = {
     "versions not strings": (lambda m: m["versions"].update(tvm=27), "versions.tvm", "a string"),
     "unknown top-level field": (lambda m: m.update(extra=1), "extra", "not part of the format"),
     "format_version a string": (lambda m: m.update(format_version="2"), "format_version", "integer"),
+    "dynamic axis past the rank": (lambda m: m["inputs"][0].update(
+        dynamic=[{"axis": 5, "variable": "batch", "min": 1, "max": 8}]), "inputs[0].dynamic[0].axis", "axes"),
+    "dynamic range reversed": (lambda m: m["inputs"][0].update(
+        dynamic=[{"axis": 0, "variable": "batch", "min": 9, "max": 8}]), "inputs[0].dynamic[0]", "empty range"),
+    "function weight past the weights": (lambda m: m.update(
+        functions=[{"name": "main", "dimensions": None, "weights": [99]}]), "functions[0].weights[0]", "weights"),
+    "function dimensions a list": (lambda m: m.update(
+        functions=[{"name": "main", "dimensions": [1], "weights": []}]), "functions[0].dimensions", "an object"),
     "signature of another algorithm": (lambda m: m.update(signature={"algorithm": "rsa", "key_id": "", "signer": "",
                                                                      "value": ""}), "signature.algorithm", "ed25519"),
 }
