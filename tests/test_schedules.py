@@ -388,3 +388,82 @@ def test_split_of_transposed_qkv(producer):
               helper.make_node("Split", ["t", "sizes"], ["q", "k", "v"], axis=0)]
     model = _model(nodes, [_f("x", x_shape)], [_f(n, (1, 1, 4, 17, 16)) for n in "qkv"], weights)
     _check(model, {"x": rng.standard_normal(x_shape).astype("float32")})
+
+
+# --------------------------------------------------------------------------------------------------
+# convolution padding folded into the Conv (frontend/conv_padding.py), then compiled
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_normalized(model, feeds, target=None):
+    """`model` normalized as compile_model does (padding folded into Convs), compiled, vs ORT on the original."""
+    from forgeml.compiler.frontend.normalize import normalize
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)
+    folded, record = normalize(model)
+    got = _run(folded, feeds, target)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+    return folded, record
+
+
+def _padded_conv_model(c, h, oc, k, stride, pads, groups=1, auto_pad=None, pad_value=0.0, seed=0):
+    """Pad(pads on H, W as top, left, bottom, right) -> Conv -> Clip(0, 6), or a Conv with `auto_pad`
+    when pads is None."""
+    rng = _rng(seed)
+    weights = {"W": (rng.standard_normal((oc, c // groups, k, k)) * 0.3).astype("float32"),
+               "B": rng.standard_normal(oc).astype("float32"), "lo": np.array(0.0, "float32"),
+               "hi": np.array(6.0, "float32")}
+    nodes = []
+    x, hp, wp = "x", h, h
+    if pads is not None:
+        top, left, bottom, right = pads
+        weights["P"] = np.array([0, 0, top, left, 0, 0, bottom, right], "int64")
+        weights["V"] = np.array(pad_value, "float32")
+        nodes.append(helper.make_node("Pad", ["x", "P", "V"], ["xp"]))
+        x, hp, wp = "xp", h + top + bottom, h + left + right
+    conv_attrs = {"kernel_shape": [k, k], "strides": [stride, stride], "group": groups}
+    if auto_pad:
+        conv_attrs["auto_pad"] = auto_pad
+        oh = ow = -(-h // stride)
+    else:
+        oh, ow = (hp - k) // stride + 1, (wp - k) // stride + 1
+    nodes += [helper.make_node("Conv", [x, "W", "B"], ["c"], **conv_attrs),
+              helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+    model = _model(nodes, [_f("x", (1, c, h, h))], [_f("y", (1, oc, oh, ow))], weights)
+    return model, {"x": rng.standard_normal((1, c, h, h)).astype("float32")}
+
+
+@pytest.mark.parametrize("c,h,oc,k,stride,pads,groups", [
+    (32, 14, 32, 3, 2, (0, 0, 1, 1), 32),  # MobileNetV2's TF-"same" stride-2 depthwise: pad bottom/right
+    (24, 11, 24, 5, 2, (1, 1, 2, 2), 24),  # EfficientNet's ZeroPad2d before a 5x5/2 depthwise
+    (16, 9, 32, 1, 1, (0, 0, 0, 0), 1),  # zero-width Pad before a 1x1 conv
+    (8, 10, 16, 3, 1, (1, 1, 1, 1), 1),  # a dense 3x3 conv
+])
+def test_zero_pad_folds_into_conv(c, h, oc, k, stride, pads, groups):
+    model, feeds = _padded_conv_model(c, h, oc, k, stride, pads, groups)
+    folded, record = _check_normalized(model, feeds)
+    assert record.conv_pads_folded == 1
+    assert [n.op_type for n in folded.graph.node if n.op_type != "Constant"] == ["Conv", "Clip"]
+
+
+@pytest.mark.parametrize("c,h,oc,k,stride,groups,auto_pad", [
+    (16, 14, 16, 3, 2, 16, "SAME_UPPER"),  # EfficientNet's depthwise convs (torch padding="same")
+    (16, 15, 16, 5, 2, 16, "SAME_LOWER"),
+    (8, 7, 24, 1, 1, 1, "SAME_UPPER"),  # a 1x1: no padding at all
+])
+def test_same_auto_pad_made_explicit(c, h, oc, k, stride, groups, auto_pad):
+    model, feeds = _padded_conv_model(c, h, oc, k, stride, None, groups, auto_pad=auto_pad)
+    folded, record = _check_normalized(model, feeds)
+    assert record.conv_pads_folded == 1
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    assert "auto_pad" not in {a.name for a in conv.attribute}
+
+
+def test_pad_kept_where_folding_would_change_results():
+    """A Pad of ones is not a Conv's zero padding: it stays, and the result is still right."""
+    model, feeds = _padded_conv_model(8, 9, 8, 3, 2, (0, 0, 1, 1), 8, pad_value=1.0)
+    folded, record = _check_normalized(model, feeds)
+    assert record.conv_pads_folded == 0
+    assert "Pad" in [n.op_type for n in folded.graph.node]
