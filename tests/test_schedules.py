@@ -467,3 +467,45 @@ def test_pad_kept_where_folding_would_change_results():
     folded, record = _check_normalized(model, feeds)
     assert record.conv_pads_folded == 0
     assert "Pad" in [n.op_type for n in folded.graph.node]
+
+
+# --------------------------------------------------------------------------------------------------
+# squeeze-excitation: a long global average pool, a sigmoid gate per channel broadcast over the pixels
+# --------------------------------------------------------------------------------------------------
+
+
+def _squeeze_excitation_model(c: int, hw: int, squeezed: int, seed: int = 12):
+    """EfficientNet's block: x * sigmoid(conv1x1(silu(conv1x1(GlobalAveragePool(x)))))."""
+    rng = _rng(seed)
+    weights = {"W1": (rng.standard_normal((squeezed, c, 1, 1)) * 0.3).astype("float32"),
+               "B1": rng.standard_normal(squeezed).astype("float32"),
+               "W2": (rng.standard_normal((c, squeezed, 1, 1)) * 0.3).astype("float32"),
+               "B2": rng.standard_normal(c).astype("float32")}
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Conv", ["p", "W1", "B1"], ["s1"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["s1"], ["g1"]), helper.make_node("Mul", ["s1", "g1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "W2", "B2"], ["s2"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["s2"], ["g2"]), helper.make_node("Mul", ["x", "g2"], ["y"])]
+    model = _model(nodes, [_f("x", (1, c, hw, hw))], [_f("y", (1, c, hw, hw))], weights)
+    return model, {"x": rng.standard_normal((1, c, hw, hw)).astype("float32")}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only")
+@pytest.mark.parametrize("mcpu", ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+    not _AVX512_HOST, reason="needs an AVX-512 host"))])
+@pytest.mark.parametrize("c,hw,squeezed", [(32, 32, 8), (48, 14, 4), (24, 7, 6), (16, 17, 4)])
+def test_squeeze_excitation(mcpu, c, hw, squeezed):
+    """Pools of 1024, 196, 49 and 289 pixels: vector partial sums of 16, 4, none (too short) and none (no
+    width divides 289); the gate once per channel."""
+    model, feeds = _squeeze_excitation_model(c, hw, squeezed)
+    _check(model, feeds, target=_target(mcpu))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 64, 64), (2, 3, 40, 40)])
+def test_long_reduce_mean(shape):
+    """ReduceMean over the last two axes (rfactor'ed into vector partial sums) and ReduceMax (the same)."""
+    rng = _rng(13)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("ReduceMax", ["x"], ["n"], axes=[2, 3], keepdims=0)]
+    model = _model(nodes, [_f("x", shape)], [_f("m", shape[:2]), _f("n", shape[:2])], {}, opset=17)
+    _check(model, {"x": rng.standard_normal(shape).astype("float32")})
