@@ -509,3 +509,16 @@ def test_long_reduce_mean(shape):
              helper.make_node("ReduceMax", ["x"], ["n"], axes=[2, 3], keepdims=0)]
     model = _model(nodes, [_f("x", shape)], [_f("m", shape[:2]), _f("n", shape[:2])], {}, opset=17)
     _check(model, {"x": rng.standard_normal(shape).astype("float32")})
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only")
+@pytest.mark.parametrize("mcpu", ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+    not _AVX512_HOST, reason="needs an AVX-512 host"))])
+@pytest.mark.parametrize("c,hw,oc,residual", [(16, 28, 24, True), (8, 32, 12, False), (24, 30, 144, False)])
+def test_conv1x1_pixel_tile(mcpu, c, hw, oc, residual):
+    """1x1 convs on planes of >= 784 pixels vectorize along the pixels (rows of output channels in the
+    tile; 12 channels fit no channel vector at all); 900 pixels, which no vector width divides, keep the
+    channel-vectorized tile."""
+    model, feeds = _conv_model(1, c, hw, hw, oc, 1, residual=residual)
+    assert "Conv2DRule" in set(_rules_used(model).values())
+    _check(model, feeds, target=_target(mcpu))
