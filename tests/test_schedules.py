@@ -522,3 +522,25 @@ def test_conv1x1_pixel_tile(mcpu, c, hw, oc, residual):
     model, feeds = _conv_model(1, c, hw, hw, oc, 1, residual=residual)
     assert "Conv2DRule" in set(_rules_used(model).values())
     _check(model, feeds, target=_target(mcpu))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only")
+@pytest.mark.parametrize("mcpu", ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+    not _AVX512_HOST, reason="needs an AVX-512 host"))])
+@pytest.mark.parametrize("c,hw,oc,k,stride,groups", [(24, 7, 48, 1, 1, 1), (32, 14, 32, 5, 1, 32),
+                                                      (48, 9, 48, 3, 2, 48)])
+def test_conv_silu_epilogue(mcpu, c, hw, oc, k, stride, groups):
+    """Conv -> x * sigmoid(x) (EfficientNet's SiLU): the fast sigmoid in the tile's write-back, the
+    channels vectorized and the stores scattered into NCHW."""
+    rng = _rng(14)
+    weights = {"W": (rng.standard_normal((oc, c // groups, k, k)) * 0.3).astype("float32"),
+               "B": rng.standard_normal(oc).astype("float32")}
+    pad = k // 2
+    out = (hw + 2 * pad - k) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[k, k], pads=[pad] * 4,
+                              strides=[stride, stride], group=groups),
+             helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])]
+    model = _model(nodes, [_f("x", (1, c, hw, hw))], [_f("y", (1, oc, out, out))], weights)
+    rule = "DepthwiseConvRule" if groups > 1 else "Conv2DRule"
+    assert rule in set(_rules_used(model).values())
+    _check(model, {"x": rng.standard_normal((1, c, hw, hw)).astype("float32")}, target=_target(mcpu))

@@ -120,7 +120,28 @@ def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after, m
     sch.vectorize(iloops[-1])
     for lp in iloops[-3:-1]:
         sch.unroll(lp)
-    _tile_writeback(sch, sch.get_loops(local)[depth:], lanes)
+    wloops = sch.get_loops(local)[depth:]
+    if common.TUNE.get("conv_writeback_channels", True):
+        _channel_writeback(sch, wloops, lanes)
+    else:
+        _tile_writeback(sch, wloops, lanes)
+
+
+def _channel_writeback(sch, wloops, lanes: int) -> None:
+    """Write-back of a channel-vectorized register tile into NCHW, loops (n, f, y, x) or (n, f, p): the
+    channels innermost and vectorized, so the epilogue (bias, clip, SiLU's exp) runs on whole vectors and
+    only the stores scatter. With the pixels innermost, tiles whose width no vector divides (7 or 14
+    columns) computed it one float at a time: EfficientNet-B0's SiLU expansions at 7x7 and 14x14."""
+    f = wloops[1]
+    rest = [lp for i, lp in enumerate(wloops) if i != 1]
+    sch.reorder(*rest, f)
+    fo, fl = sch.split(f, [None, lanes])
+    sch.vectorize(fl)
+    sch.unroll(fo)
+    for lp in rest:
+        e = common.as_int(sch.get(lp).extent)
+        if e is not None and e <= 64:
+            sch.unroll(lp)
 
 
 def _pixel_tile(info: _ConvInfo, lanes: int, max_acc: int) -> tuple[int, int] | None:
@@ -305,7 +326,11 @@ class DepthwiseConvRule(ScheduleRule):
         iloops = sch.get_loops(init)
         sch.vectorize(iloops[-1])
         sch.unroll(iloops[-2])
-        _tile_writeback(sch, sch.get_loops(local)[depth:], lanes)
+        wloops = sch.get_loops(local)[depth:]
+        if common.TUNE.get("conv_writeback_channels", True):
+            _channel_writeback(sch, wloops, lanes)
+        else:
+            _tile_writeback(sch, wloops, lanes)
         for b in before:
             if not sch.get(b).same_as(sch.get(pad)):
                 _schedule_block_generic(sch, b, cpu)
