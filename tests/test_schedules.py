@@ -544,3 +544,42 @@ def test_conv_silu_epilogue(mcpu, c, hw, oc, k, stride, groups):
     rule = "DepthwiseConvRule" if groups > 1 else "Conv2DRule"
     assert rule in set(_rules_used(model).values())
     _check(model, {"x": rng.standard_normal((1, c, hw, hw)).astype("float32")}, target=_target(mcpu))
+
+
+# --------------------------------------------------------------------------------------------------
+# real architectures: HF MobileNetV2 (TF-"same" Pads, ReLU6) and EfficientNet (SAME auto_pad, SiLU,
+# squeeze-excitation), tiny configs, through compile_model with its verification against ONNX Runtime
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet"])
+def test_hf_mobile_convnets_compile_and_verify(name, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from forgeml import compile_model
+    from forgeml.compiler.frontend.torch_export import export_module
+
+    torch.manual_seed(0)
+    if name == "mobilenet_v2":
+        model = transformers.MobileNetV2Model(transformers.MobileNetV2Config(depth_multiplier=0.35, image_size=64))
+    else:
+        model = transformers.EfficientNetModel(transformers.EfficientNetConfig(
+            width_coefficient=0.25, depth_coefficient=0.25, image_size=64, hidden_dim=320))
+    for layer in model.modules():  # weights that keep the activations away from denormals (real_models.py)
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+
+    class Last(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).last_hidden_state
+
+    onnx_path = export_module(Last(model.eval()), {"pixel_values": (1, 3, 64, 64)}, tmp_path / "m.onnx")
+    manifest = compile_model(onnx_path, tmp_path / "m.fml", target="x86-64", opt_level="O2", verify=True,
+                             use_tuning_db=False)
+    assert manifest.verification["passed"], manifest.verification
+    assert manifest.compile_options["normalize"]["conv_pads_folded"] > 0
