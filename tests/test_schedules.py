@@ -388,3 +388,198 @@ def test_split_of_transposed_qkv(producer):
               helper.make_node("Split", ["t", "sizes"], ["q", "k", "v"], axis=0)]
     model = _model(nodes, [_f("x", x_shape)], [_f(n, (1, 1, 4, 17, 16)) for n in "qkv"], weights)
     _check(model, {"x": rng.standard_normal(x_shape).astype("float32")})
+
+
+# --------------------------------------------------------------------------------------------------
+# convolution padding folded into the Conv (frontend/conv_padding.py), then compiled
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_normalized(model, feeds, target=None):
+    """`model` normalized as compile_model does (padding folded into Convs), compiled, vs ORT on the original."""
+    from forgeml.compiler.frontend.normalize import normalize
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)
+    folded, record = normalize(model)
+    got = _run(folded, feeds, target)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+    return folded, record
+
+
+def _padded_conv_model(c, h, oc, k, stride, pads, groups=1, auto_pad=None, pad_value=0.0, seed=0):
+    """Pad(pads on H, W as top, left, bottom, right) -> Conv -> Clip(0, 6), or a Conv with `auto_pad`
+    when pads is None."""
+    rng = _rng(seed)
+    weights = {"W": (rng.standard_normal((oc, c // groups, k, k)) * 0.3).astype("float32"),
+               "B": rng.standard_normal(oc).astype("float32"), "lo": np.array(0.0, "float32"),
+               "hi": np.array(6.0, "float32")}
+    nodes = []
+    x, hp, wp = "x", h, h
+    if pads is not None:
+        top, left, bottom, right = pads
+        weights["P"] = np.array([0, 0, top, left, 0, 0, bottom, right], "int64")
+        weights["V"] = np.array(pad_value, "float32")
+        nodes.append(helper.make_node("Pad", ["x", "P", "V"], ["xp"]))
+        x, hp, wp = "xp", h + top + bottom, h + left + right
+    conv_attrs = {"kernel_shape": [k, k], "strides": [stride, stride], "group": groups}
+    if auto_pad:
+        conv_attrs["auto_pad"] = auto_pad
+        oh = ow = -(-h // stride)
+    else:
+        oh, ow = (hp - k) // stride + 1, (wp - k) // stride + 1
+    nodes += [helper.make_node("Conv", [x, "W", "B"], ["c"], **conv_attrs),
+              helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+    model = _model(nodes, [_f("x", (1, c, h, h))], [_f("y", (1, oc, oh, ow))], weights)
+    return model, {"x": rng.standard_normal((1, c, h, h)).astype("float32")}
+
+
+@pytest.mark.parametrize("c,h,oc,k,stride,pads,groups", [
+    (32, 14, 32, 3, 2, (0, 0, 1, 1), 32),  # MobileNetV2's TF-"same" stride-2 depthwise: pad bottom/right
+    (24, 11, 24, 5, 2, (1, 1, 2, 2), 24),  # EfficientNet's ZeroPad2d before a 5x5/2 depthwise
+    (16, 9, 32, 1, 1, (0, 0, 0, 0), 1),  # zero-width Pad before a 1x1 conv
+    (8, 10, 16, 3, 1, (1, 1, 1, 1), 1),  # a dense 3x3 conv
+])
+def test_zero_pad_folds_into_conv(c, h, oc, k, stride, pads, groups):
+    model, feeds = _padded_conv_model(c, h, oc, k, stride, pads, groups)
+    folded, record = _check_normalized(model, feeds)
+    assert record.conv_pads_folded == 1
+    assert [n.op_type for n in folded.graph.node if n.op_type != "Constant"] == ["Conv", "Clip"]
+
+
+@pytest.mark.parametrize("c,h,oc,k,stride,groups,auto_pad", [
+    (16, 14, 16, 3, 2, 16, "SAME_UPPER"),  # EfficientNet's depthwise convs (torch padding="same")
+    (16, 15, 16, 5, 2, 16, "SAME_LOWER"),
+    (8, 7, 24, 1, 1, 1, "SAME_UPPER"),  # a 1x1: no padding at all
+])
+def test_same_auto_pad_made_explicit(c, h, oc, k, stride, groups, auto_pad):
+    model, feeds = _padded_conv_model(c, h, oc, k, stride, None, groups, auto_pad=auto_pad)
+    folded, record = _check_normalized(model, feeds)
+    assert record.conv_pads_folded == 1
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    assert "auto_pad" not in {a.name for a in conv.attribute}
+
+
+def test_pad_kept_where_folding_would_change_results():
+    """A Pad of ones is not a Conv's zero padding: it stays, and the result is still right."""
+    model, feeds = _padded_conv_model(8, 9, 8, 3, 2, (0, 0, 1, 1), 8, pad_value=1.0)
+    folded, record = _check_normalized(model, feeds)
+    assert record.conv_pads_folded == 0
+    assert "Pad" in [n.op_type for n in folded.graph.node]
+
+
+# --------------------------------------------------------------------------------------------------
+# squeeze-excitation: a long global average pool, a sigmoid gate per channel broadcast over the pixels
+# --------------------------------------------------------------------------------------------------
+
+
+def _squeeze_excitation_model(c: int, hw: int, squeezed: int, seed: int = 12):
+    """EfficientNet's block: x * sigmoid(conv1x1(silu(conv1x1(GlobalAveragePool(x)))))."""
+    rng = _rng(seed)
+    weights = {"W1": (rng.standard_normal((squeezed, c, 1, 1)) * 0.3).astype("float32"),
+               "B1": rng.standard_normal(squeezed).astype("float32"),
+               "W2": (rng.standard_normal((c, squeezed, 1, 1)) * 0.3).astype("float32"),
+               "B2": rng.standard_normal(c).astype("float32")}
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Conv", ["p", "W1", "B1"], ["s1"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["s1"], ["g1"]), helper.make_node("Mul", ["s1", "g1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "W2", "B2"], ["s2"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["s2"], ["g2"]), helper.make_node("Mul", ["x", "g2"], ["y"])]
+    model = _model(nodes, [_f("x", (1, c, hw, hw))], [_f("y", (1, c, hw, hw))], weights)
+    return model, {"x": rng.standard_normal((1, c, hw, hw)).astype("float32")}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only")
+@pytest.mark.parametrize("mcpu", ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+    not _AVX512_HOST, reason="needs an AVX-512 host"))])
+@pytest.mark.parametrize("c,hw,squeezed", [(32, 32, 8), (48, 14, 4), (24, 7, 6), (16, 17, 4)])
+def test_squeeze_excitation(mcpu, c, hw, squeezed):
+    """Pools of 1024, 196, 49 and 289 pixels: vector partial sums of 16, 4, none (too short) and none (no
+    width divides 289); the gate once per channel."""
+    model, feeds = _squeeze_excitation_model(c, hw, squeezed)
+    _check(model, feeds, target=_target(mcpu))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 64, 64), (2, 3, 40, 40)])
+def test_long_reduce_mean(shape):
+    """ReduceMean over the last two axes (rfactor'ed into vector partial sums) and ReduceMax (the same)."""
+    rng = _rng(13)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("ReduceMax", ["x"], ["n"], axes=[2, 3], keepdims=0)]
+    model = _model(nodes, [_f("x", shape)], [_f("m", shape[:2]), _f("n", shape[:2])], {}, opset=17)
+    _check(model, {"x": rng.standard_normal(shape).astype("float32")})
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only")
+@pytest.mark.parametrize("mcpu", ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+    not _AVX512_HOST, reason="needs an AVX-512 host"))])
+@pytest.mark.parametrize("c,hw,oc,residual", [(16, 28, 24, True), (8, 32, 12, False), (24, 30, 144, False)])
+def test_conv1x1_pixel_tile(mcpu, c, hw, oc, residual):
+    """1x1 convs on planes of >= 784 pixels vectorize along the pixels (rows of output channels in the
+    tile; 12 channels fit no channel vector at all); 900 pixels, which no vector width divides, keep the
+    channel-vectorized tile."""
+    model, feeds = _conv_model(1, c, hw, hw, oc, 1, residual=residual)
+    assert "Conv2DRule" in set(_rules_used(model).values())
+    _check(model, feeds, target=_target(mcpu))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 only")
+@pytest.mark.parametrize("mcpu", ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+    not _AVX512_HOST, reason="needs an AVX-512 host"))])
+@pytest.mark.parametrize("c,hw,oc,k,stride,groups", [(24, 7, 48, 1, 1, 1), (32, 14, 32, 5, 1, 32),
+                                                      (48, 9, 48, 3, 2, 48)])
+def test_conv_silu_epilogue(mcpu, c, hw, oc, k, stride, groups):
+    """Conv -> x * sigmoid(x) (EfficientNet's SiLU): the fast sigmoid in the tile's write-back, the
+    channels vectorized and the stores scattered into NCHW."""
+    rng = _rng(14)
+    weights = {"W": (rng.standard_normal((oc, c // groups, k, k)) * 0.3).astype("float32"),
+               "B": rng.standard_normal(oc).astype("float32")}
+    pad = k // 2
+    out = (hw + 2 * pad - k) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[k, k], pads=[pad] * 4,
+                              strides=[stride, stride], group=groups),
+             helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])]
+    model = _model(nodes, [_f("x", (1, c, hw, hw))], [_f("y", (1, oc, out, out))], weights)
+    rule = "DepthwiseConvRule" if groups > 1 else "Conv2DRule"
+    assert rule in set(_rules_used(model).values())
+    _check(model, {"x": rng.standard_normal((1, c, hw, hw)).astype("float32")}, target=_target(mcpu))
+
+
+# --------------------------------------------------------------------------------------------------
+# real architectures: HF MobileNetV2 (TF-"same" Pads, ReLU6) and EfficientNet (SAME auto_pad, SiLU,
+# squeeze-excitation), tiny configs, through compile_model with its verification against ONNX Runtime
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet"])
+def test_hf_mobile_convnets_compile_and_verify(name, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from forgeml import compile_model
+    from forgeml.compiler.frontend.torch_export import export_module
+
+    torch.manual_seed(0)
+    if name == "mobilenet_v2":
+        model = transformers.MobileNetV2Model(transformers.MobileNetV2Config(depth_multiplier=0.35, image_size=64))
+    else:
+        model = transformers.EfficientNetModel(transformers.EfficientNetConfig(
+            width_coefficient=0.25, depth_coefficient=0.25, image_size=64, hidden_dim=320))
+    for layer in model.modules():  # weights that keep the activations away from denormals (real_models.py)
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+
+    class Last(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).last_hidden_state
+
+    onnx_path = export_module(Last(model.eval()), {"pixel_values": (1, 3, 64, 64)}, tmp_path / "m.onnx")
+    manifest = compile_model(onnx_path, tmp_path / "m.fml", target="x86-64", opt_level="O2", verify=True,
+                             use_tuning_db=False)
+    assert manifest.verification["passed"], manifest.verification
+    assert manifest.compile_options["normalize"]["conv_pads_folded"] > 0

@@ -29,6 +29,7 @@ class _ConvInfo:
     kh: int
     kw: int
     flat_ok: bool  # 1x1, stride 1, same spatial shape: (y, x) may be fused into one pixel axis
+    icg: int = 0  # input channels per group (the reduction over channels)
 
 
 def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
@@ -65,7 +66,7 @@ def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
         oc_per_group = oc // groups
     flat_ok = (kh == 1 and kw == 1 and [common.as_int(d) for d in data_buf.shape[2:]] == [oh, ow]
                and not grouped)
-    return _ConvInfo(data_idx, w_idx, depthwise, grouped, oc, oc_per_group, oh, ow, kh, kw, flat_ok)
+    return _ConvInfo(data_idx, w_idx, depthwise, grouped, oc, oc_per_group, oh, ow, kh, kw, flat_ok, icg)
 
 
 def _choose_conv_tile(ocg: int, width: int, lanes: int, max_acc: int, max_fv: int = 4) -> tuple[int, int]:
@@ -120,6 +121,85 @@ def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after, m
     sch.vectorize(iloops[-1])
     for lp in iloops[-3:-1]:
         sch.unroll(lp)
+    wloops = sch.get_loops(local)[depth:]
+    if common.TUNE.get("conv_writeback_channels", True):
+        _channel_writeback(sch, wloops, lanes)
+    else:
+        _tile_writeback(sch, wloops, lanes)
+
+
+def _channel_writeback(sch, wloops, lanes: int) -> None:
+    """Write-back of a channel-vectorized register tile into NCHW, loops (n, f, y, x) or (n, f, p): the
+    channels innermost and vectorized, so the epilogue (bias, clip, SiLU's exp) runs on whole vectors and
+    only the stores scatter. With the pixels innermost, tiles whose width no vector divides (7 or 14
+    columns) computed it one float at a time: EfficientNet-B0's SiLU expansions at 7x7 and 14x14."""
+    f = wloops[1]
+    rest = [lp for i, lp in enumerate(wloops) if i != 1]
+    sch.reorder(*rest, f)
+    fo, fl = sch.split(f, [None, lanes])
+    sch.vectorize(fl)
+    sch.unroll(fo)
+    for lp in rest:
+        e = common.as_int(sch.get(lp).extent)
+        if e is not None and e <= 64:
+            sch.unroll(lp)
+
+
+def _pixel_tile(info: _ConvInfo, lanes: int, max_acc: int) -> tuple[int, int] | None:
+    """(output channels, pixel vectors) of a register tile vectorized along the pixels of a 1x1 conv, or None
+    where the channel-vectorized tile fits better: only where one plane is large (>= 784 pixels, a
+    multiple of the vector), the input has few channels (<= 48: the expansions of inverted residuals;
+    ResNet-50's 64->256 at 56x56 measured 1.44 -> 1.70 ms with pixel tiles, 512->128 at 28x28 1.04 ->
+    1.52 ms: each tile streams every input channel of its pixels) and the output channels split into
+    rows of the tile."""
+    if not info.flat_ok or info.grouped or not common.TUNE.get("conv_pixel_tile", True):
+        return None
+    if info.icg > 48:
+        return None
+    pixels = info.oh * info.ow
+    if pixels < 784 or pixels % lanes:
+        return None
+    best, best_score = None, -1.0
+    for rows in (8, 6, 4, 3, 2):
+        if info.oc % rows:
+            continue
+        vectors = common.largest_divisor(pixels // lanes, max_acc // rows)
+        score = rows * vectors / (rows + vectors) + 0.01 * rows * vectors
+        if score > best_score:
+            best, best_score = (rows, vectors), score
+    return best
+
+
+def _conv_pixel_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, rows: int, vectors: int, after) -> None:
+    """A 1x1 conv as out[f, p] += w[f, c] * in[c, p] with the pixels p = y * OW + x vectorized: rows of
+    output channels x vectors of pixels in registers, a broadcast weight per row, the input and the NCHW
+    output both read and written as contiguous vectors (the channel-vectorized tile wrote NCHW back one
+    float at a time: HF MobileNetV2's 16->96 expansion at 112x112, 1 thread, Zen 4: 0.96 ms, ORT 0.49)."""
+    local = sch.cache_write(blk, 0, "local")
+    if after:
+        sch.reverse_compute_inline(after[0])
+    ow = info.ow
+    sch.transform_layout(blk, ("write", 0), lambda n, f, y, x: (n, f, y * ow + x))
+    sch.transform_block_layout(blk, lambda n, f, y, x, rc, ry, rx: (n, f, y * ow + x, rc, ry, rx))
+    sch.transform_block_layout(local, lambda n, f, y, x: (n, f, y * ow + x))
+    n, f, p, rc, ry, rx = sch.get_loops(blk)
+    fo, fr = sch.split(f, [None, rows])
+    po, pv, pl = sch.split(p, [None, vectors, lanes])
+    sch.reorder(n, fo, po, rc, ry, rx, fr, pv, pl)
+    n_tiles = info.oh * info.ow // (vectors * lanes)
+    poo, poi = sch.split(po, [None, common.largest_divisor(n_tiles, 4)])
+    common.parallelize(sch, [n, fo, poo])
+    depth = common.loop_depth(sch, blk, poi)
+    sch.reverse_compute_at(local, poi, preserve_unit_loops=True)
+    sch.unroll(fr)
+    sch.unroll(pv)
+    sch.vectorize(pl)
+    init = sch.decompose_reduction(blk, rc)
+    iloops = sch.get_loops(init)
+    iv = sch.split(iloops[-1], [None, lanes])
+    sch.vectorize(iv[-1])
+    sch.unroll(iv[0])
+    sch.unroll(iloops[-2])
     _tile_writeback(sch, sch.get_loops(local)[depth:], lanes)
 
 
@@ -164,12 +244,14 @@ class Conv2DRule(ScheduleRule):
         cpu, sch, blk, name, info = start
         if sch.get(blk).writes[0].source.dtype != "float32":
             return None
+        pixel_lanes = cpu.fit(info.oh * info.ow)
+        pixel_tile = _pixel_tile(info, pixel_lanes, cpu.max_acc)
         lanes = cpu.fit(info.oc_per_group)
         width = info.oh * info.ow if info.flat_ok else info.ow
         fv, _ = _choose_conv_tile(info.oc_per_group, width, lanes, cpu.max_acc)
-        if info.oc_per_group % (fv * lanes):
+        if pixel_tile is None and info.oc_per_group % (fv * lanes):
             return None
-        tw = fv * lanes
+        tw = pixel_tile[0] if pixel_tile else fv * lanes
         w_buf = sch.get(blk).reads[info.w_idx].source
         w_param = common.param_index(func, w_buf)
         if w_param is None or w_param not in common.layout_free(func):
@@ -180,7 +262,10 @@ class Conv2DRule(ScheduleRule):
         if len(after) > 1:
             return None
         common.pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // tw, i, h, w, o % tw))
-        _conv_tile_schedule(sch, blk, info, lanes, fv, after, cpu.max_acc)
+        if pixel_tile:
+            _conv_pixel_tile_schedule(sch, blk, info, pixel_lanes, *pixel_tile, after)
+        else:
+            _conv_tile_schedule(sch, blk, info, lanes, fv, after, cpu.max_acc)
         for b in before:
             _schedule_block_generic(sch, b, cpu)
         return sch
@@ -247,7 +332,11 @@ class DepthwiseConvRule(ScheduleRule):
         iloops = sch.get_loops(init)
         sch.vectorize(iloops[-1])
         sch.unroll(iloops[-2])
-        _tile_writeback(sch, sch.get_loops(local)[depth:], lanes)
+        wloops = sch.get_loops(local)[depth:]
+        if common.TUNE.get("conv_writeback_channels", True):
+            _channel_writeback(sch, wloops, lanes)
+        else:
+            _tile_writeback(sch, wloops, lanes)
         for b in before:
             if not sch.get(b).same_as(sch.get(pad)):
                 _schedule_block_generic(sch, b, cpu)

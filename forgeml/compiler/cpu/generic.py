@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.sym import detect_linear_equation  # tvm.arith in older TVMs; 0.27 has no tvm.arith
 
 from forgeml.compiler.cpu.common import (
     PAR_MIN,
@@ -34,7 +34,7 @@ def _strided_inner(block, n_s: int) -> bool:
     for rd in block.reads:
         if not rd.region:
             continue
-        coef = tvm.arith.detect_linear_equation(rd.region[-1].min, [var])
+        coef = detect_linear_equation(rd.region[-1].min, [var])
         if len(coef) == 2 and as_int(coef[0]) not in (0, 1):
             return True
     return False
@@ -119,8 +119,44 @@ def _schedule_block_generic(sch: s_tir.Schedule, block_rv, cpu: CPUFacts) -> Non
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
         return
+    if n_s and r_total >= 256 and _contiguous_reduction(block, len(kinds) - 1):
+        _schedule_long_reduction(sch, block_rv, s_loops, r_loops, r_total, s_total, cpu)
+        return
     if n_s and s_total > 1 and s_total * r_total >= PAR_MIN:
         parallelize(sch, s_loops)
+
+
+def _contiguous_reduction(block, last: int) -> bool:
+    """Whether every read steps by one element along its innermost dimension with the last reduction var."""
+    var = block.iter_vars[last].var
+    for rd in block.reads:
+        if not rd.region:
+            return False
+        coef = detect_linear_equation(rd.region[-1].min, [var])
+        if len(coef) != 2 or as_int(coef[0]) != 1:
+            return False
+    return bool(block.reads)
+
+
+def _schedule_long_reduction(sch: s_tir.Schedule, block_rv, s_loops, r_loops, r_total: int, s_total: int,
+                             cpu: CPUFacts) -> None:
+    """A long reduction over contiguous memory (global average pooling: a 112x112 plane per channel) as
+    vector partial sums: the reduction loops fused and split by a vector width, rfactor'ed into a vector
+    of accumulators, then summed. Serial scalar sums were a chain of dependent adds (EfficientNet-B0's
+    squeeze-excitation means, 32x112x112: 0.33 ms, 1 thread, Zen 4)."""
+    width = next((w for w in (cpu.lanes, 8, 4, 2) if r_total % w == 0), 0)
+    if width < 2:
+        if s_total > 1 and s_total * r_total >= PAR_MIN:
+            parallelize(sch, s_loops)
+        return
+    fused = sch.fuse(*r_loops) if len(r_loops) > 1 else r_loops[0]
+    _, inner = sch.split(fused, [None, width])
+    rf = sch.rfactor(inner, factor_axis=len(s_loops))
+    rf_loops = sch.get_loops(rf)
+    sch.vectorize(rf_loops[-1])
+    if s_total > 1 and s_total * r_total >= PAR_MIN:
+        parallelize(sch, rf_loops[:len(s_loops)])
+    sch.decompose_reduction(rf, rf_loops[len(s_loops)])
 
 
 @dataclass

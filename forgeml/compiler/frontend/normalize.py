@@ -8,9 +8,10 @@ input tensor's"). Once every input shape is fixed, all of that computes to const
 
 The folding is onnxscript's constant folder (`fold_constants`, from the optimizer torch's own exporter
 uses), with ConstantOfShape allowed to fold (onnxscript keeps it by default, to keep files small, and
-without it none of the four imports); then dead nodes are dropped. Nothing else is rewritten: no
-fusions, no renaming, the graph's inputs and outputs stay as they were, and a model with nothing to fold
-comes back as the same object.
+without it none of the four imports); then dead nodes are dropped. One rewrite besides: convolution
+padding goes into the Conv's own `pads` (`conv_padding.py`: SAME auto_pad made explicit, zero Pads in
+front of Convs folded in). Nothing else is rewritten: no fusions, no renaming, the graph's inputs and
+outputs stay as they were, and a model with nothing to fold comes back as the same object.
 
 Chosen over onnxscript's whole `optimize` (with the same ConstantOfShape hook) and ONNX Runtime's
 basic-level offline optimizer (measured on the four transformers models above, with mask, [1, 16], and
@@ -52,6 +53,7 @@ class NormalizeRecord:
     skipped: str | None = None
     expanded: dict[str, int] | None = None  # op type -> nodes replaced by their ONNX function bodies
     constants_rewritten: int = 0  # Constant nodes put in the `value` form (legalize.py)
+    conv_pads_folded: int = 0  # Convs given their padding as `pads` (conv_padding.py)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -111,13 +113,14 @@ def _fold(model: onnx.ModelProto, input_size_limit: int, output_size_limit: int)
 def normalize(model: onnx.ModelProto, input_size_limit: int = 8192,
               output_size_limit: int = 512 * 512) -> tuple[onnx.ModelProto, NormalizeRecord]:
     """Expand the ONNX functions the importer lacks and put Constants in the `value` form (legalize.py),
-    then fold `model`'s constant subgraphs (fix its input shapes first); returns the new model and a
-    record. `model` itself is left as it was, and returned as is when nothing folds or folding fails
-    (the record says why: the importer may still take the model as it is).
+    then fold `model`'s constant subgraphs (fix its input shapes first) and give convolutions their
+    padding as `pads` (conv_padding.py: a separate pad kernel cost a copy and the conv its rule);
+    returns the new model and a record. `model` itself is left as it was, and returned as is when nothing
+    folds or folding fails (the record says why: the importer may still take the model as it is).
 
     `input_size_limit`/`output_size_limit` (elements) bound what is folded, as in onnxscript: larger
     weights are not fed through folding, larger results are not stored."""
-    from forgeml.compiler.frontend import legalize, onnx_model
+    from forgeml.compiler.frontend import conv_padding, legalize, onnx_model
 
     clock = time.perf_counter()
     skipped = None
@@ -130,7 +133,8 @@ def normalize(model: onnx.ModelProto, input_size_limit: int = 8192,
         result = legal
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         skipped = f"{type(e).__name__}: {message}" if message else type(e).__name__
+    result, pads_folded = conv_padding.fold_conv_padding(result)
     record = NormalizeRecord(_computing_nodes(legal) - _computing_nodes(result), len(model.graph.node),
                              len(result.graph.node), _tool(), round(time.perf_counter() - clock, 3), skipped,
-                             expanded or None, constants)
+                             expanded or None, constants, pads_folded)
     return result, record
