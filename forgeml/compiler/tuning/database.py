@@ -76,6 +76,7 @@ def read_rule_latencies(target: tvm.target.Target) -> dict[str, float | None]:
 def save_rule_latencies(target: tvm.target.Target, latencies: dict[str, float | None]) -> None:
     """Merge `latencies` into the target's cached rule latencies (atomically)."""
     path = database_dir(target) / "rule_latency.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**read_rule_latencies(target), **latencies}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(merged, indent=1))
