@@ -126,7 +126,7 @@ class MatmulRule(ScheduleRule):
         nv_any, mr_any = common.choose_register_tile(_VECTOR_COUNTS, _ANY * lanes, _ANY, lanes, cpu.max_acc)
         if info.i is None:
             mr_any = 1
-        if (m >= mr_any and n >= nv_any * lanes and mr_any * nv_any >= 1.5 * mr * nv):
+        if (m >= mr_any and n >= nv_any * lanes and mr_any * nv_any >= 2 * mr * nv):
             mr, nv = mr_any, nv_any
         tw = nv * lanes
         b_buf = sch.get(blk).reads[info.b_idx].source
