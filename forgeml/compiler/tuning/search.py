@@ -288,10 +288,11 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
         raise InvalidInput(f"cannot tune for '{target.kind.name}' here: {why}. Write the candidates out for a "
                            "machine that can run them: `forgeml tune MODEL --measure-elsewhere DIR`")
     pending = by_rule_time(pending, target)
+    search_start = time.monotonic()  # the rules' timing is not search: winning_database would time them anyway
     cached = sum(1 for t in tasks if _has_record(db, t, target))
     summary = TuningSummary(database=str(database_dir(target)), tasks=len(tasks), tasks_from_cache=cached,
                             budget={"minutes": budget.minutes, "trials": budget.trials})
-    deadline = start + budget.minutes * 60 if budget.minutes else None
+    deadline = search_start + budget.minutes * 60 if budget.minutes else None
     planned = budget.trials or len(pending) * _TRIALS_PER_TASK
     callback = _Progress(deadline, progress, planned)
     work_dir = database_dir(target) / "logs"
@@ -301,7 +302,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
             trials = min(planned - callback.trials, len(group) * _TRIALS_PER_TASK)
             if deadline is not None:
                 now = time.monotonic()
-                rate = (now - start) / callback.trials if callback.trials else _SECONDS_PER_TRIAL_GUESS
+                rate = (now - search_start) / callback.trials if callback.trials else _SECONDS_PER_TRIAL_GUESS
                 trials = min(trials, int((deadline - now) / rate) // _TRIALS_PER_ITER * _TRIALS_PER_ITER)
             if trials <= 0:  # trial budget spent, or not one search round fits in the time left
                 break
