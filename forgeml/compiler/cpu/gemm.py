@@ -77,7 +77,7 @@ def _analyze_matmul(sch: s_tir.Schedule, block_rv) -> _MatmulInfo | None:
 
 def _choose_gemm_tile(m: int, n: int, lanes: int, max_acc: int = common.MAX_ACC) -> tuple[int, int]:
     """(rows, vectors) of the register tile: divides M and N, <= max_acc accumulators."""
-    nv, mr = common.choose_register_tile((3, 2, 4, 1, 5, 6), n, m, lanes, max_acc)
+    nv, mr = common.choose_register_tile(_VECTOR_COUNTS, n, m, lanes, max_acc)
     return mr, nv
 
 
@@ -121,8 +121,9 @@ class MatmulRule(ScheduleRule):
         mr, nv = _choose_gemm_tile(m, n, lanes, cpu.max_acc)
         # extents few tiles divide (197 rows, a prime; 13 vectors of columns): the best tile as if every
         # extent divided, and a partial tile at the end; its bounds test is on whole unrolled rows and
-        # vectors, never inside a vector, and costs little (a 12x197x197x64 batch matmul with 6x4 tiles
-        # and a partial one took as long as 12x192x192x64 with whole tiles; with 1x4 tiles, 2.3x longer)
+        # vectors, never inside a vector, and costs little (attention x V, 12 heads of 197x197 by 197x64,
+        # one thread on Zen 4: 6x4 tiles and a partial one 0.52 ms, 192 tokens with whole tiles 0.53 ms,
+        # the 1x4 tiles that divide 197 1.13 ms)
         nv_any, mr_any = common.choose_register_tile(_VECTOR_COUNTS, _ANY * lanes, _ANY, lanes, cpu.max_acc)
         if info.i is None:
             mr_any = 1
@@ -189,8 +190,8 @@ _ANY = 720720  # an extent every count up to 16 divides: the register tile as if
 
 
 def _pad_columns(sch: s_tir.Schedule, blk, info: _MatmulInfo, exts: list, lanes: int):
-    """Pad the matmul's column axis to whole vectors (`pad_einsum`): B gets a zero-padded copy, computed
-    in parallel before the kernel, and C a padded buffer that the epilogue reads. Returns the matmul
+    """Pad the matmul's column axis to whole vectors (`pad_einsum`): B gets a zero-padded copy (a stage of
+    its own, rows in parallel) and C a padded buffer that the epilogue reads. Returns the matmul
     block and the blocks after it."""
     name = sch.get(blk).name_hint
     padding = [1] * len(exts)
