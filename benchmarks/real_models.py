@@ -7,6 +7,10 @@ own (forgeml.bench.worker) and the two alternate in blocks of 10 calls, as in be
     python benchmarks/real_models.py                        # the real run (about 7 min on 2 cores)
     python benchmarks/real_models.py --quick --repeat 10    # tiny configs: proves the pipeline, measures nothing
     python benchmarks/real_models.py --models resnet50,vit --threads 4
+    python benchmarks/real_models.py --models vit,bert --kernels 2   # per-kernel tables of both
+
+After the timing, the models with the highest ratio (`--kernels N`, default 3) are profiled per kernel
+(forgeml.bench.kernels: forgeml's kernels beside ONNX Runtime's ops), tables at the end of the report.
 
 Writes benchmarks/results/real_models.md and .json (raw samples); `--quick` writes real_models_quick.* in
 the temporary directory instead, so that a smoke test never stands in for the committed results.
@@ -216,6 +220,7 @@ def bench_model(name: str, quick: bool, threads: int, repeat: int, workdir: Path
         for label, (times, worker) in measure_in_workers(engines, feeds, threads, repeat=repeat).items():
             row[label] = {"stats": asdict(Stats.of(times)), "samples_ms": [t * 1e3 for t in times], "worker": worker}
         row["ratio_p50"] = row["forgeml"]["stats"]["p50_ms"] / row["onnxruntime"]["stats"]["p50_ms"]
+        row["_files"] = (str(workdir / f"{name}.fml"), str(onnx_path))  # for the kernel profiles; not saved
     except Exception as err:  # noqa: BLE001 (one model's failure is a result, not the end of the run)
         row["error"] = f"{stage}: {_one_line(err)}"
         print(f"[{name}] {row['error']}", file=sys.stderr, flush=True)
@@ -246,7 +251,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse
         "the JSON).",
         "",
         f"Command: `python benchmarks/real_models.py --threads {args.threads} --repeat {args.repeat}"
-        f" --models {args.models}{' --quick' if args.quick else ''}`",
+        f" --models {args.models} --kernels {args.kernels}{' --quick' if args.quick else ''}`",
         "",
         "| model | class | params (M) | forgeml p50 ms | forgeml p10 ms | ORT p50 ms | ORT p10 ms | ratio p50 "
         "| compile s | max error |",
@@ -264,7 +269,35 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse
                      f"{_ms(o['p50_ms'])} | {_ms(o['p10_ms'])} | {r['ratio_p50']:.2f}x | {r['compile_s']:.1f} "
                      f"| {err} |")
     lines += ["", f"Geometric mean of the ratios over the {len(ratios)} models measured: {geomean:.2f}x.", ""]
+    profiled = [r for r in rows if "kernels" in r]
+    if profiled:
+        from forgeml.bench.kernels import section
+
+        runs = profiled[0]["kernels"]["runs"]
+        lines += ["## Where the time goes: the slowest models per kernel", "",
+                  f"The {len(profiled)} models with the highest ratio, profiled after the timing, each engine in a "
+                  f"process of its own, {args.threads} threads, {runs} runs after 3 warm-up: forgeml's kernels "
+                  "(each compiled function, all its calls; timed around each call the VM makes) beside ONNX "
+                  "Runtime's ops (its profiler, grouped by op type and first input shape). Shares, more than "
+                  "absolute times, compare across engines.", ""]
+        for r in profiled:
+            lines += section(f"{r['model']} ({r['ratio_p50']:.2f}x)", r["kernels"], args.kernel_rows)
     return "\n".join(lines)
+
+
+def profile_slowest(rows: list[dict[str, Any]], count: int, threads: int) -> None:
+    """Kernel profiles (`row["kernels"]`) of the `count` models with the highest ratio; a profile that
+    fails leaves its one-line error instead."""
+    from forgeml.bench.kernels import profile_pair
+
+    timed = sorted((r for r in rows if "ratio_p50" in r), key=lambda r: -r["ratio_p50"])
+    for row in timed[:count]:
+        print(f"[{row['model']}] kernel profiles", file=sys.stderr, flush=True)
+        try:
+            row["kernels"] = profile_pair(*row["_files"], threads=threads)
+        except Exception as err:  # noqa: BLE001 (the timing stands without the profile)
+            row["kernels_error"] = _one_line(err)
+            print(f"[{row['model']}] kernel profile: {row['kernels_error']}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -274,6 +307,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=40, help="timed calls per engine (after 10 warm-up)")
     parser.add_argument("--quick", action="store_true", help="tiny configs: a smoke test, not a measurement")
     parser.add_argument("--out", default=None, help="output path without suffix (default results/real_models)")
+    parser.add_argument("--kernels", type=int, default=3, metavar="N",
+                        help="per-kernel tables for the N models with the highest ratio (0: none)")
+    parser.add_argument("--kernel-rows", type=int, default=10, help="kernels per table")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -286,6 +322,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="forgeml-real-models-") as tmp:
         for name in names:
             rows.append(bench_model(name, args.quick, args.threads, args.repeat, Path(tmp)))
+        profile_slowest(rows, args.kernels, args.threads)
+    for row in rows:
+        row.pop("_files", None)
     machine = machine_info()
     default = Path(tempfile.gettempdir()) / "real_models_quick" if args.quick else RESULTS / "real_models"
     out = Path(args.out) if args.out else default

@@ -261,6 +261,57 @@ def test_dense_gelu_epilogue_3d():
     _check(model, {"x": rng.standard_normal((1, 16, 32)).astype("float32")}, rtol=1e-3, atol=1e-3)
 
 
+def _mcpus():
+    """AVX2's 8 lanes everywhere on x86, AVX-512's 16 where the host runs it."""
+    if platform.machine() != "x86_64":
+        return [None]
+    return ["haswell", pytest.param("znver4", marks=pytest.mark.skipif(
+        not ({"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= detect_host().features),
+        reason="needs an AVX-512 host"))]
+
+
+@pytest.mark.parametrize("mcpu", _mcpus())
+@pytest.mark.parametrize("tokens,dim,scale", [(197, 64, True), (37, 16, False), (21, 8, True)])
+def test_attention_odd_token_count(mcpu, tokens, dim, scale):
+    """ViT's attention over 197 tokens (a prime: no register tile divides the rows, no vector the score
+    columns): both batch matmuls stay on MatmulRule, with and without an epilogue, and match ONNX Runtime."""
+    rng = _rng(12)
+    heads = 2
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s0"])]
+    weights = {}
+    if scale:
+        weights["c"] = np.array(0.125, "float32")
+        nodes.append(helper.make_node("Mul", ["s0", "c"], ["s"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["s0"], ["s"]))
+    nodes += [helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    shape = (1, heads, tokens, dim)
+    outputs = [_f("y", shape), _f("s", (1, heads, tokens, tokens))]
+    model = _model(nodes, [_f("q", shape), _f("k", shape), _f("v", shape)], outputs, weights)
+    used = _rules_used(model)
+    matmuls = [rule for name, rule in used.items() if "matmul" in name]
+    assert len(matmuls) == 2 and set(matmuls) == {"MatmulRule"}, used
+    feeds = {n: rng.standard_normal(shape).astype("float32") for n in ("q", "k", "v")}
+    _check(model, feeds, target=_target(mcpu), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mcpu", _mcpus())
+@pytest.mark.parametrize("m,k,n", [(197, 64, 96), (37, 48, 48), (13, 32, 128)])
+def test_dense_odd_row_count(mcpu, m, k, n):
+    """Dense layers over a prime number of tokens: whole register tiles and a partial one, the epilogue
+    (bias, residual) in the write-back of both."""
+    rng = _rng(13)
+    weights = {"W": (rng.standard_normal((k, n)) / np.sqrt(k)).astype("float32"),
+               "B": rng.standard_normal(n).astype("float32")}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h0"]), helper.make_node("Add", ["h0", "B"], ["h"]),
+             helper.make_node("Add", ["h", "r"], ["y"])]
+    model = _model(nodes, [_f("x", (1, m, k)), _f("r", (1, m, n))], [_f("y", (1, m, n))], weights)
+    assert "MatmulRule" in set(_rules_used(model).values())
+    _check(model, {"x": rng.standard_normal((1, m, k)).astype("float32"),
+                   "r": rng.standard_normal((1, m, n)).astype("float32")}, target=_target(mcpu))
+
+
 # --------------------------------------------------------------------------------------------------
 # everything else: softmax, layernorm, pooling, elementwise
 # --------------------------------------------------------------------------------------------------

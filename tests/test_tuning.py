@@ -93,3 +93,36 @@ def test_tuning_a_pool_prints_no_unknown_rule_warning(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "trials" in done.stderr + done.stdout
     assert "Unknown schedule rule" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_kernels_are_tuned_in_order_of_rule_time(tmp_path, isolated_cache):
+    """`by_rule_time` orders the kernels by the rules' latency x uses (cached in rule_latency.json, so
+    the comparison after tuning measures nothing again); unmeasurable kernels come first."""
+    import tvm
+
+    from forgeml.compiler import pipeline
+    from forgeml.compiler.frontend import onnx_model, relax_import
+    from forgeml.compiler.tuning import database, search
+    from forgeml.targets.registry import resolve_target
+
+    onnx_path = save(mlp_model(), tmp_path / "mlp.onnx")
+    loaded = onnx_model.load_onnx(onnx_path)
+    target = tvm.target.Target(resolve_target("x86-64").tvm_target())
+    mod = pipeline.tuning_input(relax_import.import_onnx(loaded), target)
+    tasks = search.extract(mod, search.tuning_target(target))
+    assert len(tasks) >= 2
+    tuning_target = search.tuning_target(target)
+    ordered = search.by_rule_time(tasks, tuning_target)  # measures each rule schedule once
+    assert sorted(t.task_name for t in ordered) == sorted(t.task_name for t in tasks)
+    keys = [search.rule_key(t.dispatched[0], tuning_target) for t in tasks]
+    cached = database.read_rule_latencies(tuning_target)
+    assert all(k in cached for k in keys)
+    # with made-up latencies the order follows them: the cheapest first in FLOPs order goes last
+    fake = {k: 1e-3 * (n + 1) for n, k in enumerate(keys)}
+    fake[keys[-1]] = None
+    database.save_rule_latencies(tuning_target, fake)
+    ordered = search.by_rule_time(tasks, tuning_target)
+    expect = [tasks[-1]] + [tasks[n] for n in sorted(range(len(tasks) - 1),
+                                                     key=lambda n: -fake[keys[n]] * float(tasks[n].weight))]
+    assert [t.task_name for t in ordered] == [t.task_name for t in expect]

@@ -80,7 +80,7 @@ _SYMBOLIC_ROWS = 720  # stands for a symbolic row count when choosing a tile: ev
 
 def _choose_gemm_tile(m: int, n: int, lanes: int, max_acc: int = common.MAX_ACC) -> tuple[int, int]:
     """(rows, vectors) of the register tile: divides M and N, <= max_acc accumulators."""
-    nv, mr = common.choose_register_tile((3, 2, 4, 1, 5, 6), n, m, lanes, max_acc)
+    nv, mr = common.choose_register_tile(_VECTOR_COUNTS, n, m, lanes, max_acc)
     return mr, nv
 
 
@@ -115,11 +115,31 @@ class MatmulRule(ScheduleRule):
         # symbolic columns as dot products along a static depth (attention's Q K^T)
         parallel = None in exts or math.prod(exts) >= common.PAR_MIN_MACS
         m = _SYMBOLIC_ROWS if m is None else m
-        if n is None or (n % lanes and depth is not None and depth % cpu.fit(depth) == 0):
-            lanes = cpu.fit(depth)
-            return _dot_schedule(sch, blk, info, func, lanes, _SYMBOLIC_ROWS if n is None else n, parallel,
-                                 cpu.max_acc)
+        if n is None:
+            return _dot_schedule(sch, blk, info, func, cpu.fit(depth), _SYMBOLIC_ROWS, parallel, cpu.max_acc)
+        if n % lanes and depth is not None and depth % cpu.fit(depth) == 0:
+            dot = _dot_schedule(sch, blk, info, func, cpu.fit(depth), n, parallel, cpu.max_acc)
+            if dot is not None or info.b_trans:
+                return dot
+        padded = n % lanes != 0
+        if padded:
+            # activation B with columns no vector divides (attention scores over 197 tokens): B copied
+            # into whole vectors, zero-padded, and C computed over them; the epilogue drops the padding
+            if info.b_trans or n < lanes:
+                return None
+            blk, after = _pad_columns(sch, blk, info, exts, lanes)
+            n = common.as_int(sch.get(sch.get_loops(blk)[info.j]).extent)
         mr, nv = _choose_gemm_tile(m, n, lanes, cpu.max_acc)
+        # extents few tiles divide (197 rows, a prime; 13 vectors of columns): the best tile as if every
+        # extent divided, and a partial tile at the end; its bounds test is on whole unrolled rows and
+        # vectors, never inside a vector, and costs little (attention x V, 12 heads of 197x197 by 197x64,
+        # one thread on Zen 4: 6x4 tiles and a partial one 0.52 ms, 192 tokens with whole tiles 0.53 ms,
+        # the 1x4 tiles that divide 197 1.13 ms)
+        nv_any, mr_any = common.choose_register_tile(_VECTOR_COUNTS, _ANY * lanes, _ANY, lanes, cpu.max_acc)
+        if info.i is None:
+            mr_any = 1
+        if (m >= mr_any and n >= nv_any * lanes and mr_any * nv_any >= 2 * mr * nv):
+            mr, nv = mr_any, nv_any
         tw = nv * lanes
         b_buf = sch.get(blk).reads[info.b_idx].source
         b_param = common.param_index(func, b_buf)
@@ -133,7 +153,10 @@ class MatmulRule(ScheduleRule):
             return None  # activation B^T: a gather per vector; leave to the generic rule
         # the epilogue (if any) goes into the write-back of the local accumulator tile
         local = sch.cache_write(blk, 0, "local")
-        if after:
+        # padded C: the epilogue covers fewer columns than the write-back, and is computed per tile after
+        # it (reverse_compute_inline would take the write-back's padded extent and write out of bounds)
+        late = after[0] if after and padded else None
+        if after and not padded:
             sch.reverse_compute_inline(after[0])
         loops = sch.get_loops(blk)
         batch = [loops[p] for p in info.batch]
@@ -143,27 +166,60 @@ class MatmulRule(ScheduleRule):
         else:
             io, ii = None, None
         jo, jv, jl = sch.split(loops[info.j], [None, nv, lanes])
-        order = batch + [jo] + ([io] if io is not None else []) + [k_loop] + \
-            ([ii] if ii is not None else []) + [jv, jl]
-        sch.reorder(*order)
-        outer = batch + [jo] + ([io] if io is not None else [])
+        rows = [io] if io is not None else []
+        if late is None:
+            outer, inner = batch + [jo] + rows, []
+        else:  # the column tiles innermost, so that the epilogue runs over whole rows (no column test)
+            outer, inner = batch + rows, [jo]
+            if not outer:
+                return None
+        sch.reorder(*outer, *inner, k_loop, *([ii] if ii is not None else []), jv, jl)
         fused = common.parallelize(sch, outer, parallel)
-        sch.reverse_compute_at(local, fused, preserve_unit_loops=True)
+        sch.reverse_compute_at(local, inner[-1] if inner else fused, preserve_unit_loops=True)
+        if late is not None:
+            sch.reverse_compute_at(late, fused, preserve_unit_loops=True)
+        depth = 1 + len(inner)  # loops above the tile: the fused one, and the column tiles when innermost
         if ii is not None:
             sch.unroll(ii)
         sch.unroll(jv)
         sch.vectorize(jl)
         init = sch.decompose_reduction(blk, k_loop)
         # init block: unroll rows/vectors, vectorize lanes
-        iloops = sch.get_loops(init)[1:]
+        iloops = sch.get_loops(init)[depth:]
         sch.vectorize(iloops[-1])
         for lp in iloops[:-1]:
             sch.unroll(lp)
-        wloops = sch.get_loops(local)[1:]
+        wloops = sch.get_loops(local)[depth:]
         common.vectorize_inner(sch, wloops[-1], lanes, unroll_outer=True)
         for lp in wloops[:-1]:
             sch.unroll(lp)
         return sch
+
+
+_VECTOR_COUNTS = (3, 2, 4, 1, 5, 6)  # vectors per register tile, preferred first on a tie
+_ANY = 720720  # an extent every count up to 16 divides: the register tile as if the extents had every divisor
+
+
+def _pad_columns(sch: s_tir.Schedule, blk, info: _MatmulInfo, exts: list, lanes: int):
+    """Pad the matmul's column axis to whole vectors (`pad_einsum`): B gets a zero-padded copy (a stage of
+    its own, rows in parallel) and C a padded buffer that the epilogue reads. Returns the matmul
+    block and the blocks after it."""
+    name = sch.get(blk).name_hint
+    padding = [1] * len(exts)
+    padding[info.j] = lanes
+    sch.pad_einsum(blk, padding)
+    blk = sch.get_sblock(name)
+    (copy,) = sch.get_consumers(blk)
+    last = sch.get(common.child_blocks(sch)[-1]).name_hint
+    if sch.get(copy).name_hint.endswith("_pad") and sch.get(copy).name_hint != last:
+        sch.compute_inline(copy)  # the unpadded C only fed the epilogue: it reads the padded one
+    for prod in sch.get_producers(blk):
+        if sch.get(prod).name_hint.endswith("_pad"):
+            ploops = sch.get_loops(prod)
+            common.parallelize(sch, ploops[:-1], True)
+    names = [sch.get(b).name_hint for b in common.child_blocks(sch)]
+    after = common.child_blocks(sch)[names.index(name) + 1:]
+    return blk, after
 
 
 def _dot_schedule(sch: s_tir.Schedule, blk, info: _MatmulInfo, func, lanes: int, n: int, parallel: bool,

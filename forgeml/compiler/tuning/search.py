@@ -239,14 +239,40 @@ def pending_tasks(tasks: list[Any], db: ms.database.Database, target: tvm.target
     return sorted(pending, key=flops, reverse=True)
 
 
+def by_rule_time(tasks: list[Any], target: tvm.target.Target) -> list[Any]:
+    """The kernels to tune in order of the time the rules' schedules take in the model (measured latency
+    x uses), heaviest first: where an untuned build spends its time, not where the FLOPs are (a
+    depthwise convolution does few FLOPs and can take longer than a 1x1 one with ten times more). The
+    latencies are the ones `winning_database` compares with, measured once and cached. Kernels whose
+    rule schedule could not be measured come first (tuning is all they have); where nothing can be
+    measured here, the FLOPs order stands."""
+    if cannot_measure_here(target) or not tasks:
+        return tasks
+    cached = read_rule_latencies(target)
+    scheduled = [rule_schedule(t.dispatched[0], target) for t in tasks]
+    keys = [schedule_key(s) for s in scheduled]
+    missing = [i for i, key in enumerate(keys) if key not in cached]
+    if missing:
+        latencies = _measure_rule_latencies([scheduled[i] for i in missing], target)
+        measured = {keys[i]: secs for i, secs in zip(missing, latencies)}
+        save_rule_latencies(target, measured)
+        cached.update(measured)
+
+    def cost(i: int) -> float:
+        secs = cached.get(keys[i])
+        return float("inf") if secs is None else secs * float(tasks[i].weight)
+
+    return [tasks[i] for i in sorted(range(len(tasks)), key=cost, reverse=True)]
+
+
 def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
          progress: TuneProgress | None = None, refine: bool = False) -> TuningSummary:
     """Tune the kernels of `mod` not already in the target's database (all of them with `refine`:
     the search then starts from the records), within `budget`, measuring on this machine.
 
-    Kernels go heaviest first (FLOPs x uses), a few at a time. Before each group the time left is
-    turned into a trial count at the rate measured so far, so the budget holds to within the error of
-    that estimate (TVM's task scheduler cannot be stopped mid-group).
+    Kernels go heaviest first (the rules' measured time x uses: `by_rule_time`), a few at a time.
+    Before each group the time left is turned into a trial count at the rate measured so far, so the
+    budget holds to within the error of that estimate (TVM's task scheduler cannot be stopped mid-group).
     """
     from forgeml.errors import InvalidInput
 
@@ -261,10 +287,12 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
     if pending and (why := cannot_measure_here(target)):
         raise InvalidInput(f"cannot tune for '{target.kind.name}' here: {why}. Write the candidates out for a "
                            "machine that can run them: `forgeml tune MODEL --measure-elsewhere DIR`")
+    pending = by_rule_time(pending, target)
+    search_start = time.monotonic()  # the rules' timing is not search: winning_database would time them anyway
     cached = sum(1 for t in tasks if _has_record(db, t, target))
     summary = TuningSummary(database=str(database_dir(target)), tasks=len(tasks), tasks_from_cache=cached,
                             budget={"minutes": budget.minutes, "trials": budget.trials})
-    deadline = start + budget.minutes * 60 if budget.minutes else None
+    deadline = search_start + budget.minutes * 60 if budget.minutes else None
     planned = budget.trials or len(pending) * _TRIALS_PER_TASK
     callback = _Progress(deadline, progress, planned)
     work_dir = database_dir(target) / "logs"
@@ -274,7 +302,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, budget: Budget,
             trials = min(planned - callback.trials, len(group) * _TRIALS_PER_TASK)
             if deadline is not None:
                 now = time.monotonic()
-                rate = (now - start) / callback.trials if callback.trials else _SECONDS_PER_TRIAL_GUESS
+                rate = (now - search_start) / callback.trials if callback.trials else _SECONDS_PER_TRIAL_GUESS
                 trials = min(trials, int((deadline - now) / rate) // _TRIALS_PER_ITER * _TRIALS_PER_ITER)
             if trials <= 0:  # trial budget spent, or not one search round fits in the time left
                 break
