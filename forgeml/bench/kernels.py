@@ -88,7 +88,7 @@ def _forgeml_kernels(path: str, feeds: dict[str, np.ndarray], runs: int) -> list
     if missing:
         raise InvalidInput(f"no input '{missing[0]}' for {path}")
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in names]
-    args += [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in artifact.map_weights()]
+    args += [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in artifact.read_weights()]
     main = vm["main"]
     for _ in range(WARMUP):
         main(*args)
