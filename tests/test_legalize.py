@@ -240,3 +240,14 @@ def test_function_op_onnx_cannot_inline_is_reported_not_raised(tmp_path: Path):
     onnx.save(model, str(path))
     with pytest.raises(UnsupportedOperator, match=r"CausalConvWithState x1 \(conv\)"):
         compile_model(path, tmp_path / "m.fml", CompileOptions(verify=False))
+
+
+def test_dropout_ratio_inputs_are_found_inside_if_branches():
+    """A Dropout inside an If branch whose ratio is an outer graph input gets the run-time check too."""
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Dropout", ["x", "r", "t"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", F, [2])])
+
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))
+    model = _model([node], [("c", B, []), ("x", F, [2]), ("r", F, []), ("t", B, [])], [("y", F, [2])])
+    assert onnx_model.dropout_ratio_inputs(model) == {"r"}

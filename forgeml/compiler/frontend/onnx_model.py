@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -365,12 +366,21 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return ranges
 
 
+def _nodes_and_subgraph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `graph` and of the graphs its nodes' attributes hold (If branches, Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _nodes_and_subgraph_nodes(sub)
+
+
 def dropout_ratio_inputs(model: onnx.ModelProto) -> set[str]:
     """Graph inputs that are a Dropout's ratio where its training_mode is given (opset 12 on): forgeml
     compiles such a Dropout as ratio 0 (the output is the input, the mask all true), and the runtime
     refuses any other ratio (manifest range [0, 0]): a nonzero ratio in training mode draws random masks."""
     inputs = {v.name for v in _graph_inputs(model)}
-    return {node.input[1] for node in model.graph.node if node.op_type == "Dropout"
+    return {node.input[1] for node in _nodes_and_subgraph_nodes(model.graph) if node.op_type == "Dropout"
             and node.domain in _ONNX_DOMAINS and len(node.input) > 2 and node.input[2]
             and node.input[1] in inputs}
 
