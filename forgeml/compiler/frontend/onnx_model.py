@@ -73,7 +73,8 @@ def _check_types(model: onnx.ModelProto) -> None:
                 continue
             if field != "tensor_type":
                 what = (field or "untyped_value").replace("_type", "").replace("_", " ")
-                raise InvalidInput(f"graph {kind} '{value.name}' is a {what}; forgeml "
+                article = "an" if what[0] in "aeiou" else "a"
+                raise InvalidInput(f"graph {kind} '{value.name}' is {article} {what}; forgeml "
                                    "compiles tensor inputs and tensor or sequence-of-tensor outputs only "
                                    "(no sequence inputs, optionals or maps)")
             if value.type.tensor_type.elem_type:  # 0: not given (shape inference fills it in)
