@@ -271,11 +271,31 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path | None, thread
     session = forgeml.load(artifact, threads=threads, trusted_keys=list(trusted_keys) or None)
     results = session.run(feeds)
     if output:
-        _atomic_save_npz(output, results)
-        console.print(f"[green]wrote[/] {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in results.items()))
+        arrays = _npz_arrays(results)
+        _atomic_save_npz(output, arrays)
+        console.print(f"[green]wrote[/] {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
     else:
         for name, value in results.items():
-            out.print(f"{name}: {value.dtype}{list(value.shape)}\n{value}")
+            if isinstance(value, list):  # a sequence output
+                out.print(f"{name}: sequence of {len(value)} tensors")
+                for i, item in enumerate(value):
+                    out.print(f"{name}[{i}]: {item.dtype}{list(item.shape)}\n{item}")
+            else:
+                out.print(f"{name}: {value.dtype}{list(value.shape)}\n{value}")
+
+
+def _npz_arrays(results: dict) -> dict:
+    """Outputs as .npz entries: a sequence output `seq` as `seq_0`, `seq_1`, ...; refused where such a
+    name is also another output's."""
+    arrays = {name: value for name, value in results.items() if not isinstance(value, list)}
+    for name, value in results.items():
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if f"{name}_{i}" in arrays:
+                    raise InvalidInput(f"cannot write sequence output '{name}' to .npz: its element {i} would be "
+                                       f"'{name}_{i}', which is another output's name; run without -o")
+                arrays[f"{name}_{i}"] = item
+    return arrays
 
 
 @cli.command("bench")

@@ -36,7 +36,8 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
 
 class ForgemlBackendRep(BackendRep):
     """A compiled model: `run(inputs)` takes a sequence (graph input order) or a name -> array mapping
-    and returns the outputs as a list in the graph's output order."""
+    and returns the outputs as a list in the graph's output order (a sequence output as a list of
+    arrays, as ONNX Runtime gives it)."""
 
     def __init__(self, session: Any, input_names: list[str], output_names: list[str],
                  workdir: tempfile.TemporaryDirectory) -> None:

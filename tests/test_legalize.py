@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import ort_run
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
@@ -15,7 +16,7 @@ import forgeml
 from forgeml.compiler.build import CompileOptions, compile_model
 from forgeml.compiler.frontend import legalize, onnx_model
 from forgeml.compiler.frontend.normalize import normalize
-from forgeml.errors import UnsupportedOperator
+from forgeml.errors import InvalidInput, UnsupportedOperator
 
 F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 
@@ -135,12 +136,38 @@ def test_dropout_mask_is_bool_and_training_with_zero_ratio_is_identity(tmp_path:
     _check(inference, {"x": np.arange(4, dtype=np.float32)}, tmp_path)
 
 
-def test_dropout_in_training_mode_is_refused(tmp_path: Path):
-    node = helper.make_node("Dropout", ["x", "r", "t"], ["y", "mask"], name="drop")
-    model = _model([node], [("x", F, [2, 3]), ("r", F, []), ("t", B, [])], [("y", F, [2, 3]), ("mask", B, [2, 3])])
+def test_dropout_with_a_computed_ratio_in_training_mode_is_refused(tmp_path: Path):
+    nodes = [helper.make_node("Abs", ["r"], ["ratio"]),
+             helper.make_node("Dropout", ["x", "ratio", "t"], ["y", "mask"], name="drop")]
+    model = _model(nodes, [("x", F, [2, 3]), ("r", F, []), ("t", B, [])], [("y", F, [2, 3]), ("mask", B, [2, 3])])
     onnx.save(model, str(tmp_path / "m.onnx"))
     with pytest.raises(UnsupportedOperator, match=r"Dropout x1 \(drop: training_mode is given at run time"):
         compile_model(tmp_path / "m.onnx", tmp_path / "m.fml", CompileOptions(opt_level="O0", verify=False))
+
+
+def test_dropout_ratio_input_is_held_to_zero_at_run_time(tmp_path: Path):
+    """training_mode and ratio as graph inputs (test_training_dropout_zero_ratio): compiled as ratio 0 and
+    verified against ONNX Runtime; any other ratio (or NaN) is refused in one line naming the input."""
+    node = helper.make_node("Dropout", ["x", "r", "t"], ["y", "mask"])
+    model = _model([node], [("x", F, [2, 3]), ("r", F, []), ("t", B, [])], [("y", F, [2, 3]), ("mask", B, [2, 3])])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    compile_model(tmp_path / "m.onnx", tmp_path / "m.fml", CompileOptions(opt_level="O0"))  # verified
+    session = forgeml.load(tmp_path / "m.fml")
+    assert session.inputs[1].valid_range == (0, 0)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for training in (True, False):
+        feeds = {"x": x, "r": np.array(0.0, np.float32), "t": np.array(training)}
+        expected = ort_run(tmp_path / "m.onnx", feeds)
+        got = session.run(feeds)
+        np.testing.assert_array_equal(got["y"], expected["y"])
+        np.testing.assert_array_equal(got["mask"], expected["mask"])
+        assert got["mask"].dtype == np.bool_
+    for ratio in (0.5, np.nan):
+        with pytest.raises(InvalidInput) as caught:
+            session.run({"x": x, "r": np.array(ratio, np.float32), "t": np.array(True)})
+        message = str(caught.value)
+        assert "input 'r'" in message and "outside [0, 0]" in message and "Dropout" in message, message
+        assert "\n" not in message
 
 
 def test_batch_normalization_training_mode(tmp_path: Path):
@@ -213,3 +240,14 @@ def test_function_op_onnx_cannot_inline_is_reported_not_raised(tmp_path: Path):
     onnx.save(model, str(path))
     with pytest.raises(UnsupportedOperator, match=r"CausalConvWithState x1 \(conv\)"):
         compile_model(path, tmp_path / "m.fml", CompileOptions(verify=False))
+
+
+def test_dropout_ratio_inputs_are_found_inside_if_branches():
+    """A Dropout inside an If branch whose ratio is an outer graph input gets the run-time check too."""
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Dropout", ["x", "r", "t"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", F, [2])])
+
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))
+    model = _model([node], [("c", B, []), ("x", F, [2]), ("r", F, []), ("t", B, [])], [("y", F, [2])])
+    assert onnx_model.dropout_ratio_inputs(model) == {"r"}

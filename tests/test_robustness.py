@@ -147,11 +147,13 @@ def test_sub_byte_types_are_refused_by_name(tmp_path, elem, where):
         _compile(tmp_path, model)
 
 
-def test_sequence_output_is_refused_by_name(tmp_path):
-    model = _model([helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0)],
-                   [_vi("x", TensorProto.FLOAT, [4, 2])],
-                   [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)])
-    with pytest.raises(InvalidInput, match="graph output 'seq' is a sequence"):
+def test_sequence_input_is_refused_by_name(tmp_path):
+    """Sequence outputs compile (tests/test_sequence_outputs.py); sequence inputs do not."""
+    model = _model([helper.make_node("SequenceAt", ["seq", "i"], ["y"])],
+                   [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, [2]),
+                    _vi("i", TensorProto.INT64, [])],
+                   [_vi("y", TensorProto.FLOAT, [2])])
+    with pytest.raises(InvalidInput, match="graph input 'seq' is a sequence; forgeml compiles tensor inputs"):
         _compile(tmp_path, model)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,13 +89,16 @@ def seeded_inputs(specs: list[TensorSpec] | tuple[TensorSpec, ...], seed: int = 
     """Deterministic random inputs: normal floats (any float dtype, bfloat16 and float8 included);
     integers (any width, int4/uint4/int2/uint2 too) in [0, 10), over the whole table for an input used
     as indices (its `valid_range`), and in [1, 10) for an input named in `nonzero` (an integer
-    divisor); floats named in `unit` uniform in [0, 1] (thresholds); bools half true."""
+    divisor); floats named in `unit` uniform in [0, 1] (thresholds), floats with a `valid_range` uniform
+    in it; bools half true."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
         dtype = np.dtype(spec.dtype)
         kind = _kind(dtype)
-        if kind == "f" and spec.name in unit:
+        if kind == "f" and spec.valid_range is not None:  # a Dropout ratio held to [0, 0]
+            feeds[spec.name] = rng.uniform(*spec.valid_range, size=spec.shape).astype(dtype)
+        elif kind == "f" and spec.name in unit:
             feeds[spec.name] = rng.uniform(0.0, 1.0, size=spec.shape).astype(dtype)
         elif kind == "f":
             feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
@@ -174,10 +178,34 @@ def onnxruntime_cuda_runner(model_path: str | Path, feeds: dict[str, np.ndarray]
     return run, outputs
 
 
-def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(max absolute error, max error relative to each output's largest finite magnitude). NaN against
-    NaN and an infinity against the same infinity are equal; NaN or inf against anything else is an
-    infinite error. Raises VerificationFailed when an output's shape differs."""
+def flatten_sequences(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """`outputs` with each sequence output (a list of arrays) replaced by its elements, `name[i]`."""
+    flat: dict[str, np.ndarray] = {}
+    for name, value in outputs.items():
+        if isinstance(value, list):
+            flat.update((f"{name}[{i}]", item) for i, item in enumerate(value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_lengths(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise VerificationFailed when a sequence output's length differs from ONNX Runtime's."""
+    for name, ref in expected.items():
+        got = actual[name]
+        if isinstance(ref, list) and (not isinstance(got, list) or len(got) != len(ref)):
+            length = len(got) if isinstance(got, list) else "not a sequence"
+            raise VerificationFailed(f"output '{name}' is a sequence of {length} tensors, ONNX Runtime gives "
+                                     f"{len(ref)} (no artifact written; --no-verify to write it anyway)")
+
+
+def compare(actual: dict[str, Any], expected: dict[str, Any]) -> tuple[float, float]:
+    """(max absolute error, max error relative to each output's largest finite magnitude); a sequence
+    output element by element. NaN against NaN and an infinity against the same infinity are equal;
+    NaN or inf against anything else is an infinite error. Raises VerificationFailed when an output's
+    shape, or a sequence's length, differs."""
+    _check_lengths(actual, expected)
+    actual, expected = flatten_sequences(actual), flatten_sequences(expected)
     max_abs = max_rel = 0.0
     for name, ref in expected.items():
         got = np.asarray(actual[name]).astype(np.float64)
@@ -215,6 +243,7 @@ def nonfinite_inputs(feeds: dict[str, np.ndarray], skip: set[str] | frozenset[st
 
 def nonfinite_mismatch(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> str | None:
     """The first output whose NaN or infinities differ from ONNX Runtime's, described; None if none does."""
+    actual, expected = flatten_sequences(actual), flatten_sequences(expected)
     for name, ref in expected.items():
         got, ref = np.asarray(actual[name]), np.asarray(ref)
         if _kind(ref.dtype) != "f" or got.shape != ref.shape:
@@ -247,7 +276,9 @@ def _probe(session, ort_session, feeds: dict[str, np.ndarray], keep: set[str] | 
         return NonFiniteProbe(True, changed, skipped=f"forgeml rejects them: {str(failure).split(': ', 1)[-1][:200]}")
     # float outputs only: converting NaN or inf to an integer is undefined in ONNX (Cast to int32 gives
     # INT_MIN in ONNX Runtime, whatever the CPU's conversion gives in forgeml)
-    expected = {name: value for name, value in expected.items() if _kind(np.asarray(value).dtype) == "f"}
+    expected = {name: value for name, value in flatten_sequences(expected).items()
+                if _kind(np.asarray(value).dtype) == "f"}
+    actual = flatten_sequences(actual)
     mismatch = nonfinite_mismatch(actual, expected)
     if mismatch is None:
         try:
@@ -340,7 +371,9 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     actual = session.run(feeds)
     max_abs, max_rel = compare(actual, expected)
     unsettled = sorted({n.op_type for n in graph.graph.node if n.domain in ("", "ai.onnx")} & UNSETTLED_OPS)
-    probe = _probe(session, ort_session, feeds, unit | convolution_weight_inputs(graph), tolerance, unsettled)
+    held = {spec.name for spec in session.inputs if spec.valid_range is not None}  # e.g. a Dropout ratio
+    probe = _probe(session, ort_session, feeds, unit | held | convolution_weight_inputs(graph), tolerance,
+                   unsettled)
     return VerifyResult(bool(max_rel <= tolerance and probe.ok), max_abs, max_rel, tolerance, seed,
                         nonfinite=probe.to_json())
 

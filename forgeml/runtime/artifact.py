@@ -32,17 +32,22 @@ _ALIGN = 64
 
 
 class TensorSpec(NamedTuple):
-    """A model input or output: name, static shape and numpy dtype name; for an integer input that
-    indexes a tensor (Gather's indices), the values it may take (`valid_range`, inclusive): the
-    runtime refuses others, since compiled gathers do not check bounds."""
+    """A model input or output: name, static shape and numpy dtype name; for an input the run-time
+    check needs, the values it may take (`valid_range`, inclusive: a Gather's indices, since compiled
+    gathers do not check bounds; a training-mode Dropout's ratio, [0, 0]): the runtime refuses others.
+    `kind` "sequence" (outputs only): a list of tensors of `dtype`, each with its own shape (`shape` is
+    then empty; manifest `{"name", "kind": "sequence", "dtype"}`)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     valid_range: tuple[int, int] | None = None
     dynamic: tuple[DynamicDim, ...] = ()  # the axes that vary at run time (their `shape` entry is -1)
+    kind: str = "tensor"
 
     def to_json(self) -> dict[str, Any]:
+        if self.kind == "sequence":
+            return {"name": self.name, "kind": self.kind, "dtype": self.dtype}
         d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
         if self.valid_range is not None:
             d["range"] = list(self.valid_range)
@@ -52,6 +57,8 @@ class TensorSpec(NamedTuple):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        if d.get("kind") == "sequence":
+            return cls(d["name"], (), d["dtype"], kind="sequence")
         bounds = d.get("range")
         dynamic = tuple(DynamicDim(int(x["axis"]), str(x["variable"]), int(x["min"]), int(x["max"]))
                         for x in d.get("dynamic", ()))
@@ -59,6 +66,8 @@ class TensorSpec(NamedTuple):
                    (int(bounds[0]), int(bounds[1])) if bounds is not None else None, dynamic)
 
     def describe(self) -> str:
+        if self.kind == "sequence":
+            return f"{self.name}: sequence of {self.dtype} tensors"
         bounds = f" in [{self.valid_range[0]}, {self.valid_range[1]}]" if self.valid_range else ""
         ranges = {dim.axis: f"{dim.min}..{dim.max}" for dim in self.dynamic}
         dims = ", ".join(ranges.get(n, "?" if d < 0 else str(d)) for n, d in enumerate(self.shape))  # ?: known

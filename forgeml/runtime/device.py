@@ -43,7 +43,7 @@ class DeviceRunner:
         if self._outputs is None:
             self()
         result = self._outputs
-        tensors = list(result) if isinstance(result, self.session._ffi.Array) else [result]
+        tensors = list(result) if len(self.session.manifest.outputs) > 1 else [result]  # one: maybe a sequence
         return {spec.name: self.session._to_host(t) for spec, t in zip(self.session.manifest.outputs, tensors)}
 
 

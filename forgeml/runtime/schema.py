@@ -186,7 +186,7 @@ def validate(data: dict[str, Any], where: str) -> None:
     for role in ("inputs", "outputs"):
         names = set()
         for i, spec in enumerate(c.of(data[role], role, "array")):
-            names.add(_check_tensor(c, spec, f"{role}[{i}]"))
+            names.add(_check_tensor(c, spec, f"{role}[{i}]", sequence_ok=role == "outputs"))
             if len(names) != i + 1:
                 c.fail(f"{role}[{i}].name", f"repeats '{spec['name']}'")
     if not data["outputs"]:
@@ -223,7 +223,16 @@ def _check_target(c: _Checker, target: Any) -> None:
         c.of(flag, f"target.cpu_features[{i}]", "string")
 
 
-def _check_tensor(c: _Checker, spec: Any, field: str) -> str:
+def _check_tensor(c: _Checker, spec: Any, field: str, sequence_ok: bool) -> str:
+    if isinstance(spec, dict) and "kind" in spec:  # a sequence output: name, kind, element dtype
+        kind = c.of(spec["kind"], f"{field}.kind", "string")
+        if kind != "sequence" or not sequence_ok:
+            c.fail(f"{field}.kind", f"must be 'sequence' on an output (inputs are tensors), not '{kind[:40]}'"
+                   if sequence_ok else "is not part of an input (inputs are tensors)")
+        c.record(spec, field, ("name", "kind", "dtype"))
+        c.of(spec["name"], f"{field}.name", "string")
+        c.dtype(spec["dtype"], f"{field}.dtype")
+        return spec["name"]
     c.record(spec, field, ("name", "shape", "dtype"), ("range", "dynamic"))
     c.of(spec["name"], f"{field}.name", "string")
     shape = c.shape(spec["shape"], f"{field}.shape", -1)  # -1: a dimension known only at run time

@@ -133,6 +133,8 @@ class Session:
         self._any_exotic = any(_exotic(dtype) for _, dtype, _ in self._input_checks)
         self._ranges = [(n, spec) for n, spec in enumerate(self.manifest.inputs) if spec.valid_range is not None]
         self._output_names = [spec.name for spec in self.manifest.outputs]
+        # the VM returns a tuple for several outputs, and for one sequence output (its elements)
+        self._tuple_result = len(self._output_names) > 1
         self._stages: list[tuple[np.ndarray, Any] | None] = [None] * len(self._input_checks)
 
     def _dispatch_table(self) -> None:
@@ -298,13 +300,14 @@ class Session:
 
     def _check_ranges(self, arrays: list[np.ndarray]) -> None:
         """Refuse index inputs outside the tensor they index (the compiled gather would read out of
-        bounds: a crash or garbage, where ONNX Runtime reports an error)."""
+        bounds: a crash or garbage, where ONNX Runtime reports an error), and a nonzero Dropout ratio."""
         for n, spec in self._ranges:
             array = arrays[n]
             low, high = spec.valid_range
-            if array.size and (array.min() < low or array.max() > high):
-                bad = array[(array < low) | (array > high)].flat[0]
+            if array.size and not (array.min() >= low and array.max() <= high):  # NaN is outside too
+                bad = array[~((array >= low) & (array <= high))].flat[0]
                 why = (f"it indexes a tensor with {high + 1} entries along the gathered axis" if low < 0 else
+                       "it is a training-mode Dropout's ratio, which forgeml compiles as 0 only" if high == 0 else
                        f"it is a length along an axis of {high} entries")
                 raise InvalidInput(f"input '{spec.name}' holds {bad}, outside [{low}, {high}]: {why}")
 
@@ -361,14 +364,16 @@ class Session:
                 function, weights = self._buckets.get(key, self._call)
             try:
                 result = function(*args, *weights)
-                tensors = list(result) if isinstance(result, self._ffi.Array) else (result,)
+                tensors = list(result) if self._tuple_result else (result,)
                 return dict(zip(self._output_names, [self._to_host(t) for t in tensors]))
             except ForgeError:
                 raise
             except Exception as e:  # noqa: BLE001 (a kernel's runtime check, a tensor DLPack cannot carry)
                 raise RunFailed(f"{self.path}: running the model failed: {last_line(e)}") from None
 
-    def _to_host(self, tensor: Any) -> np.ndarray:
+    def _to_host(self, tensor: Any) -> np.ndarray | list[np.ndarray]:
+        if isinstance(tensor, self._ffi.Array):  # a sequence output: a list of arrays, as ONNX Runtime gives
+            return [self._to_host(t) for t in tensor]
         dtype = str(tensor.dtype)
         if dtype.startswith(("bfloat", "float8", "float4", "float6")):  # no DLPack/numpy dtype: copy the bits
             import ml_dtypes  # noqa: F401 (registers these dtypes with numpy)

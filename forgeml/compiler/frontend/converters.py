@@ -14,7 +14,7 @@ run-time target shape replaced the input's dimensions instead of broadcasting wi
 run-time k failed to import: unnormalized mask), Clip (emitted TE kernels that dropped NaN), ThresholdedRelu
 (NaN and -inf gave NaN). Refused:
 RoiAlign mode=max (TVM's max pooling is not ONNX's max of bilinear samples), Dropout in training mode
-with a nonzero or run-time ratio (random masks).
+with a nonzero or computed ratio (random masks; a ratio given as a graph input is held to 0 at run time).
 """
 
 from __future__ import annotations
@@ -101,9 +101,17 @@ def _dropout_outputs(x: relax.Expr, attr: dict, mask_dtype: str) -> relax.Expr:
     return relax.Tuple([x, relax.op.ones(x.ty.shape, mask_dtype)])
 
 
+def _is_graph_input(bb: relax.BlockBuilder, expr: Any) -> bool:
+    """Whether `expr` is one of the function's parameters (a graph input). TVM 0.27's BlockBuilder keeps
+    them in `_func._params`; where that is missing, the answer is False (forgeml then refuses the node)."""
+    params = getattr(getattr(bb, "_func", None), "_params", None) or []
+    return isinstance(expr, relax.Var) and any(expr.same_as(p) for p in params)
+
+
 class Dropout(OnnxOpConverter):
     """Dropout: identity with a mask of ones (bool from opset 10, X's type before); from opset 12 in
-    training mode only when the ratio is a constant 0 (anything else draws random masks)."""
+    training mode only when the ratio is 0: a constant 0, or a graph input the runtime holds to 0
+    (onnx_model.dropout_ratio_inputs gives it the range [0, 0]). Any other ratio draws random masks."""
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
@@ -118,8 +126,12 @@ class Dropout(OnnxOpConverter):
         training = inputs[2] if len(inputs) > 2 else None
         if training is not None:
             mode = _const_value(training, params)
+            ratio_input = inputs[1] if len(inputs) > 1 else None
+            if ratio_input is not None and _is_graph_input(bb, ratio_input):
+                return _dropout_outputs(inputs[0], attr, "bool")  # ratio 0, checked at run time
             if mode is None:
-                raise Refused("training_mode is given at run time (training-mode dropout is random)")
+                raise Refused("training_mode is given at run time with a ratio that is not a graph input "
+                              "(training-mode dropout is random)")
             if bool(mode):
                 ratio = _const_value(inputs[1], params) if len(inputs) > 1 and inputs[1] is not None else 0.5
                 if ratio is None:

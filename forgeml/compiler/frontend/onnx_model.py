@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +68,17 @@ def _check_types(model: onnx.ModelProto) -> None:
     for kind, values in (("input", _graph_inputs(model)), ("output", graph.output)):
         for value in values:
             field = value.type.WhichOneof("value")
+            if kind == "output" and _is_tensor_sequence(value):  # a list of tensors: the manifest's "sequence"
+                elem_type = value.type.sequence_type.elem_type.tensor_type.elem_type
+                if elem_type:
+                    _dtype_of(elem_type, f"graph output '{value.name}' (a sequence)")
+                continue
             if field != "tensor_type":
                 what = (field or "untyped_value").replace("_type", "").replace("_", " ")
-                raise InvalidInput(f"graph {kind} '{value.name}' is a {what}; forgeml "
-                                   "compiles tensor inputs and outputs only (no sequences, optionals or maps)")
+                article = "an" if what[0] in "aeiou" else "a"
+                raise InvalidInput(f"graph {kind} '{value.name}' is {article} {what}; forgeml "
+                                   "compiles tensor inputs and tensor or sequence-of-tensor outputs only "
+                                   "(no sequence inputs, optionals or maps)")
             if value.type.tensor_type.elem_type:  # 0: not given (shape inference fills it in)
                 _dtype_of(value.type.tensor_type.elem_type, f"graph {kind} '{value.name}'", kind == "input")
     for i, node in enumerate(graph.node):
@@ -90,6 +98,12 @@ def _optional_inputs_as_tensors(model: onnx.ModelProto) -> None:
             tensor = onnx.TypeProto()
             tensor.CopyFrom(value.type.optional_type.elem_type)
             value.type.CopyFrom(tensor)
+
+
+def _is_tensor_sequence(value: onnx.ValueInfoProto) -> bool:
+    """Whether `value` is a sequence of tensors."""
+    return value.type.WhichOneof("value") == "sequence_type" and \
+        value.type.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -224,6 +238,10 @@ def _tensor_specs(values, ranges: dict[str, tuple[int, int]] | None = None,
     """Specs of graph values; axes whose dim_param is in `ranges` carry their range."""
     specs = []
     for v in values:
+        if _is_tensor_sequence(v):  # elements' shapes may differ: the spec has the element type only
+            elem = v.type.sequence_type.elem_type.tensor_type.elem_type
+            specs.append(TensorSpec(v.name, (), _dtype_of(elem, f"'{v.name}'"), kind="sequence"))
+            continue
         t = v.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         dynamic = tuple(DynamicDim(axis, d.dim_param, *ranges[d.dim_param]) for axis, d in enumerate(t.shape.dim)
@@ -251,7 +269,9 @@ def load_onnx(path: str | Path, input_shapes: InputShapes | None = None) -> Load
     model = _infer_shapes(model, path)
     outputs = _tensor_specs(model.graph.output)
     ranges = index_ranges(model)
-    inputs = tuple(spec._replace(valid_range=ranges.get(spec.name)) if "int" in spec.dtype else spec
+    ratios = dropout_ratio_inputs(model)
+    inputs = tuple(spec._replace(valid_range=ranges.get(spec.name)) if "int" in spec.dtype else
+                   spec._replace(valid_range=(0, 0)) if spec.name in ratios else spec
                    for spec in _tensor_specs(_graph_inputs(model), dim_ranges, read_only=True))
     return LoadedModel(model, inputs, outputs, sha, path, dim_ranges)
 
@@ -376,6 +396,25 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         low, high = ranges.get(origin, (0, kv_len))
         ranges[origin] = (max(low, 0), min(high, kv_len))
     return ranges
+
+
+def _nodes_and_subgraph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of `graph` and of the graphs its nodes' attributes hold (If branches, Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _nodes_and_subgraph_nodes(sub)
+
+
+def dropout_ratio_inputs(model: onnx.ModelProto) -> set[str]:
+    """Graph inputs that are a Dropout's ratio where its training_mode is given (opset 12 on): forgeml
+    compiles such a Dropout as ratio 0 (the output is the input, the mask all true), and the runtime
+    refuses any other ratio (manifest range [0, 0]): a nonzero ratio in training mode draws random masks."""
+    inputs = {v.name for v in _graph_inputs(model)}
+    return {node.input[1] for node in _nodes_and_subgraph_nodes(model.graph) if node.op_type == "Dropout"
+            and node.domain in _ONNX_DOMAINS and len(node.input) > 2 and node.input[2]
+            and node.input[1] in inputs}
 
 
 def unit_interval_inputs(model: onnx.ModelProto) -> set[str]:

@@ -150,16 +150,31 @@ def _shapes_as_tensors(mod):
     return mod
 
 
+def _sequence_spec(onnx_spec: TensorSpec, ty) -> TensorSpec:
+    """A sequence output's spec: it imports as a tuple of tensors of the sequence's element type."""
+    from tvm import relax
+
+    elements = list(ty.fields) if isinstance(ty, relax.TupleType) else None
+    if elements is None or not all(isinstance(t, relax.TensorType) and t.dtype == onnx_spec.dtype for t in elements):
+        raise InvalidInput(f"output '{onnx_spec.name}' is a sequence of {onnx_spec.dtype} tensors but imports as "
+                           f"{type(ty).__name__}; forgeml needs it to import as a tuple of such tensors")
+    return onnx_spec
+
+
 def output_specs(mod, onnx_outputs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
     """Each output's spec: Relax's type, with dimensions it leaves open taken from ONNX shape inference
-    where that knows them; a dimension known only at run time (NonZero's count) is -1."""
+    where that knows them; a dimension known only at run time (NonZero's count) is -1. A sequence output
+    (a tuple of tensors in Relax) keeps its element type only."""
     from tvm import relax, tirx
 
     ret = mod["main"].ret_ty
-    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    fields = list(ret.fields) if len(onnx_outputs) > 1 else [ret]
     specs = []
     for onnx_spec, ty in zip(onnx_outputs, fields):
         name = onnx_spec.name
+        if onnx_spec.kind == "sequence":
+            specs.append(_sequence_spec(onnx_spec, ty))
+            continue
         if not isinstance(ty, relax.TensorType) or ty.ndim < 0:
             what = "tensor of unknown rank" if isinstance(ty, relax.TensorType) else type(ty).__name__
             raise InvalidInput(f"output '{name}' imports as a {what}; forgeml needs every output to be a "
