@@ -208,7 +208,7 @@ def validate(data: dict[str, Any], where: str) -> None:
         c.fail("members", "lacks weights.bin, which the weights are in")
     _check_sections(c, data)
     if "functions" in data:
-        _check_functions(c, data["functions"], len(weights))
+        _check_functions(c, data["functions"], len(weights), members)
     if SIGNATURE in data:
         check_signature_record(c, data[SIGNATURE])
 
@@ -257,13 +257,15 @@ def _check_tensor(c: _Checker, spec: Any, field: str, sequence_ok: bool) -> str:
     return spec["name"]
 
 
-def _check_functions(c: _Checker, functions: Any, n_weights: int) -> None:
+def _check_functions(c: _Checker, functions: Any, n_weights: int, members: dict[str, Any]) -> None:
     """Dynamic shapes: the VM functions (the symbolic `main`, dimensions null, and static buckets with
     their dimension sizes), each with the indices of its weights."""
     for i, entry in enumerate(c.of(functions, "functions", "array")):
         field = f"functions[{i}]"
         c.record(entry, field, ("name", "dimensions", "weights"), closed=False)
         c.of(entry["name"], f"{field}.name", "string")
+        if "library" in entry and c.of(entry["library"], f"{field}.library", "string") not in members:
+            c.fail(f"{field}.library", f"names '{entry['library'][:60]}', which is not among the members")
         sizes = c.of(entry["dimensions"], f"{field}.dimensions", "object", "null")
         for variable, size in (sizes or {}).items():
             c.integer(size, f"{field}.dimensions.{variable}", 0)

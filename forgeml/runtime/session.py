@@ -123,7 +123,7 @@ class Session:
         self._weights = [self._to_device(w) for w in artifact.read_weights()]
         self._call, self._buckets, self._key_axes = (self._main, self._weights), {}, []
         if self.manifest.functions is not None:
-            self._dispatch_table()
+            self._dispatch_table(artifact)
         self._lock = threading.Lock()
         # what run() compares each input against, precomputed: its per-call cost is part of the latency
         # (an input with dynamic dimensions has shape None there: `_check_dims` checks it against its ranges)
@@ -137,7 +137,7 @@ class Session:
         self._tuple_result = len(self._output_names) > 1
         self._stages: list[tuple[np.ndarray, Any] | None] = [None] * len(self._input_checks)
 
-    def _dispatch_table(self) -> None:
+    def _dispatch_table(self, artifact: ArtifactFile) -> None:
         """Dynamic shapes: the symbolic `main` and each static bucket with its weights, keyed by the sizes
         of the dimension variables (sorted by name), and where to read each variable from the inputs."""
         axes = {}
@@ -148,7 +148,9 @@ class Session:
         self._key_axes = [axes[v] for v in names]
         try:
             for entry in self.manifest.functions:
-                call = (self._vm[entry["name"]], [self._weights[i] for i in entry["weights"]])
+                vm = self._vm if entry.get("library", self.manifest.library) == self.manifest.library else (
+                    self._load_vm(artifact, entry["library"]))
+                call = (vm[entry["name"]], [self._weights[i] for i in entry["weights"]])
                 if entry["dimensions"] is None:
                     self._call = call
                 else:
@@ -165,15 +167,17 @@ class Session:
     def outputs(self) -> list[TensorSpec]:
         return list(self.manifest.outputs)
 
-    def _load_vm(self, artifact: ArtifactFile) -> Any:
-        name = self.manifest.library
+    def _load_vm(self, artifact: ArtifactFile, name: str | None = None) -> Any:
+        """A VM over library member `name` (default: the manifest's library, which holds `main`); a
+        dynamic-shape artifact holds one library per function (see `compiler.build._codegen`)."""
+        name = name or self.manifest.library
         try:
             library = _shared_library(self._ffi, self.manifest.members.get(name), lambda: artifact.read_member(name))
         except ArtifactError:  # already says what to do (an unwritable $TMPDIR)
             raise
         except Exception as e:
             raise ArtifactError(f"{self.path}: the compiled library failed to load: {e}") from None
-        self._library = library  # the VM's functions live in this library: keep it loaded
+        self._libraries = [*getattr(self, "_libraries", []), library]  # the VMs' functions live in them
         module = library.module
         vm = module["vm_load_executable"]()
         device_type = _DEVICE_TYPES[self.device]
