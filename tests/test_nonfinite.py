@@ -164,3 +164,44 @@ def test_nonfinite_probe_reports_nan_positions(tmp_path):
     probed = nonfinite_inputs({"x": np.ones((2, 2), np.float32), "n": np.ones(3, np.int64)})
     assert np.isnan(probed["x"][0, 0]) and probed["x"][0, 1] == INF and probed["x"][1, 0] == -INF
     assert (probed["n"] == 1).all()
+
+
+def test_clip_after_conv_fuses_into_the_conv_kernel(tmp_path):
+    """A NaN-propagating Clip against constant bounds stays elementwise for fusion (as a 0-d tensor input
+    TVM called it a broadcast, which never fuses after a convolution: every ReLU6 ran as a kernel of its
+    own), and still passes NaN and infinities as ONNX Runtime does."""
+    import dataclasses
+
+    import onnxruntime as ort
+    import tvm
+
+    from forgeml.compiler import pipeline
+    from forgeml.compiler.build import tvm_target
+    from forgeml.compiler.frontend import onnx_model, relax_import
+    from forgeml.compiler.frontend.normalize import normalize
+    from forgeml.targets.registry import resolve_target
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 4, 1, 1)).astype("float32"), "w"),
+               numpy_helper.from_array(np.array(0, "float32"), "lo"),
+               numpy_helper.from_array(np.array(6, "float32"), "hi")]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
+                               helper.make_node("Clip", ["c", "lo", "hi"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    loaded = onnx_model.load_onnx(path, {})
+    loaded = dataclasses.replace(loaded, model=normalize(loaded.model)[0])
+    mod = pipeline.get_pipeline("O2")(relax_import.import_onnx(loaded), tvm_target(resolve_target("x86-64")))
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and "conv2d" in kernels[0] and "minimum" in kernels[0], kernels
+    forgeml.compile_model(path, tmp_path / "m.fml", target="x86-64")
+    x = rng.standard_normal((1, 4, 6, 6)).astype("float32")
+    x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    got = forgeml.load(tmp_path / "m.fml").run({"x": x})["y"]
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=1e-5, atol=1e-5)
