@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -126,10 +127,10 @@ def run_case(name: str, spec: dict, workdir: Path, threads: int, repeat: int) ->
 
 def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# Dynamic shapes: one artifact for a range vs static artifacts for exactly one shape", "",
-             f"Machine: {machine['cpu']} ({machine['arch']}, {machine['cores']} cores), shared with other jobs "
-             f"while this ran (the times are noisy; the engines alternate in blocks of 10, each in a worker "
-             f"process of its own, so load hits them alike). {args.threads} threads, {args.repeat} timed calls "
-             "each after 10 warm-up; x86-64, O2, untuned. `python benchmarks/dynamic.py`.", "",
+             f"Machine: {machine['cpu']} ({machine['arch']}, {machine['cores']} cores); the engines alternate in "
+             f"blocks of 10, each in a worker process of its own. {args.threads} threads, {args.repeat} timed "
+             f"calls each after 10 warm-up; x86-64, O2, untuned; load average {os.getloadavg()[0]:.1f} at the end. "
+             f"`python benchmarks/dynamic.py --repeat {args.repeat}`.", "",
              "| model | shape | function run | dynamic p50 ms | static p50 ms | ratio | ONNX Runtime p50 ms |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
