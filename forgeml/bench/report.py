@@ -56,9 +56,12 @@ def print_table(report: Report, console: Console | None = None) -> None:
     table = Table(title=f"forgeml bench: {settings.get('threads')} threads, {settings.get('repeat')} runs "
                         f"after {settings.get('warmup')} warm-up, {settings.get('isolation', 'alternating')} "
                         f"({report.machine.get('cpu')})")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "case" else "right")
-    for row in rows(report):
+    body = list(rows(report))
+    case = COLUMNS.index("case")
+    for col in COLUMNS:  # the case names whole on one line (logs and tests search them); numbers may wrap
+        table.add_column(col, justify="left" if col == "case" else "right", no_wrap=col == "case",
+                         min_width=max((len(row[case]) for row in body), default=4) if col == "case" else None)
+    for row in body:
         table.add_row(*row)
     console.print(table)
 
