@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -327,11 +328,13 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
     executable, weights, table = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say, functions)
     executables = executable if isinstance(executable, dict) else {"main": executable}
     libraries: dict[str, bytes] = {}
+    summaries: dict[str, dict | None] = {}
     with tempfile.TemporaryDirectory(prefix="forgeml-build-") as tmp:
         for name, one in executables.items():
             lib_path = Path(tmp) / library_member(name)
-            kernels = _stage("linking the library", lambda: _export_library(one, spec, lib_path))  # noqa: B023
+            summaries[name] = _stage("linking the library", functools.partial(_export_library, one, spec, lib_path))
             libraries[lib_path.name] = lib_path.read_bytes()
+    kernels = summaries["main"]  # CUDA: main's fatbin summary (each bucket's library is linked the same way)
     timings["codegen_s"] = time.perf_counter() - clock - sum(timings.values())
 
     blob, entries = pack_weights([(f"w{i}", np.asarray(w)) for i, w in enumerate(weights)])

@@ -113,6 +113,7 @@ class Session:
             native.set_num_threads(self._threads)
         self._ffi = ffi
         self._dev = ffi.device(self.device, 0)
+        self._libraries: list[_Library] = []  # every library a VM of this session runs: kept loaded with it
         try:
             self._vm = self._load_vm(artifact)
         except ForgeError:
@@ -177,7 +178,7 @@ class Session:
             raise
         except Exception as e:
             raise ArtifactError(f"{self.path}: the compiled library failed to load: {e}") from None
-        self._libraries = [*getattr(self, "_libraries", []), library]  # the VMs' functions live in them
+        self._libraries.append(library)
         module = library.module
         vm = module["vm_load_executable"]()
         device_type = _DEVICE_TYPES[self.device]
