@@ -316,10 +316,17 @@ def verify_range(session, model_path: str | Path, tolerance: float, seed: int = 
                if f["dimensions"] is not None}
     points = check_points(variables)
     points += [dict(key) for key in buckets if dict(key) not in points]
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False)  # read and loaded once for every point
+    try:
+        reference = onnxruntime_session(model_path)
+    except Exception:  # noqa: BLE001 (each point reports why ONNX Runtime cannot load it)
+        reference = None
     results = []
     for values in points:
         result = verify_against_onnxruntime(session, model_path, tolerance, seed,
-                                            concrete_shapes(session.inputs, values))
+                                            concrete_shapes(session.inputs, values), graph, reference)
         function = buckets.get(tuple(sorted(values.items())), "main")
         results.append({"dimensions": values, "function": function} | result.to_json())
     checked = [r for r in results if r["skipped"] is None]
@@ -332,7 +339,8 @@ def verify_range(session, model_path: str | Path, tolerance: float, seed: int = 
 
 
 def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float, seed: int = 0,
-                               shapes: dict[str, tuple[int, ...]] | None = None) -> VerifyResult:
+                               shapes: dict[str, tuple[int, ...]] | None = None, graph=None,
+                               reference=None) -> VerifyResult:
     """Run `session` (a forgeml Session) and ONNX Runtime on the same seeded inputs, then on them with NaN
     and infinities in the float inputs (`NonFiniteProbe`; thresholds and convolution weights keep their
     values); both must agree. When ONNX Runtime
@@ -340,7 +348,8 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     cannot convert, seeded inputs it rejects) the result is skipped with its reason; forgeml's session
     still runs once on the inputs so that a failure of its own surfaces here, except where ONNX Runtime
     rejected the seeded inputs and forgeml rejects them at run time too (random axes, indices). `shapes`
-    gives the inputs' shapes where they have dynamic dimensions."""
+    gives the inputs' shapes where they have dynamic dimensions; `graph` (the ONNX model without external
+    data) and `reference` (its ONNX Runtime session) where the caller already has them."""
     import onnx
 
     from forgeml.compiler.frontend.onnx_model import convolution_weight_inputs, divisor_inputs, unit_interval_inputs
@@ -348,12 +357,13 @@ def verify_against_onnxruntime(session, model_path: str | Path, tolerance: float
     def skipped(reason: str) -> VerifyResult:
         return VerifyResult(False, float("nan"), float("nan"), tolerance, seed, skipped=reason)
 
-    graph = onnx.load(str(model_path), load_external_data=False)  # read once for both input roles
+    if graph is None:
+        graph = onnx.load(str(model_path), load_external_data=False)  # read once for both input roles
     unit = unit_interval_inputs(graph)
     specs = [spec._replace(shape=shapes[spec.name]) if shapes else spec for spec in session.inputs]
     feeds = seeded_inputs(specs, seed, nonzero=divisor_inputs(graph), unit=unit)
     try:
-        ort_session = onnxruntime_session(model_path)
+        ort_session = reference if reference is not None else onnxruntime_session(model_path)
     except Exception as err:  # noqa: BLE001 (onnxruntime raises its own pybind11 types)
         session.run(feeds)
         return skipped(f"ONNX Runtime cannot load the model: {_reason(err)}")
