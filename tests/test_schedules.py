@@ -166,7 +166,8 @@ def test_conv(c, h, w, oc, k, stride, pad, residual):
     _check(model, feeds)
 
 
-@pytest.mark.parametrize("c,h,stride", [(32, 14, 1), (16, 15, 2), (24, 7, 1)])
+@pytest.mark.parametrize("c,h,stride", [(32, 14, 1), (16, 15, 2), (24, 7, 1), (96, 28, 2),
+                                        (8, 3, 1)])  # too few tasks: the blocked copy stays a stage of its own
 def test_depthwise_conv(c, h, stride):
     model, feeds = _conv_model(1, c, h, h, c, 3, stride, 1, groups=c)
     assert "DepthwiseConvRule" in set(_rules_used(model).values())
