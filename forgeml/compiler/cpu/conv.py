@@ -220,7 +220,7 @@ def _tile_writeback(sch, wloops, lanes: int) -> None:
             sch.unroll(lp)
 
 
-def _conv_start(func, target, depthwise: bool):
+def conv_start(func, target, depthwise: bool):
     """(cpu, schedule, conv block, its name, conv facts) when `func` is a convolution of the kind asked for
     (a plain conv's copy producers inlined first), else None."""
     start = common.reduction_schedule(func, target)
@@ -241,14 +241,16 @@ class Conv2DRule(ScheduleRule):
     """NCHW conv2d: vectorized output channels, a register tile of columns, packed weights."""
 
     def apply(self, func, target, tunable):
-        start = _conv_start(func, target, depthwise=False)
+        start = conv_start(func, target, depthwise=False)
         if start is None:
             return None
         cpu, sch, blk, name, info = start
         if sch.get(blk).writes[0].source.dtype != "float32":
             return None
         pixel_lanes = cpu.fit(info.oh * info.ow)
-        pixel_tile = _pixel_tile(info, pixel_lanes, cpu.max_acc)
+        # a channel-blocked output (blocked.py) takes whole vectors of channels: pixel tiles would scatter
+        blocked_out = len(func.params[-1].shape) == 5
+        pixel_tile = None if blocked_out else _pixel_tile(info, pixel_lanes, cpu.max_acc)
         lanes = cpu.fit(info.oc_per_group)
         width = info.oh * info.ow if info.flat_ok else info.ow
         fv, _ = _choose_conv_tile(info.oc_per_group, width, lanes, cpu.max_acc)
@@ -290,7 +292,7 @@ class DepthwiseConvRule(ScheduleRule):
     """NCHW depthwise conv2d through a channel-blocked copy of the (padded) input, made per task."""
 
     def apply(self, func, target, tunable):
-        start = _conv_start(func, target, depthwise=True)
+        start = conv_start(func, target, depthwise=True)
         if start is None:
             return None
         cpu, sch, blk, name, info = start

@@ -1,0 +1,195 @@
+"""Channel-blocked tensors between a convolution and the depthwise convolution that reads it.
+
+In MobileNet-style blocks a 1x1 expansion conv writes a tensor that only a depthwise conv reads. In NCHW
+the conv's channel-vectorized register tile scatters every vector of channels over as many planes, and
+the depthwise rule gathers it back into channel blocks ([N, C/L, H, W, L]) so each tap is a vector load:
+two transposes of the largest tensors in the network. `blocked_edges` gives such a tensor that blocked
+layout instead: the producer's output buffer and the consumer's input buffer are both rewritten
+(`transform_layout` on the PrimFunc parameters, after FuseTIR and before the rules), so the conv stores
+whole vectors and the depthwise conv's padded copy is a plain copy. Measured on a Zen 4 (AVX-512, 2
+threads), MobileNetV2's 96-channel 112x112 stride-2 depthwise kernel: 0.21 ms -> 0.12 ms (input blocked).
+
+An edge is rewritten only where the tensor has static NCHW float32 shape, one use, a producer that is a
+convolution whose last block is an elementwise epilogue, and a consumer that is a depthwise convolution
+reading it through its padding stage; each rewritten kernel is a new PrimFunc (the original may have
+other callers).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax, s_tir
+
+from forgeml.compiler.cpu import common
+from forgeml.compiler.cpu.conv import conv_start
+
+logger = logging.getLogger(__name__)
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def _blocked(lanes: int):
+    return lambda n, c, h, w: (n, c // lanes, h, w, c % lanes)
+
+
+def _static_nchw(ty) -> list[int] | None:
+    if not isinstance(ty, relax.TensorType) or str(ty.dtype) != "float32" or ty.ndim != 4:
+        return None
+    shape = ty.shape
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return None
+    return [int(d) for d in shape.values]
+
+
+def _single_block(sch: s_tir.Schedule, buf, mode: str):
+    """The one root-level block that reads (`mode` "read") or writes ("write") `buf`, with the buffer's
+    index among that block's reads or writes; None unless exactly one block does and it is spatial."""
+    found = []
+    for block_rv in common.child_blocks(sch):
+        regions = sch.get(block_rv).reads if mode == "read" else sch.get(block_rv).writes
+        for i, region in enumerate(regions):
+            if region.source.same_as(buf):
+                found.append((block_rv, i))
+    if len(found) != 1 or not common.is_spatial(sch, found[0][0]):
+        return None
+    return found[0]
+
+
+def _producer_ok(func: tvm.tirx.PrimFunc, target) -> bool:
+    """A convolution the conv rule takes, its output written by an elementwise epilogue block."""
+    start = conv_start(func, target, depthwise=False)
+    if start is None:
+        return False
+    _, sch, conv, _, _ = start
+    out = _single_block(sch, func.params[-1], "write")
+    return out is not None and not sch.get(out[0]).same_as(sch.get(conv))
+
+
+def _consumer_ok(func: tvm.tirx.PrimFunc, param: int, target) -> bool:
+    """A depthwise convolution that reads parameter `param` only through its padding stage."""
+    start = conv_start(func, target, depthwise=True)
+    if start is None:
+        return False
+    _, sch, conv, _, info = start
+    data = sch.get(conv).reads[info.data_idx].source
+    if data.same_as(func.params[param]):
+        return False  # no padding stage: the conv itself reads the parameter
+    read = _single_block(sch, func.params[param], "read")
+    return read is not None and sch.get(read[0]).writes[0].source.same_as(data)
+
+
+def _rewrite(func: tvm.tirx.PrimFunc, out_lanes: int, in_params: dict[int, int]) -> tvm.tirx.PrimFunc:
+    """`func` with its output (when out_lanes) and the given inputs ({param: lanes}) channel-blocked."""
+    sch = s_tir.Schedule(func)
+    edits = [(len(func.params) - 1, out_lanes, "write")] if out_lanes else []
+    edits += [(param, lanes, "read") for param, lanes in in_params.items()]
+    for param, lanes, mode in edits:
+        block_rv, i = _single_block(sch, sch.mod["main"].params[param], mode)
+        sch.transform_layout(block_rv, (mode, i), _blocked(lanes))
+    return sch.mod["main"]
+
+
+def _uses(func: relax.Function) -> dict:
+    counts: dict = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            for var in relax.analysis.free_vars(binding.value):
+                counts[var] = counts.get(var, 0) + 1
+    for var in relax.analysis.free_vars(func.body.body):
+        counts[var] = counts.get(var, 0) + 2
+    return counts
+
+
+def _edges(mod: tvm.IRModule, func: relax.Function, target, cpu) -> dict:
+    """{producer binding var: lanes} and {consumer binding var: {param: lanes}} of the edges to block."""
+    uses = _uses(func)
+    producers: dict = {}
+    calls = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR) and len(value.args) == 2:
+                calls[binding.var] = value
+    blocked_out: dict = {}
+    blocked_in: dict = {}
+    for var, call in calls.items():
+        for param, arg in enumerate(call.args[1].fields):
+            if arg not in calls or uses.get(arg, 0) != 1:
+                continue
+            shape = _static_nchw(arg.ty)
+            if shape is None:
+                continue
+            lanes = cpu.fit(shape[1])
+            if shape[1] % lanes:
+                continue
+            producer = mod[calls[arg].args[0]]
+            consumer = mod[call.args[0]]
+            if not isinstance(producer, tvm.tirx.PrimFunc) or not isinstance(consumer, tvm.tirx.PrimFunc):
+                continue
+            if arg not in producers:
+                producers[arg] = _producer_ok(producer, target)
+            if producers[arg] and _consumer_ok(consumer, param, target):
+                blocked_out[arg] = lanes
+                blocked_in.setdefault(var, {})[param] = lanes
+    return blocked_out, blocked_in
+
+
+def blocked_edges(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """`mod` with the conv -> depthwise conv tensors of its Relax functions channel-blocked."""
+    if target.kind.name != "llvm":
+        return mod
+    cpu = common.cpu_of(target)
+    variants: dict = {}  # (GlobalVar, out lanes, inputs) -> GlobalVar of the rewritten PrimFunc
+    builder = relax.BlockBuilder(mod)
+    with target:
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+                continue
+            try:
+                blocked_out, blocked_in = _edges(mod, func, target, cpu)
+            except Exception as err:  # noqa: BLE001 (an analysis TVM cannot do: leave the function as it is)
+                logger.debug("blocked_edges skips %s: %s", gv.name_hint, err)
+                continue
+            if blocked_out:
+                builder.update_func(gv, _rewrite_function(builder, func, blocked_out, blocked_in, variants))
+    return relax.transform.DeadCodeElimination()(builder.get()) if variants else mod
+
+
+def _rewrite_function(builder: relax.BlockBuilder, func: relax.Function, blocked_out: dict, blocked_in: dict,
+                      variants: dict) -> relax.Function:
+    """`func` calling the rewritten kernels, the blocked tensors with their 5-D types."""
+    mod = builder.get()
+    renamed: dict = {}  # old var -> new var with the blocked shape
+    blocks = []
+    for block in func.body.blocks:
+        bindings = []
+        for binding in block.bindings:
+            var, call = binding.var, binding.value
+            out_lanes = blocked_out.get(var, 0)
+            in_params = blocked_in.get(var, {})
+            if not out_lanes and not in_params:
+                bindings.append(binding)
+                continue
+            key = (call.args[0], out_lanes, tuple(sorted(in_params.items())))
+            if key not in variants:
+                old = call.args[0]
+                suffix = ("_blocked_out" if out_lanes else "") + ("_blocked_in" if in_params else "")
+                variants[key] = builder.add_func(_rewrite(mod[old], out_lanes, in_params), old.name_hint + suffix)
+            args = [renamed.get(a, a) for a in call.args[1].fields]
+            ty = var.ty
+            if out_lanes:
+                n, c, h, w = _static_nchw(ty)
+                ty = relax.TensorType([n, c // out_lanes, h, w, out_lanes], "float32")
+            new_call = relax.call_tir(variants[key], relax.Tuple(args), out_ty=ty)
+            new_var = type(var)(var.name, ty)
+            if out_lanes:
+                renamed[var] = new_var
+            else:
+                new_var = var
+            bindings.append(relax.VarBinding(new_var, new_call))
+        blocks.append(relax.DataflowBlock(bindings) if isinstance(block, relax.DataflowBlock)
+                      else relax.BindingBlock(bindings))
+    body = relax.SeqExpr(blocks, func.body.body)
+    return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
