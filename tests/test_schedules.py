@@ -175,12 +175,13 @@ def test_depthwise_conv(c, h, stride):
 
 
 @pytest.mark.parametrize("c,h,oc,stride,relu6,shared", [
-    (16, 14, 96, 2, True, False),  # MobileNetV2's expansion -> stride-2 depthwise
+    (16, 14, 96, 2, True, False),  # MobileNetV2's expansion -> stride-2 depthwise -> projection
     (8, 9, 24, 1, False, False),  # 24 channels: 8-lane blocks on AVX-512 too
-    (16, 8, 32, 1, True, True),  # the expansion's output also feeds a residual add: stays NCHW
+    (16, 8, 32, 1, True, True),  # the expansion's output also feeds a residual add: that edge stays NCHW
 ])
-def test_conv_to_depthwise_blocked_edge(c, h, oc, stride, relu6, shared):
-    """A conv whose only reader is a depthwise conv hands it a channel-blocked tensor (cpu/blocked.py)."""
+def test_channel_blocked_edges(c, h, oc, stride, relu6, shared):
+    """Tensors with one reader between convs travel channel-blocked (cpu/blocked.py): expansion ->
+    depthwise -> projection, each kernel keeping its fast rule, the result equal to ONNX Runtime's."""
     from forgeml.compiler.cpu.blocked import blocked_edges
 
     rng = _rng(5)
@@ -188,30 +189,33 @@ def test_conv_to_depthwise_blocked_edge(c, h, oc, stride, relu6, shared):
                "B1": rng.standard_normal(oc).astype("float32"),
                "W2": (rng.standard_normal((oc, 1, 3, 3)) * 0.3).astype("float32"),
                "B2": rng.standard_normal(oc).astype("float32"),
+               "W3": (rng.standard_normal((c, oc, 1, 1)) * 0.3).astype("float32"),
+               "B3": rng.standard_normal(c).astype("float32"),
                "lo": np.array(0.0, "float32"), "hi": np.array(6.0, "float32")}
-    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["e"], kernel_shape=[1, 1]),
-             helper.make_node("Clip", ["e", "lo", "hi"], ["a"]) if relu6 else helper.make_node("Relu", ["e"], ["a"]),
+    act = (lambda i, o: helper.make_node("Clip", [i, "lo", "hi"], [o])) if relu6 else \
+        (lambda i, o: helper.make_node("Relu", [i], [o]))
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["e"], kernel_shape=[1, 1]), act("e", "a"),
              helper.make_node("Conv", ["a", "W2", "B2"], ["d"], kernel_shape=[3, 3], pads=[1] * 4,
-                              strides=[stride] * 2, group=oc)]
+                              strides=[stride] * 2, group=oc), act("d", "b"),
+             helper.make_node("Conv", ["b", "W3", "B3"], ["p"], kernel_shape=[1, 1])]
     out = (h + 2 - 3) // stride + 1
-    if shared:
-        nodes.append(helper.make_node("Add", ["d", "a"], ["y"]))
-    else:
-        nodes.append(helper.make_node("Relu", ["d"], ["y"]))
-    model = _model(nodes, [_f("x", (1, c, h, h))], [_f("y", (1, oc, out, out))], weights)
+    outputs = [_f("p", (1, c, out, out))]
+    if shared:  # a second reader of the expansion's output
+        nodes.append(helper.make_node("ReduceMean", ["a"], ["m"], keepdims=1))
+        outputs.append(_f("m", (1, 1, 1, 1)))
+    model = _model(nodes, [_f("x", (1, c, h, h))], outputs, weights)
     feeds = {"x": rng.standard_normal((1, c, h, h)).astype("float32")}
     target = _target()
     with target:
         mod = blocked_edges(tvm.transform.Sequential(graph.graph_passes())(_import(model)), target)
         mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
-    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    blocked = [name for name in kernels if "_blocked_" in name]
-    assert len(blocked) == (0 if shared else 2), kernels
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    blocked = sorted(name for name in kernels if "_blocked_" in name)
+    assert len(blocked) == (2 if shared else 3), sorted(kernels)
     with target:
-        for name in blocked:  # both ends keep their fast rules
-            func = mod[name]
-            used = next(type(r).__name__ for r in cpu_rules.default_rules() if r.apply(func, target, False))
-            assert used == ("Conv2DRule" if "_blocked_out" in name else "DepthwiseConvRule"), name
+        for name in blocked:  # each end keeps its fast rule
+            used = next(type(r).__name__ for r in cpu_rules.default_rules() if r.apply(kernels[name], target, False))
+            assert used in ("Conv2DRule", "DepthwiseConvRule"), (name, used)
     _check(model, feeds)
 
 

@@ -56,6 +56,10 @@ def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
     if w_idx is None or data_idx is None:
         return None
     dims = common.region_vars(block.reads[data_idx])
+    if len(dims) == 5 and dims[4] == {rc} and dims[1] <= {rc}:
+        # channel-blocked data [N, C/L, H, W, L] (blocked.py): channel c read as (c // L, c % L), the block
+        # index a constant 0 where C == L
+        dims = [dims[0], {rc}, dims[2], dims[3]]
     if len(dims) != 4 or dims[0] != {nn} or rc not in dims[1] or dims[2] != {yy, ry} or dims[3] != {xx, rx}:
         return None
     exts = [common.as_int(iv.dom.extent) for iv in block.iter_vars]
@@ -67,7 +71,7 @@ def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
     if grouped and not depthwise:
         groups = common.as_int(data_buf.shape[1]) // icg
         oc_per_group = oc // groups
-    flat_ok = (kh == 1 and kw == 1 and [common.as_int(d) for d in data_buf.shape[2:]] == [oh, ow]
+    flat_ok = (kh == 1 and kw == 1 and [common.as_int(d) for d in data_buf.shape[2:4]] == [oh, ow]
                and not grouped)
     return _ConvInfo(data_idx, w_idx, depthwise, grouped, oc, oc_per_group, oh, ow, kh, kw, flat_ok, icg)
 
@@ -248,9 +252,9 @@ class Conv2DRule(ScheduleRule):
         if sch.get(blk).writes[0].source.dtype != "float32":
             return None
         pixel_lanes = cpu.fit(info.oh * info.ow)
-        # a channel-blocked output (blocked.py) takes whole vectors of channels: pixel tiles would scatter
-        blocked_out = len(func.params[-1].shape) == 5
-        pixel_tile = None if blocked_out else _pixel_tile(info, pixel_lanes, cpu.max_acc)
+        # channel-blocked data (blocked.py) holds whole vectors of channels: pixel tiles would scatter them
+        blocked = len(func.params[-1].shape) == 5 or len(sch.get(blk).reads[info.data_idx].source.shape) == 5
+        pixel_tile = None if blocked else _pixel_tile(info, pixel_lanes, cpu.max_acc)
         lanes = cpu.fit(info.oc_per_group)
         width = info.oh * info.ow if info.flat_ok else info.ow
         fv, _ = _choose_conv_tile(info.oc_per_group, width, lanes, cpu.max_acc)
