@@ -219,6 +219,30 @@ def test_channel_blocked_edges(c, h, oc, stride, relu6, shared):
     _check(model, feeds)
 
 
+def test_channel_blocked_padded_conv_edge():
+    """ResNet's conv -> ReLU -> padded 3x3 conv: the second conv's padding stage reads and writes blocks."""
+    from forgeml.compiler.cpu.blocked import blocked_edges
+
+    rng = _rng(6)
+    weights = {"W1": (rng.standard_normal((32, 16, 3, 3)) * 0.2).astype("float32"),
+               "B1": rng.standard_normal(32).astype("float32"),
+               "W2": (rng.standard_normal((32, 32, 3, 3)) * 0.2).astype("float32"),
+               "B2": rng.standard_normal(32).astype("float32")}
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["a"]),
+             helper.make_node("Conv", ["a", "W2", "B2"], ["d"], kernel_shape=[3, 3], pads=[1] * 4, strides=[2, 2]),
+             helper.make_node("Relu", ["d"], ["y"])]
+    model = _model(nodes, [_f("x", (1, 16, 12, 12))], [_f("y", (1, 32, 6, 6))], weights)
+    target = _target()
+    with target:
+        mod = blocked_edges(tvm.transform.Sequential(graph.graph_passes())(_import(model)), target)
+        mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+        blocked = [f for gv, f in mod.functions_items() if "_blocked_" in gv.name_hint]
+        assert len(blocked) == 2
+        assert all(cpu_rules.Conv2DRule().apply(f, target, False) is not None for f in blocked)
+    _check(model, {"x": rng.standard_normal((1, 16, 12, 12)).astype("float32")})
+
+
 def test_grouped_conv():
     model, feeds = _conv_model(1, 32, 10, 10, 32, 3, 1, 1, groups=2)
     _check(model, feeds)

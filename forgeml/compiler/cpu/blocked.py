@@ -14,7 +14,7 @@ whole model 1.08x -> 0.92x ONNX Runtime once the depthwise -> projection edges w
 An edge is rewritten where the tensor has a static NCHW float32 shape and one use, the producer is a
 convolution (depthwise or not) whose output is written by an elementwise epilogue block, and the consumer
 is a depthwise convolution reading it through its padding stage or an ungrouped convolution reading it
-directly (a 1x1 conv; a padding stage would gather the blocks back). Each rewritten kernel is a new
+directly (1x1) or through a padding stage, which is then blocked with it (ResNet's 3x3 convs). Each rewritten kernel is a new
 PrimFunc (`*_blocked_out`, `*_blocked_in`): the original may have other callers.
 """
 
@@ -71,39 +71,49 @@ def _producer_ok(func: tvm.tirx.PrimFunc, target) -> bool:
     return out is not None and not sch.get(out[0]).same_as(sch.get(conv))
 
 
-def _consumer_ok(func: tvm.tirx.PrimFunc, param: int, target) -> bool:
-    """A depthwise convolution that reads parameter `param` only through its padding stage, or an ungrouped
-    one whose conv block reads it directly (a 1x1 conv: a padding stage would gather the blocks back)."""
+def _consumer_ok(func: tvm.tirx.PrimFunc, param: int, target) -> str | None:
+    """How a convolution reads parameter `param` when it can take it channel-blocked: "depthwise" (a
+    depthwise conv, through its padding stage: the rule blocks that stage itself), "stage" (an ungrouped
+    conv, through one padding or copy stage, blocked with it) or "direct" (its conv block); else None."""
     start = conv_start(func, target, depthwise=True)
     if start is not None:
         _, sch, conv, _, info = start
         data = sch.get(conv).reads[info.data_idx].source
         if data.same_as(func.params[param]):
-            return False  # no padding stage: the depthwise conv itself reads the parameter
+            return None  # no padding stage: the depthwise conv itself reads the parameter
         read = _single_block(sch, func.params[param], "read")
-        return read is not None and sch.get(read[0]).writes[0].source.same_as(data)
+        ok = read is not None and sch.get(read[0]).writes[0].source.same_as(data)
+        return "depthwise" if ok else None
     start = conv_start(func, target, depthwise=False)
-    if start is None:
-        return False
+    if start is None or start[4].grouped:
+        return None
     _, sch, conv, _, info = start
-    readers = [b for b in common.child_blocks(sch)
-               if any(r.source.same_as(func.params[param]) for r in sch.get(b).reads)]
-    return (not info.grouped and len(readers) == 1 and sch.get(readers[0]).same_as(sch.get(conv))
-            and sch.get(conv).reads[info.data_idx].source.same_as(func.params[param]))
+    data = sch.get(conv).reads[info.data_idx].source
+    if data.same_as(func.params[param]):  # a copy stage the rule inlined, or none
+        readers = [b for b in common.child_blocks(sch)
+                   if any(r.source.same_as(data) for r in sch.get(b).reads)]
+        return "direct" if len(readers) == 1 and sch.get(readers[0]).same_as(sch.get(conv)) else None
+    read = _single_block(sch, func.params[param], "read")
+    ok = read is not None and sch.get(read[0]).writes[0].source.same_as(data) and len(sch.get(read[0]).writes) == 1
+    return "stage" if ok else None
 
 
-def _rewrite(func: tvm.tirx.PrimFunc, out_lanes: int, in_params: dict[int, int]) -> tvm.tirx.PrimFunc:
-    """`func` with its output (when out_lanes) and the given inputs ({param: lanes}) channel-blocked."""
+def _rewrite(func: tvm.tirx.PrimFunc, out_lanes: int, in_params: dict[int, tuple[int, str]]) -> tvm.tirx.PrimFunc:
+    """`func` with its output (when out_lanes) and the given inputs ({param: (lanes, how it is read)})
+    channel-blocked; an ungrouped conv's stage between such an input and the conv is blocked with it."""
     sch = s_tir.Schedule(func)
-    edits = [(len(func.params) - 1, out_lanes, "write")] if out_lanes else []
-    edits += [(param, lanes, "read") for param, lanes in in_params.items()]
-    for param, lanes, mode in edits:
+    if out_lanes:
+        block_rv, i = _single_block(sch, func.params[-1], "write")
+        sch.transform_layout(block_rv, ("write", i), _blocked(out_lanes))
+    for param, (lanes, how) in in_params.items():
         buf = sch.mod["main"].params[param]
-        found = _single_block(sch, buf, mode)
-        if found is None:  # the conv block itself reads it (a reduction block)
-            block_rv = next(b for b in common.child_blocks(sch) if any(r.source.same_as(buf) for r in sch.get(b).reads))
-            found = (block_rv, next(i for i, r in enumerate(sch.get(block_rv).reads) if r.source.same_as(buf)))
-        sch.transform_layout(found[0], (mode, found[1]), _blocked(lanes))
+        readers = [b for b in common.child_blocks(sch) if any(r.source.same_as(buf) for r in sch.get(b).reads)]
+        block_rv = readers[0]
+        index = next(i for i, r in enumerate(sch.get(block_rv).reads) if r.source.same_as(buf))
+        sch.transform_layout(block_rv, ("read", index), _blocked(lanes))
+        if how == "stage":  # the padding stage writes blocked data too
+            sch.transform_layout(block_rv, ("write", 0), _blocked(lanes))
+            sch.transform_block_layout(block_rv, _blocked(lanes))
     return sch.mod["main"]
 
 
@@ -119,7 +129,7 @@ def _uses(func: relax.Function) -> dict:
 
 
 def _edges(mod: tvm.IRModule, func: relax.Function, target, cpu) -> dict:
-    """{producer binding var: lanes} and {consumer binding var: {param: lanes}} of the edges to block."""
+    """{producer binding var: lanes} and {consumer binding var: {param: (lanes, how)}} of the edges to block."""
     uses = _uses(func)
     producers: dict = {}
     calls = {}
@@ -146,9 +156,10 @@ def _edges(mod: tvm.IRModule, func: relax.Function, target, cpu) -> dict:
                 continue
             if arg not in producers:
                 producers[arg] = _producer_ok(producer, target)
-            if producers[arg] and _consumer_ok(consumer, param, target):
+            how = _consumer_ok(consumer, param, target) if producers[arg] else None
+            if how:
                 blocked_out[arg] = lanes
-                blocked_in.setdefault(var, {})[param] = lanes
+                blocked_in.setdefault(var, {})[param] = (lanes, how)
     return blocked_out, blocked_in
 
 
