@@ -132,7 +132,7 @@ def main() -> None:
             cases += bench_model(name, args.threads, args.tune_minutes, args.repeat, Path(tmp))
         kernels = kernel_sections(cases, models, args.kernels, args.threads, Path(tmp)) if args.kernels else []
     report = Report(machine=machine_info(), settings={"threads": args.threads, "repeat": args.repeat,
-                                                      "warmup": 10, "tune_minutes": args.tune_minutes,
+                                                      "warmup": 10, "block": 10, "tune_minutes": args.tune_minutes,
                                                       "isolation": "process per engine, alternating blocks of 10"},
                     cases=cases)
     out = Path(args.out)
@@ -145,12 +145,14 @@ def main() -> None:
         f"Machine: {m['cpu']} ({m['arch']}, {m['cores']} cores, {', '.join(m['vector_features'])}); "
         f"Python {m['python']}. {args.threads} threads for every engine; {args.repeat} runs each after 10 "
         "warm-up, alternating in blocks of 10 on the same seeded inputs, each engine in a process of its own. "
-        "Ratio: p50 / ONNX Runtime p50 (below 1 is faster than ONNX Runtime).",
+        "Ratios (below 1 is faster than ONNX Runtime): p50 / ONNX Runtime p50, and paired: the median over the "
+        "alternation rounds of (block median / ONNX Runtime's block median in the same round), which cancels "
+        "the machine's slow speed drifts (forgeml.bench.harness.paired_ratio).",
         "",
         f"Command: `python benchmarks/cpu.py --threads {args.threads} --tune-minutes {args.tune_minutes:g}"
         f" --models {args.models} --kernels {args.kernels}`",
         "",
-        markdown_table(report, ["case", "p50 ms", "p90 ms", "min ms", "p50 vs ref"]),
+        markdown_table(report, ["case", "p50 ms", "p90 ms", "min ms", "p50 vs ref", "paired vs ref"]),
         "",
     ]
     for case in cases:

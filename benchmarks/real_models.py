@@ -191,7 +191,7 @@ def _one_line(err: BaseException) -> str:
 def bench_model(name: str, quick: bool, threads: int, repeat: int, workdir: Path) -> dict[str, Any]:
     """Build, export, compile and time one model; a failure is recorded with the stage it happened in."""
     from forgeml import compile_model
-    from forgeml.bench.harness import Stats, measure_in_workers
+    from forgeml.bench.harness import Stats, measure_in_workers, paired_ratio
     from forgeml.compiler.frontend.torch_export import export_module
     from forgeml.compiler.verify import seeded_inputs
 
@@ -220,6 +220,7 @@ def bench_model(name: str, quick: bool, threads: int, repeat: int, workdir: Path
         for label, (times, worker) in measure_in_workers(engines, feeds, threads, repeat=repeat).items():
             row[label] = {"stats": asdict(Stats.of(times)), "samples_ms": [t * 1e3 for t in times], "worker": worker}
         row["ratio_p50"] = row["forgeml"]["stats"]["p50_ms"] / row["onnxruntime"]["stats"]["p50_ms"]
+        row["ratio_paired"] = paired_ratio(row["forgeml"]["samples_ms"], row["onnxruntime"]["samples_ms"])
         row["_files"] = (str(workdir / f"{name}.fml"), str(onnx_path))  # for the kernel profiles; not saved
     except Exception as err:  # noqa: BLE001 (one model's failure is a result, not the end of the run)
         row["error"] = f"{stage}: {_one_line(err)}"
@@ -235,6 +236,8 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse
     """The results table, the geometric mean of the ratios, the machine and the command."""
     ratios = [r["ratio_p50"] for r in rows if "ratio_p50" in r]
     geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
+    paired = [r["ratio_paired"] for r in rows if r.get("ratio_paired")]
+    paired_geomean = math.exp(sum(map(math.log, paired)) / len(paired)) if paired else float("nan")
     title = "# Real models (Hugging Face transformers architectures): forgeml untuned vs ONNX Runtime"
     lines = [title, ""]
     if args.quick:
@@ -246,7 +249,9 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse
         f"{args.threads} intra-op threads for both engines; {args.repeat} timed calls each after 10 warm-up, "
         "alternating in blocks of 10 on the same seeded inputs, each engine in a process of its own. "
         "forgeml: untuned (rule-based schedules, tuning database not consulted), x86-64, O2. "
-        "Ratio: forgeml p50 / ONNX Runtime p50 (below 1: forgeml faster). Max error: largest absolute "
+        "Ratio: forgeml p50 / ONNX Runtime p50 (below 1: forgeml faster); paired: the median over the "
+        "alternation rounds of (forgeml's block median / ONNX Runtime's in the same round), which cancels the "
+        "machine's slow speed drifts. Max error: largest absolute "
         "difference from ONNX Runtime in compile-time verification (relative to the output's scale in "
         "the JSON).",
         "",
@@ -254,21 +259,23 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse
         f" --models {args.models} --kernels {args.kernels}{' --quick' if args.quick else ''}`",
         "",
         "| model | class | params (M) | forgeml p50 ms | forgeml p10 ms | ORT p50 ms | ORT p10 ms | ratio p50 "
-        "| compile s | max error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| paired | compile s | max error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         params = f"{r['params'] / 1e6:.2f}" if "params" in r else "-"
         if "error" in r:
             lines.append(f"| {r['model']} | {r['class']} | {params} | failed: {r['error'].replace('|', '/')} "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         f, o, v = r["forgeml"]["stats"], r["onnxruntime"]["stats"], r["verification"]
         err = f"skipped ({v['skipped']})" if v.get("skipped") else f"{v['max_abs_error']:.2g}"
         lines.append(f"| {r['model']} | {r['class']} | {params} | {_ms(f['p50_ms'])} | {_ms(f['p10_ms'])} | "
-                     f"{_ms(o['p50_ms'])} | {_ms(o['p10_ms'])} | {r['ratio_p50']:.2f}x | {r['compile_s']:.1f} "
+                     f"{_ms(o['p50_ms'])} | {_ms(o['p10_ms'])} | {r['ratio_p50']:.2f}x | "
+                     f"{r['ratio_paired']:.2f}x | {r['compile_s']:.1f} "
                      f"| {err} |")
-    lines += ["", f"Geometric mean of the ratios over the {len(ratios)} models measured: {geomean:.2f}x.", ""]
+    lines += ["", f"Geometric mean of the ratios over the {len(ratios)} models measured: {geomean:.2f}x "
+                  f"(paired: {paired_geomean:.2f}x).", ""]
     profiled = [r for r in rows if "kernels" in r]
     if profiled:
         from forgeml.bench.kernels import section

@@ -140,3 +140,19 @@ def test_gpu_report_ratios_only_between_equal_precisions():
     assert "| fp16 | 1.000 |" in table["forgeml fp16"] and "| 1.50x | - | 3.00x |" in table["forgeml fp16"]
     assert "| - | - | - |" in table["forgeml fp32"]
     assert "not measured: BaselineUnavailable" in table["onnxruntime trt fp16"]
+
+
+def test_paired_ratio_cancels_a_drift_that_the_p50_ratio_takes_in():
+    """forgeml 0.9x ONNX Runtime throughout; the machine slows 3x in round 5, between forgeml's block and
+    ONNX Runtime's. ORT then has half its samples slow and forgeml 40%: the p50s land in different
+    clusters and their ratio reads 0.47x. The paired ratio (rounds of blocks) stays 0.9x."""
+    from forgeml.bench.harness import paired_ratio
+
+    rng = np.random.default_rng(0)
+    forgeml, ort = [], []
+    for round_ in range(10):
+        forgeml += list(0.9 * (3.0 if round_ >= 6 else 1.0) * (1 + 0.01 * rng.standard_normal(10)))
+        ort += list(1.0 * (3.0 if round_ >= 5 else 1.0) * (1 + 0.01 * rng.standard_normal(10)))
+    assert np.median(forgeml) / np.median(ort) < 0.6
+    assert paired_ratio(forgeml, ort) == pytest.approx(0.9, rel=0.03)
+    assert paired_ratio([1.0] * 5, [1.0] * 5) is None  # less than one round

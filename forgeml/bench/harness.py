@@ -98,6 +98,19 @@ def in_process(run: Runner) -> BlockRunner:
     return block
 
 
+def paired_ratio(samples: list[float], reference: list[float], block: int = 10) -> float | None:
+    """Median over the alternation rounds of (this engine's block median / the reference's block median
+    in the same round). The machine's speed drifts (a VM's neighbours, clocks); a drift slower than one
+    round falls on both engines of that round and cancels here, where a ratio of whole-run p50s takes it
+    in whenever it falls unevenly. Samples must be in the order `measure_blocks` took them."""
+    rounds = min(len(samples), len(reference)) // block
+    if rounds == 0:
+        return None
+    ratios = [np.median(samples[i * block:(i + 1) * block]) / np.median(reference[i * block:(i + 1) * block])
+              for i in range(rounds)]
+    return float(np.median(ratios))
+
+
 def measure_blocks(engines: dict[str, BlockRunner], warmup: int = 10, repeat: int = 100, block: int = 10,
                    pause_s: float = 0.02, progress: Callable[[int, int], None] | None = None,
                    ) -> dict[str, list[float]]:

@@ -7,10 +7,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from forgeml.bench.harness import Report
+from forgeml.bench.harness import Report, paired_ratio
 
 COLUMNS = ["case", "precision", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "min ms", "runs/s", "peak RSS MB",
-           "size MB", "p50 vs ref"]
+           "size MB", "paired vs ref", "p50 vs ref"]
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -36,17 +36,21 @@ def references(report: Report) -> dict[tuple[str, str], Any]:
 
 
 def rows(report: Report) -> list[list[str]]:
-    """One row per case; the ratio is p50 over the p50 of the reference case of the same model and the
-    same precision (<1: faster); a case with no reference at its precision gets none ("-")."""
+    """One row per case; the ratios are to the reference case of the same model and the same precision
+    (<1: faster): p50 over its p50, and the paired ratio of their alternating blocks (`paired_ratio`); a
+    case with no reference at its precision gets none ("-")."""
     reference = references(report)
+    block = int(report.settings.get("block", 10))
     out = []
     for case in report.cases:
         s = case.stats
         ref = reference.get((case.model, precision(case)))
         ratio = "ref" if ref is case else (f"{s.p50_ms / ref.stats.p50_ms:.2f}x" if ref else "-")
+        paired = paired_ratio(case.samples_ms, ref.samples_ms, block) if ref and ref is not case else None
         out.append([case.name, precision(case), _fmt(s.p50_ms), _fmt(s.p90_ms), _fmt(s.p99_ms), _fmt(s.mean_ms),
                     _fmt(s.std_ms), _fmt(s.min_ms), _fmt(s.throughput_per_s, 1), _fmt(case.peak_rss_mb, 1),
-                    _fmt(case.artifact_mb, 2), ratio])
+                    _fmt(case.artifact_mb, 2), "ref" if ref is case else (f"{paired:.2f}x" if paired else "-"),
+                    ratio])
     return out
 
 

@@ -14,8 +14,8 @@ whole model 1.08x -> 0.92x ONNX Runtime once the depthwise -> projection edges w
 An edge is rewritten where the tensor has a static NCHW float32 shape and one use, the producer is a
 convolution (depthwise or not) whose output is written by an elementwise epilogue block, and the consumer
 is a depthwise convolution reading it through its padding stage or an ungrouped convolution reading it
-directly (1x1) or through a padding stage, which is then blocked with it (ResNet's 3x3 convs). Each rewritten kernel is a new
-PrimFunc (`*_blocked_out`, `*_blocked_in`): the original may have other callers.
+directly (1x1) or through a padding stage, which is then blocked with it (ResNet's 3x3 convs). Each
+rewritten kernel is a new PrimFunc (`*_blocked_out`, `*_blocked_in`): the original may have other callers.
 """
 
 from __future__ import annotations
