@@ -243,6 +243,30 @@ def test_channel_blocked_padded_conv_edge():
     _check(model, {"x": rng.standard_normal((1, 16, 12, 12)).astype("float32")})
 
 
+@pytest.mark.parametrize("pool,pads,stride", [("MaxPool", 1, 2), ("MaxPool", 0, 2), ("AveragePool", 1, 1)])
+def test_channel_blocked_pool_after_conv(pool, pads, stride):
+    """ResNet's stem: conv -> ReLU -> 3x3 pool. The pool takes the conv's output channel-blocked and runs a
+    vector of channels per window tap (cpu/pool.py)."""
+    from forgeml.compiler.cpu.blocked import blocked_edges
+    from forgeml.compiler.cpu.pool import BlockedPoolRule
+
+    rng = _rng(7)
+    weights = {"W": (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype("float32"),
+               "B": rng.standard_normal(32).astype("float32")}
+    out = (15 + 2 * pads - 3) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["a"]),
+             helper.make_node(pool, ["a"], ["y"], kernel_shape=[3, 3], strides=[stride] * 2, pads=[pads] * 4)]
+    model = _model(nodes, [_f("x", (1, 3, 15, 15))], [_f("y", (1, 32, out, out))], weights)
+    target = _target()
+    with target:
+        mod = blocked_edges(tvm.transform.Sequential(graph.graph_passes())(_import(model)), target)
+        pools = [f for gv, f in mod.functions_items() if "pool" in gv.name_hint and "_blocked_in" in gv.name_hint]
+        assert len(pools) == 1
+        assert BlockedPoolRule().apply(pools[0], target, False) is not None
+    _check(model, {"x": rng.standard_normal((1, 3, 15, 15)).astype("float32")})
+
+
 def test_grouped_conv():
     model, feeds = _conv_model(1, 32, 10, 10, 32, 3, 1, 1, groups=2)
     _check(model, feeds)

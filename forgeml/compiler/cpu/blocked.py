@@ -27,6 +27,7 @@ from tvm import relax, s_tir
 
 from forgeml.compiler.cpu import common
 from forgeml.compiler.cpu.conv import conv_start
+from forgeml.compiler.cpu.pool import pool_reads_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ def _producer_ok(func: tvm.tirx.PrimFunc, target) -> bool:
 
 
 def _consumer_ok(func: tvm.tirx.PrimFunc, param: int, target) -> str | None:
-    """How a convolution reads parameter `param` when it can take it channel-blocked: "depthwise" (a
-    depthwise conv, through its padding stage: the rule blocks that stage itself), "stage" (an ungrouped
-    conv, through one padding or copy stage, blocked with it) or "direct" (its conv block); else None."""
+    """How a convolution or pooling reads parameter `param` when it can take it channel-blocked:
+    "depthwise" (a depthwise conv, through its padding stage: the rule blocks that stage itself), "stage"
+    (an ungrouped conv, through one padding or copy stage, blocked with it) or "direct" (its conv block,
+    or a pooling window's block); else None."""
     start = conv_start(func, target, depthwise=True)
     if start is not None:
         _, sch, conv, _, info = start
@@ -85,7 +87,9 @@ def _consumer_ok(func: tvm.tirx.PrimFunc, param: int, target) -> str | None:
         ok = read is not None and sch.get(read[0]).writes[0].source.same_as(data)
         return "depthwise" if ok else None
     start = conv_start(func, target, depthwise=False)
-    if start is None or start[4].grouped:
+    if start is None:
+        return _pool_reads(func, param)
+    if start[4].grouped:
         return None
     _, sch, conv, _, info = start
     data = sch.get(conv).reads[info.data_idx].source
@@ -96,6 +100,23 @@ def _consumer_ok(func: tvm.tirx.PrimFunc, param: int, target) -> str | None:
     read = _single_block(sch, func.params[param], "read")
     ok = read is not None and sch.get(read[0]).writes[0].source.same_as(data) and len(sch.get(read[0]).writes) == 1
     return "stage" if ok else None
+
+
+def _pool_reads(func: tvm.tirx.PrimFunc, param: int) -> str | None:
+    """How a pooling window (pool.py) reads parameter `param`: "direct" (its reduction block is the only
+    reader) or "stage" (through one padding stage); else None."""
+    sch = s_tir.Schedule(func)
+    buf = func.params[param]
+    readers = [b for b in common.child_blocks(sch) if any(r.source.same_as(buf) for r in sch.get(b).reads)]
+    if len(readers) != 1:
+        return None
+    if pool_reads_blocked(sch, readers[0], buf):
+        return "direct"
+    if not common.is_spatial(sch, readers[0]) or len(sch.get(readers[0]).writes) != 1:
+        return None
+    staged = sch.get(readers[0]).writes[0].source
+    pools = [b for b in common.child_blocks(sch) if pool_reads_blocked(sch, b, staged)]
+    return "stage" if len(pools) == 1 else None
 
 
 def _rewrite(func: tvm.tirx.PrimFunc, out_lanes: int, in_params: dict[int, tuple[int, str]]) -> tvm.tirx.PrimFunc:

@@ -9,6 +9,8 @@ gives every PrimFunc a schedule:
   so every tap is one contiguous vector load, any stride.
 - `MatmulRule`: dense / matmul / batch matmul (`C[..., i, j] += A[..., i, k] * B[..., k, j]`, B optionally
   transposed); a register micro tile of rows x vectors, constant weights prepacked to [N/tw, K, tw].
+- `BlockedPoolRule`: max/average pooling over channel-blocked input (from a conv, `blocked.py`): a vector
+  of channels per window tap.
 - `GenericRule`: everything else: inline injective stages, parallelize leading spatial loops, vectorize
   the innermost one (reductions keep a parallel spatial nest).
 
@@ -37,6 +39,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from forgeml.compiler.cpu.conv import Conv2DRule, DepthwiseConvRule
 from forgeml.compiler.cpu.gemm import MatmulRule
 from forgeml.compiler.cpu.generic import GenericRule
+from forgeml.compiler.cpu.pool import BlockedPoolRule
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class _Guarded(ScheduleRule):
 
 
 def default_rules() -> list[ScheduleRule]:
-    return [Conv2DRule(), DepthwiseConvRule(), MatmulRule(), GenericRule()]
+    return [Conv2DRule(), DepthwiseConvRule(), MatmulRule(), BlockedPoolRule(), GenericRule()]
 
 
 _UNSCHEDULED: ContextVar[frozenset[str]] = ContextVar("forgeml_cpu_unscheduled", default=frozenset())
