@@ -163,6 +163,15 @@ def largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
+def rows_per_task(height: int, blocks: int, cores: int, limit: int) -> int:
+    """Rows of a plane per parallel task, when `blocks` channel blocks x height/rows tasks run in parallel:
+    the largest divisor of `height` up to `limit` that still leaves >= 4 tasks per core (0: none does)."""
+    for rows in range(min(limit, height), 0, -1):
+        if height % rows == 0 and blocks * (height // rows) >= 4 * cores:
+            return rows
+    return 0
+
+
 def vectorize_inner(sch: s_tir.Schedule, loop, lanes: int, unroll_outer: bool = False) -> None:
     """Vectorize `loop` by `lanes` (or whole, if short); unroll the outer part when asked."""
     ext = as_int(sch.get(loop).extent)

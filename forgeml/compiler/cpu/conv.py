@@ -281,15 +281,9 @@ class Conv2DRule(ScheduleRule):
 
 
 def _rows_per_copy(info: _ConvInfo, lanes: int, cores: int) -> int:
-    """Output rows per task when the channel-blocked copy runs inside the compute's parallel loop: the
-    largest divisor of the output height up to `dw_rows` that still leaves >= 4 tasks per core (0: none
-    does, the copy is a stage of its own)."""
-    limit = int(common.TUNE.get("dw_rows", 14))
-    blocks = info.oc // lanes
-    for rows in range(min(limit, info.oh), 0, -1):
-        if info.oh % rows == 0 and blocks * (info.oh // rows) >= 4 * cores:
-            return rows
-    return 0
+    """Output rows per task when the channel-blocked copy runs inside the compute's parallel loop (0: it
+    is a stage of its own)."""
+    return common.rows_per_task(info.oh, info.oc // lanes, cores, int(common.TUNE.get("dw_rows", 14)))
 
 
 class DepthwiseConvRule(ScheduleRule):

@@ -64,8 +64,7 @@ class BlockedPoolRule(ScheduleRule):
         n, c, y, x, ry, rx = sch.get_loops(blk)
         co, ci = sch.split(c, [None, lanes])
         height = common.as_int(sch.get(y).extent)
-        rows = next((r for r in range(min(8, height), 0, -1)
-                     if height % r == 0 and channels // lanes * height // r >= 4 * cpu.cores), 1)
+        rows = common.rows_per_task(height, channels // lanes, cpu.cores, 8) or 1
         yo, yi = sch.split(y, [None, rows])
         sch.reorder(n, co, yo, yi, x, ry, rx, ci)
         outer = common.parallelize(sch, [n, co, yo])
