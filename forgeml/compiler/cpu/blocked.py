@@ -34,10 +34,6 @@ logger = logging.getLogger(__name__)
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
-def _blocked(lanes: int):
-    return lambda n, c, h, w: (n, c // lanes, h, w, c % lanes)
-
-
 def _static_nchw(ty) -> list[int] | None:
     if not isinstance(ty, relax.TensorType) or str(ty.dtype) != "float32" or ty.ndim != 4:
         return None
@@ -45,6 +41,11 @@ def _static_nchw(ty) -> list[int] | None:
     if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
         return None
     return [int(d) for d in shape.values]
+
+
+def _readers(sch: s_tir.Schedule, buf) -> list:
+    """The root-level blocks that read `buf`."""
+    return [b for b in common.child_blocks(sch) if any(r.source.same_as(buf) for r in sch.get(b).reads)]
 
 
 def _single_block(sch: s_tir.Schedule, buf, mode: str):
@@ -94,8 +95,7 @@ def _consumer_ok(func: tvm.tirx.PrimFunc, param: int, target) -> str | None:
     _, sch, conv, _, info = start
     data = sch.get(conv).reads[info.data_idx].source
     if data.same_as(func.params[param]):  # a copy stage the rule inlined, or none
-        readers = [b for b in common.child_blocks(sch)
-                   if any(r.source.same_as(data) for r in sch.get(b).reads)]
+        readers = _readers(sch, data)
         return "direct" if len(readers) == 1 and sch.get(readers[0]).same_as(sch.get(conv)) else None
     read = _single_block(sch, func.params[param], "read")
     ok = read is not None and sch.get(read[0]).writes[0].source.same_as(data) and len(sch.get(read[0]).writes) == 1
@@ -107,7 +107,7 @@ def _pool_reads(func: tvm.tirx.PrimFunc, param: int) -> str | None:
     reader) or "stage" (through one padding stage); else None."""
     sch = s_tir.Schedule(func)
     buf = func.params[param]
-    readers = [b for b in common.child_blocks(sch) if any(r.source.same_as(buf) for r in sch.get(b).reads)]
+    readers = _readers(sch, buf)
     if len(readers) != 1:
         return None
     if pool_reads_blocked(sch, readers[0], buf):
@@ -125,16 +125,15 @@ def _rewrite(func: tvm.tirx.PrimFunc, out_lanes: int, in_params: dict[int, tuple
     sch = s_tir.Schedule(func)
     if out_lanes:
         block_rv, i = _single_block(sch, func.params[-1], "write")
-        sch.transform_layout(block_rv, ("write", i), _blocked(out_lanes))
+        sch.transform_layout(block_rv, ("write", i), common.channel_blocked(out_lanes))
     for param, (lanes, how) in in_params.items():
         buf = sch.mod["main"].params[param]
-        readers = [b for b in common.child_blocks(sch) if any(r.source.same_as(buf) for r in sch.get(b).reads)]
-        block_rv = readers[0]
+        block_rv = _readers(sch, buf)[0]  # the one reader (_consumer_ok)
         index = next(i for i, r in enumerate(sch.get(block_rv).reads) if r.source.same_as(buf))
-        sch.transform_layout(block_rv, ("read", index), _blocked(lanes))
+        sch.transform_layout(block_rv, ("read", index), common.channel_blocked(lanes))
         if how == "stage":  # the padding stage writes blocked data too
-            sch.transform_layout(block_rv, ("write", 0), _blocked(lanes))
-            sch.transform_block_layout(block_rv, _blocked(lanes))
+            sch.transform_layout(block_rv, ("write", 0), common.channel_blocked(lanes))
+            sch.transform_block_layout(block_rv, common.channel_blocked(lanes))
     return sch.mod["main"]
 
 

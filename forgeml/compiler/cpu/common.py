@@ -105,6 +105,20 @@ def region_vars(region) -> list[set]:
     return [vars_in(r.min) for r in region.region]
 
 
+def channel_blocked(lanes: int):
+    """Index map NCHW -> channel-blocked [N, C/L, H, W, L] (the depthwise rule's copy, blocked.py's tensors)."""
+    return lambda n, c, h, w: (n, c // lanes, h, w, c % lanes)
+
+
+def channel_dims(region, channel) -> list[set]:
+    """`region_vars` of a read of NCHW data, with a read of channel-blocked data ([N, C/L, H, W, L], channel
+    c at (c // L, c % L); the block index a constant 0 where C == L) folded back to its four NCHW dims."""
+    dims = region_vars(region)
+    if len(dims) == 5 and dims[4] == {channel} and dims[1] <= {channel}:
+        return [dims[0], {channel}, dims[2], dims[3]]
+    return dims
+
+
 def iter_kinds(block: tirx.SBlock) -> list[str]:
     kinds = []
     for iv in block.iter_vars:

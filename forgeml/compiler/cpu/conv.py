@@ -55,11 +55,7 @@ def _analyze_conv(sch: s_tir.Schedule, block_rv, func) -> _ConvInfo | None:
             data_idx = n
     if w_idx is None or data_idx is None:
         return None
-    dims = common.region_vars(block.reads[data_idx])
-    if len(dims) == 5 and dims[4] == {rc} and dims[1] <= {rc}:
-        # channel-blocked data [N, C/L, H, W, L] (blocked.py): channel c read as (c // L, c % L), the block
-        # index a constant 0 where C == L
-        dims = [dims[0], {rc}, dims[2], dims[3]]
+    dims = common.channel_dims(block.reads[data_idx], rc)  # NCHW, or channel-blocked (blocked.py)
     if len(dims) != 4 or dims[0] != {nn} or rc not in dims[1] or dims[2] != {yy, ry} or dims[3] != {xx, rx}:
         return None
     exts = [common.as_int(iv.dom.extent) for iv in block.iter_vars]
@@ -318,8 +314,8 @@ class DepthwiseConvRule(ScheduleRule):
                 return None
         else:
             pad = sch.cache_read(blk, info.data_idx, "global")
-        sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c // lanes, h, w, c % lanes))
-        sch.transform_block_layout(pad, lambda n, c, h, w: (n, c // lanes, h, w, c % lanes))
+        sch.transform_layout(pad, ("write", 0), common.channel_blocked(lanes))
+        sch.transform_block_layout(pad, common.channel_blocked(lanes))
         common.pack_weight(sch, blk, info.w_idx, lambda o, i, h, w: (o // lanes, i, h, w, o % lanes))
         # the compute: a tile of xt columns x one vector of channels
         local = sch.cache_write(blk, 0, "local")

@@ -29,9 +29,7 @@ def pool_reads_blocked(sch: s_tir.Schedule, block_rv, buf=None) -> bool:
     inputs = [r for r in block.reads if not r.source.same_as(block.writes[0].source)]
     if len(inputs) != 1 or (buf is not None and not inputs[0].source.same_as(buf)):
         return False
-    dims = common.region_vars(inputs[0])
-    if len(dims) == 5 and dims[4] == {cc} and dims[1] <= {cc}:
-        dims = [dims[0], {cc}, dims[2], dims[3]]
+    dims = common.channel_dims(inputs[0], cc)
     return len(dims) == 4 and dims[0] <= {nn} and dims[1] == {cc} and dims[2] == {yy, ry} and dims[3] == {xx, rx}
 
 
