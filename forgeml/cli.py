@@ -87,10 +87,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--buckets", default="ends", show_default=True, type=click.Choice(["ends", "none"]),
               help="With ranges in --input-shape: static-shape functions beside the symbolic one, run when the "
                    "inputs match them exactly (ends: each dimension at its minimum and maximum).")
+@click.option("--winograd/--no-winograd", default=True, show_default=True,
+              help="x86 CPU targets: 3x3 stride-1 convolutions by Winograd F(4x4)/F(2x2), about 2x faster "
+                   "(transformed weights: up to 2x larger artifacts; a NaN or inf input spreads over its "
+                   "output tile).")
 def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tuple[str, ...], opt_level: str,
                 no_verify: bool, tolerance: float | None, tune_minutes: float | None, tune_trials: int | None,
                 no_tuning_db: bool, precision: str, conv_layout: str, tensor_core_schedule: str,
-                cuda_graph: bool | None, sign_key: Path | None, signer: str | None, buckets: str) -> None:
+                cuda_graph: bool | None, sign_key: Path | None, signer: str | None, buckets: str,
+                winograd: bool) -> None:
     """Compile an ONNX MODEL into a verified .fml artifact."""
     from forgeml.compiler.build import CompileOptions, compile_model
 
@@ -98,7 +103,8 @@ def compile_cmd(model: Path, target: str, output: Path | None, input_shapes: tup
                              verify=not no_verify, tolerance=tolerance, tune_minutes=tune_minutes,
                              tune_trials=tune_trials, use_tuning_db=not no_tuning_db, precision=precision,
                              conv_layout=conv_layout, tensor_core_schedule=tensor_core_schedule,
-                             cuda_graph=cuda_graph, sign_key=sign_key, signer=signer, buckets=buckets)
+                             cuda_graph=cuda_graph, sign_key=sign_key, signer=signer, buckets=buckets,
+                             winograd=winograd)
     output = output or model.with_suffix(".fml")
     with TuningProgress() as tuning_bar, console.status("compiling") as status:
         manifest = compile_model(model, output, options, progress=lambda msg: status.update(msg),

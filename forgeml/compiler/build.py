@@ -46,6 +46,7 @@ class CompileOptions:
     sign_key: str | Path | None = None  # an ed25519 private key (`forgeml keygen`): the artifact is signed
     signer: str | None = None  # the name its signature records (None: user@host)
     buckets: str = "ends"  # dynamic shapes: static functions beside the symbolic one (compiler/dynamic.py)
+    winograd: bool = True  # x86 CPU targets: 3x3 stride-1 convolutions by Winograd (compiler/cpu/winograd.py)
 
 
 def _check_gpu_options(spec, precision: str, conv_layout: str, tensor_core_schedule: str = "wmma") -> None:
@@ -230,7 +231,8 @@ def _failing_kernels(mod, target) -> dict[str, str]:
 
 def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Progress,
                            functions: list[str] | None = None):
-    """(executable, weights, function -> its weights' indices or None): the pipeline, weight lifting (of
+    """(executable, weights, function -> its weights' indices or None, Winograd kernels): the pipeline, weight
+    lifting (of
     `main`, or of each of `functions` with equal weights stored once) and code generation. When code generation
     fails on kernels the CPU rules scheduled, those kernels are rebuilt with TVM's naive loops (the
     others keep their schedules); a failure that remains is a CompileFailed naming the kernels (their
@@ -253,7 +255,7 @@ def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Pro
 
     lifted, weights, table, generate = build(set())
     try:
-        return generate(), weights, table
+        return generate(), weights, table, _winograd_kernels(lifted)
     except Exception as err:  # noqa: BLE001
         first = err
     failing = _failing_kernels(lifted, target) if target.kind.name == "llvm" else {}
@@ -261,7 +263,7 @@ def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Pro
         say(f"generating code failed in {', '.join(failing)}; rebuilding them without schedules")
         lifted, weights, table, generate = build(set(failing))
         try:
-            return generate(), weights, table
+            return generate(), weights, table, _winograd_kernels(lifted)
         except Exception as err:  # noqa: BLE001
             first = err
             failing = _failing_kernels(lifted, target) or failing
@@ -270,11 +272,19 @@ def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Pro
     raise CompileFailed(f"generating code{where} failed: {reason}") from first
 
 
+def _winograd_kernels(mod) -> int:
+    """How many kernels of `mod` compute a convolution by Winograd (cpu/winograd.py)."""
+    import tvm
+
+    return sum(isinstance(f, tvm.tirx.PrimFunc) and "winograd" in gv.name_hint for gv, f in mod.functions_items())
+
+
 def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions | None = None,
                   progress: Progress | None = None, tune_progress: Callable[[dict], None] | None = None) -> Manifest:
     """Compile an ONNX model into a verified artifact at `output` (written atomically)."""
 
     from forgeml.compiler import dynamic, pipeline, verify
+    from forgeml.compiler.cpu.winograd import allowed as winograd_allowed
     from forgeml.compiler.frontend import onnx_model, relax_import
     from forgeml.compiler.frontend.normalize import normalize
 
@@ -319,13 +329,16 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
         budget = Budget(options.tune_minutes, options.tune_trials)
         say("applying the tuning database" if budget.empty else "tuning (results persist in the tuning database)")
-        mod, tuning_summary = _stage("tuning", lambda: pipeline.tuned_o2(mod, target, budget, tune_progress))
+        with winograd_allowed(options.winograd):
+            mod, tuning_summary = _stage("tuning", lambda: pipeline.tuned_o2(mod, target, budget, tune_progress))
         scheduled = mod
         run_pipeline = lambda _mod, _target: scheduled  # noqa: E731 (tuned: the pipeline already ran)
     timings["optimize_s"] = time.perf_counter() - clock - sum(timings.values())
 
     say("generating code")
-    executable, weights, table = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say, functions)
+    with winograd_allowed(options.winograd):
+        executable, weights, table, winograd = _optimize_and_generate(mod, target, run_pipeline, cuda_graph, say,
+                                                                      functions)
     executables = executable if isinstance(executable, dict) else {"main": executable}
     libraries: dict[str, bytes] = {}
     summaries: dict[str, dict | None] = {}
@@ -352,7 +365,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
                          "conv_layout": conv_layout, "tensor_core_schedule": options.tensor_core_schedule,
                          "cuda_graph": cuda_graph,
                          "input_shapes": shapes_to_json(options.input_shapes),
-                         "normalize": normalized.to_json()},
+                         "normalize": normalized.to_json(), "winograd": options.winograd,
+                         **({"winograd_kernels": winograd} if winograd else {})},
         versions=_versions(),
         tuning=tuning_summary.to_json() if tuning_summary else {},
         functions=([row | {"library": library_member(row["name"])} for row in dynamic.dispatch_table(points, table)]

@@ -56,7 +56,8 @@ def _legalize_dynamic_strided_slice(bb: relax.BlockBuilder, call: relax.Call) ->
 tvm.ir.register_op_attr("relax.dynamic_strided_slice", "FLegalize", _legalize_dynamic_strided_slice, level=11)
 
 
-def graph_passes() -> list[tvm.transform.Pass]:
+def graph_passes(before_fusion: list[tvm.transform.Pass] | None = None) -> list[tvm.transform.Pass]:
+    """The shared passes; a device's `before_fusion` passes run last before legalization and fusion."""
     return [
         fold_constants_with_numpy(),
         fold_constants(),
@@ -67,6 +68,7 @@ def graph_passes() -> list[tvm.transform.Pass]:
         relax.transform.CanonicalizeBindings(),
         compute_float16_in_float32(),  # before fast_math: its approximations then run in float32 too
         fast_math(),
+        *(before_fusion or []),
         relax.get_pipeline("zero"),  # legalize ops, fuse, FuseTIR
     ]
 

@@ -8,6 +8,7 @@ from tvm import relax
 
 from forgeml.compiler.cpu.blocked import blocked_edges
 from forgeml.compiler.cpu.rules import apply_cpu_schedules, split_layout_rewrite_preproc
+from forgeml.compiler.cpu.winograd import winograd_convs
 from forgeml.compiler.graph import graph_passes
 
 
@@ -29,7 +30,7 @@ def cpu_o0(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 def cpu_o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Fused graph plus forgeml's rule-based schedules with packed weight layouts."""
     with target:
-        mod = blocked_edges(tvm.transform.Sequential(graph_passes())(mod), target)
+        mod = blocked_edges(tvm.transform.Sequential(graph_passes([winograd_convs(target)]))(mod), target)
         mod = apply_cpu_schedules(mod, target)
         return fold_prepacked_weights()(mod)
 
@@ -37,7 +38,7 @@ def cpu_o2(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 def tuning_input(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The fused module whose kernels MetaSchedule tunes (weights marked layout-free for prepacking)."""
     with target:
-        mod = blocked_edges(tvm.transform.Sequential(graph_passes())(mod), target)
+        mod = blocked_edges(tvm.transform.Sequential(graph_passes([winograd_convs(target)]))(mod), target)
         return relax.transform.AttachAttrLayoutFreeBuffers()(mod)
 
 

@@ -3,6 +3,8 @@
 `apply_cpu_schedules(mod, target)` runs after the `zero` pipeline (legalize + FuseOps + FuseTIR) and
 gives every PrimFunc a schedule:
 
+- `WinogradRule`: the Winograd kernels `winograd.winograd_convs` made of 3x3 stride-1 convs (x86): input
+  transform, (m + 2)^2 matrix products with register tiles, output transform with the conv's epilogue.
 - `Conv2DRule`: NCHW conv2d (groups == 1, or groups with >= one vector of output channels per group),
   output channels vectorized, a register tile of output columns, weights prepacked at compile time.
 - `DepthwiseConvRule`: NCHW depthwise conv2d; the padded input is rewritten channel-blocked ([C/8, H, W, 8])
@@ -40,6 +42,7 @@ from forgeml.compiler.cpu.conv import Conv2DRule, DepthwiseConvRule
 from forgeml.compiler.cpu.gemm import MatmulRule
 from forgeml.compiler.cpu.generic import GenericRule
 from forgeml.compiler.cpu.pool import BlockedPoolRule
+from forgeml.compiler.cpu.winograd import WinogradRule
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class _Guarded(ScheduleRule):
 
 
 def default_rules() -> list[ScheduleRule]:
-    return [Conv2DRule(), DepthwiseConvRule(), MatmulRule(), BlockedPoolRule(), GenericRule()]
+    return [WinogradRule(), Conv2DRule(), DepthwiseConvRule(), MatmulRule(), BlockedPoolRule(), GenericRule()]
 
 
 _UNSCHEDULED: ContextVar[frozenset[str]] = ContextVar("forgeml_cpu_unscheduled", default=frozenset())
