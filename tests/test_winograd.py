@@ -129,3 +129,15 @@ def test_graph_passes_unchanged_without_the_device_pass():
     with _target():
         mod = tvm.transform.Sequential(graph.graph_passes())(_import(model))
     assert not any("winograd" in gv.name_hint for gv in mod.get_global_vars())
+
+
+def test_tuning_leaves_winograd_kernels_to_the_rule():
+    """MetaSchedule's design space generation raised on Winograd kernels and ended the whole search."""
+    pytest.importorskip("xgboost")
+    from forgeml.compiler.tuning import search
+
+    model, _ = _conv_model(1, 32, 14, 14, 32, 3, 1, 1)
+    target = _target()
+    mod = pipeline.tuning_input(_import(model), target)
+    assert any("winograd" in gv.name_hint for gv in mod.get_global_vars())
+    assert not any("winograd" in t.task_name for t in search.extract(mod, target))
