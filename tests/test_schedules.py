@@ -728,3 +728,21 @@ def test_hf_mobile_convnets_compile_and_verify(name, tmp_path):
                              use_tuning_db=False)
     assert manifest.verification["passed"], manifest.verification
     assert manifest.compile_options["normalize"]["conv_pads_folded"] > 0
+
+
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 4.0, 2.5])
+def test_power_of_small_integer_becomes_products(exponent):
+    """GPT-2's GELU: x + 0.044715 * x ** 3 under tanh. TVM called powf per element (no vector code); a
+    constant exponent of 2 to 4 is computed as products, as ONNX Runtime's Pow does; others stay pow."""
+    rng = _rng(4)
+    nodes = [helper.make_node("Pow", ["x", "e"], ["p"]), helper.make_node("Mul", ["p", "c"], ["m"]),
+             helper.make_node("Add", ["x", "m"], ["a"]), helper.make_node("Tanh", ["a"], ["y"])]
+    weights = {"e": np.array(exponent, "float32"), "c": np.array(0.044715, "float32")}
+    model = _model(nodes, [_f("x", (2, 8, 96))], [_f("y", (2, 8, 96))], weights)
+    x = (rng.standard_normal((2, 8, 96)) * 2).astype("float32")
+    if exponent == 2.5:
+        x = np.abs(x)
+    mod = pipeline.get_pipeline("O2")(_import(model), _target())
+    text = "".join(f.script() for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    assert ("T.pow" in text) == (exponent == 2.5)
+    _check(model, {"x": x})

@@ -141,3 +141,36 @@ def test_tuning_leaves_winograd_kernels_to_the_rule():
     mod = pipeline.tuning_input(_import(model), target)
     assert any("winograd" in gv.name_hint for gv in mod.get_global_vars())
     assert not any("winograd" in t.task_name for t in search.extract(mod, target))
+
+
+def _between_guard_pages(shape: tuple[int, ...], at_end: bool) -> np.ndarray:
+    """A float32 array starting right after an unreadable page (or ending right before one): a kernel that
+    reads outside its input faults here instead of reading a neighbour's memory."""
+    import ctypes
+    import mmap
+
+    nbytes, page = int(np.prod(shape)) * 4, mmap.PAGESIZE
+    span = -(-nbytes // page) * page
+    region = mmap.mmap(-1, span + 2 * page)
+    raw = np.frombuffer(region, dtype=np.uint8)
+    libc = ctypes.CDLL(None)
+    for start in (raw.ctypes.data, raw.ctypes.data + page + span):
+        assert libc.mprotect(ctypes.c_void_p(start), ctypes.c_size_t(page), 0) == 0  # PROT_NONE
+    first = page + (span - nbytes if at_end else 0)
+    return raw[first:first + nbytes].view(np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("at_end", [False, True])
+def test_winograd_reads_nothing_outside_its_input(at_end):
+    """The padding reads nothing beyond the input (a select of a clamped load did: TVM dropped the clamp)."""
+    from tvm import relax
+
+    model, feeds = _conv_model(1, 32, 14, 14, 32, 3, 1, 1)  # 32 x 14 x 14 floats: a multiple of 64 bytes
+    target = _target()
+    mod, weights = graph.lift_weights(pipeline.get_pipeline("O2")(_import(model), target))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    x = _between_guard_pages(feeds["x"].shape, at_end)
+    x[...] = feeds["x"]
+    got = vm["main"](tvm.runtime.from_dlpack(x), *[tvm.runtime.tensor(w) for w in weights]).numpy()
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
