@@ -308,12 +308,7 @@ def _input_transform(sch: s_tir.Schedule, t1, v, lanes: int) -> None:
     sch.unroll(e)
     sch.unroll(nu)
     sch.vectorize(ci)
-    sch.compute_at(t1, outer)
-    sch.set_scope(t1, 0, "local")
-    loops = sch.get_loops(t1)
-    sch.unroll(loops[-3])
-    sch.unroll(loops[-2])
-    sch.vectorize(loops[-1])
+    _in_registers(sch, t1, outer)
 
 
 def _products(sch: s_tir.Schedule, mm, lanes: int, kt: int, pt: int) -> None:
@@ -347,9 +342,15 @@ def _output_transform(sch: s_tir.Schedule, t2, out, lanes: int, m: int) -> None:
     sch.unroll(vh)
     sch.unroll(vw)
     sch.vectorize(kl)
-    sch.compute_at(t2, kb)
-    sch.set_scope(t2, 0, "local")
-    loops = sch.get_loops(t2)
+    _in_registers(sch, t2, kb)
+
+
+def _in_registers(sch: s_tir.Schedule, half, loop) -> None:
+    """A transform's first pass ([alpha, alpha or m, 1 tile, vector]) computed under `loop` into a local
+    buffer: its two small axes unrolled, the vector axis vectorized, so LLVM keeps it in registers."""
+    sch.compute_at(half, loop)
+    sch.set_scope(half, 0, "local")
+    loops = sch.get_loops(half)
     sch.unroll(loops[-3])
     sch.unroll(loops[-2])
     sch.vectorize(loops[-1])
