@@ -231,9 +231,9 @@ def _failing_kernels(mod, target) -> dict[str, str]:
 
 def _optimize_and_generate(mod, target, run_pipeline, cuda_graph: bool, say: Progress,
                            functions: list[str] | None = None):
-    """(executable, weights, function -> its weights' indices or None, Winograd kernels): the pipeline, weight
-    lifting (of
-    `main`, or of each of `functions` with equal weights stored once) and code generation. When code generation
+    """(executable, weights, function -> its weights' indices or None, number of Winograd kernels): the
+    pipeline, weight lifting (of `main`, or of each of `functions` with equal weights stored once) and code
+    generation. When code generation
     fails on kernels the CPU rules scheduled, those kernels are rebuilt with TVM's naive loops (the
     others keep their schedules); a failure that remains is a CompileFailed naming the kernels (their
     names carry the fused operators) and TVM's reason."""
@@ -276,7 +276,9 @@ def _winograd_kernels(mod) -> int:
     """How many kernels of `mod` compute a convolution by Winograd (cpu/winograd.py)."""
     import tvm
 
-    return sum(isinstance(f, tvm.tirx.PrimFunc) and "winograd" in gv.name_hint for gv, f in mod.functions_items())
+    from forgeml.compiler.cpu.winograd import is_winograd
+
+    return sum(isinstance(f, tvm.tirx.PrimFunc) and is_winograd(gv.name_hint) for gv, f in mod.functions_items())
 
 
 def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions | None = None,

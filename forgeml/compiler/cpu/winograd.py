@@ -26,7 +26,6 @@ verification tolerance by two orders of magnitude). Only x86 targets use it (mea
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,9 +40,8 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from forgeml.compiler.cpu import common
 from forgeml.compiler.graph import constant_array
 
-logger = logging.getLogger(__name__)
-
 OP_PATTERN_OUT_EWISE_FUSABLE = 4  # TVM's kOutEWiseFusable: FuseOps fuses the elementwise ops after it
+KERNEL = "conv2d_winograd"  # the name of the kernels `winograd_convs` makes (FuseOps keeps it in the fused name)
 BLOCKS = ("wino_t1", "wino_v", "wino_m", "wino_t2", "wino_out")
 MIN_TILE = 4  # fewest tiles of a register tile row: below this the matrix products starve
 
@@ -59,6 +57,11 @@ def allowed(on: bool) -> Iterator[None]:
         yield
     finally:
         _ALLOWED.reset(token)
+
+
+def is_winograd(kernel_name: str) -> bool:
+    """Whether a (fused) kernel of that name computes a convolution by Winograd."""
+    return KERNEL in kernel_name
 
 
 def enabled(target: tvm.target.Target) -> bool:
@@ -103,12 +106,10 @@ def _select(index, exprs):
 
 @dataclass(frozen=True)
 class Plan:
-    """How one convolution runs as Winograd: output tile m, output channels per weight block kt, tiles per
-    register tile pt."""
+    """How one convolution runs as Winograd: output tile m, output channels per weight block kt."""
 
     m: int
     kt: int
-    pt: int
 
     @property
     def alpha(self) -> int:
@@ -119,7 +120,7 @@ def plan(n: int, c: int, k: int, oh: int, ow: int, cpu: common.CPUFacts) -> Plan
     """The Winograd plan for a 3x3 stride-1 conv of n x c -> k channels with an oh x ow output, or None
     where the direct conv stays: F(4x4) on maps of 12 rows and columns or more, F(2x2) below (7x7: 2x2
     tiles waste less), none under 4x4 or with fewer than 16 input channels (the transforms then cost
-    more than they save). A register tile holds 2 vectors of output channels x pt tiles."""
+    more than they save), or where too few tiles fill a register tile (`register_tiles`)."""
     if min(oh, ow) < 4 or c < 16:
         return None
     kt = 2 * cpu.lanes
@@ -127,10 +128,15 @@ def plan(n: int, c: int, k: int, oh: int, ow: int, cpu: common.CPUFacts) -> Plan
         return None
     m = 4 if min(oh, ow) >= 12 else 2
     tiles = n * -(-oh // m) * -(-ow // m)
-    pt = common.largest_divisor(tiles, cpu.max_acc // 2)
-    if pt < MIN_TILE:
+    if register_tiles(tiles, 2, cpu.max_acc) < MIN_TILE:
         return None
-    return Plan(m, kt, pt)
+    return Plan(m, kt)
+
+
+def register_tiles(tiles: int, vectors: int, max_acc: int) -> int:
+    """Tiles in a register tile of the matrix products with `vectors` vectors of output channels: the largest
+    divisor of the tile count that keeps the accumulators within `max_acc`."""
+    return common.largest_divisor(tiles, max_acc // vectors)
 
 
 def weights(w: np.ndarray, p: Plan) -> np.ndarray:
@@ -242,7 +248,7 @@ class _Rewriter(relax.PyExprMutator):
         pads = tuple(int(x) for x in call.attrs.padding)
         u = relax.const(weights(w, p), "float32")
         return self.builder_.call_te(
-            lambda d, t: compute(d, t, pads, out, p), call.args[0], u, primfunc_name_hint="conv2d_winograd",
+            lambda d, t: compute(d, t, pads, out, p), call.args[0], u, primfunc_name_hint=KERNEL,
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE})
 
 
@@ -288,7 +294,7 @@ class WinogradRule(ScheduleRule):
             return None
         tiles = common.as_int(sch.get(mm).iter_vars[2].dom.extent)
         _input_transform(sch, t1, v, lanes)
-        _products(sch, mm, lanes, kt, common.largest_divisor(tiles, cpu.max_acc // (kt // lanes)))
+        _products(sch, mm, lanes, kt, register_tiles(tiles, kt // lanes, cpu.max_acc))
         _output_transform(sch, t2, out, lanes, common.as_int(sch.get(t2).iter_vars[1].dom.extent))
         return sch
 

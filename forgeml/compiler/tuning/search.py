@@ -26,6 +26,7 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from forgeml.compiler.cpu.winograd import is_winograd
 from forgeml.compiler.tensor_intrinsics import register_tensor_intrinsics
 from forgeml.compiler.tuning.database import (
     database_dir,
@@ -210,7 +211,7 @@ def extract(mod: tvm.IRModule, target: tvm.target.Target) -> list[Any]:
     are not: MetaSchedule's design space generation raised on their five stages (ReverseComputeAt:
     "TensorRegion pattern match failed") and ended the whole search; they keep the rule's schedule."""
     tasks = ms.relax_integration.extract_tasks(mod, tuning_target(target))
-    return [t for t in tasks if "winograd" not in t.task_name]
+    return [t for t in tasks if not is_winograd(t.task_name)]
 
 
 _TRIALS_PER_TASK = 32  # a first pass over every kernel before any kernel gets more
