@@ -154,6 +154,7 @@ def _conv_model(n, c, h, w, oc, k, stride=1, pad=0, groups=1, bias=True, relu=Tr
         (16, 14, 14, 32, 3, 1, 1, False),  # 3x3 same padding, bias + relu
         (8, 15, 15, 16, 3, 2, 1, False),  # stride 2, odd input
         (32, 7, 7, 64, 1, 1, 0, True),  # 1x1 as GEMM, residual add epilogue
+        (96, 7, 7, 160, 1, 1, 0, True),  # 5 channel blocks x 7 pixel tiles: one tile per task (balance)
         (16, 9, 10, 24, 1, 2, 0, False),  # 1x1 stride 2
         (3, 20, 20, 16, 7, 2, 3, False),  # stem-like 7x7/2, 3 input channels
         (5, 9, 9, 12, 3, 1, 1, False),  # channels that fit no vector: fallback
@@ -164,6 +165,16 @@ def test_conv(c, h, w, oc, k, stride, pad, residual):
     if oc % 8 == 0:
         assert set(_rules_used(model).values()) >= {"Conv2DRule"}
     _check(model, feeds)
+
+
+def test_balanced_chunk_splits_work_evenly_over_the_cores():
+    from forgeml.compiler.cpu.common import balance, balanced_chunk
+
+    assert balanced_chunk(7, 5, 2, 8) == 1  # 5 tasks are 3 + 2 on two cores; 35 are 18 + 17
+    assert balanced_chunk(8, 1, 2, 8) == 4  # the largest chunk that keeps both cores busy
+    assert balanced_chunk(28, 1, 2, 8) == 7  # 4 tasks: even, and the largest chunk up to 8
+    assert balanced_chunk(49, 2, 1, 8) == 7  # one core: any count balances, so the largest chunk
+    assert balance(5, 2) == pytest.approx(5 / 6) and balance(35, 2) == pytest.approx(35 / 36)
 
 
 @pytest.mark.parametrize("c,h,stride", [(32, 14, 1), (16, 15, 2), (24, 7, 1), (96, 28, 2),

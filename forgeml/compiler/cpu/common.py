@@ -177,6 +177,19 @@ def largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
+def balance(tasks: int, cores: int) -> float:
+    """Share of the cores' time that `tasks` equal parallel tasks keep busy (1.0: every core the same)."""
+    return tasks / (cores * -(-tasks // cores))
+
+
+def balanced_chunk(items: int, outer: int, cores: int, limit: int) -> int:
+    """Items per task (a divisor of `items` up to `limit`) when outer x items/chunk tasks run on `cores`:
+    the best-balanced choice, the largest chunk among equals. 7 tiles in one chunk on 5 channel blocks are
+    5 tasks, 3 on one core and 2 on the other; in chunks of 1 they are 35."""
+    chunks = [d for d in range(min(items, limit), 0, -1) if items % d == 0]
+    return max(chunks, key=lambda d: (round(balance(outer * (items // d), cores), 2), d))
+
+
 def rows_per_task(height: int, blocks: int, cores: int, limit: int) -> int:
     """Rows of a plane per parallel task, when `blocks` channel blocks x height/rows tasks run in parallel:
     the largest divisor of `height` up to `limit` that still leaves >= 4 tasks per core (0: none does)."""

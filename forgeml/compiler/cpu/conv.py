@@ -77,7 +77,7 @@ def _choose_conv_tile(ocg: int, width: int, lanes: int, max_acc: int, max_fv: in
     return common.choose_register_tile(range(1, max_fv + 1), ocg, width, lanes, max_acc)
 
 
-def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after, max_acc: int) -> None:
+def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after, max_acc: int, cores: int) -> None:
     """Tile n, f, y, x, rc, ry, rx into a register tile of fv vectors x xt columns."""
     local = sch.cache_write(blk, 0, "local")
     if after:
@@ -101,7 +101,8 @@ def _conv_tile_schedule(sch, blk, info: _ConvInfo, lanes: int, fv: int, after, m
         sch.reorder(n, fo, po, rc, ry, rx, pt, fvl, fl)
         # parallel over (n, fo, po-outer); keep a serial chunk of pixel tiles per task
         n_tiles = info.oh * info.ow // xt
-        chunk = common.largest_divisor(n_tiles, 8)
+        blocks = common.as_int(sch.get(n).extent) * common.as_int(sch.get(fo).extent)
+        chunk = common.balanced_chunk(n_tiles, blocks, cores, 8)
         poo, poi = sch.split(po, [None, chunk])
         common.parallelize(sch, [n, fo, poo])
         at = poi
@@ -270,7 +271,7 @@ class Conv2DRule(ScheduleRule):
         if pixel_tile:
             _conv_pixel_tile_schedule(sch, blk, info, pixel_lanes, *pixel_tile, after)
         else:
-            _conv_tile_schedule(sch, blk, info, lanes, fv, after, cpu.max_acc)
+            _conv_tile_schedule(sch, blk, info, lanes, fv, after, cpu.max_acc, cpu.cores)
         for b in before:
             _schedule_block_generic(sch, b, cpu)
         return sch
