@@ -84,7 +84,7 @@ def _ratio(cases: list, model: str, label: str) -> float | None:
 def kernel_sections(cases: list, models: list[str], count: int, threads: int, workdir: Path) -> list[str]:
     """Per-kernel tables (markdown) of the `count` models with the highest untuned ratio; each forgeml
     artifact timed (untuned, tuned) beside ONNX Runtime."""
-    from forgeml.bench.kernels import profile_pair, section
+    from forgeml.bench.kernels import method, profile_pair, section
     from forgeml.zoo import example_inputs
 
     ranked = sorted((m for m in models if _ratio(cases, m, "forgeml untuned") is not None),
@@ -105,10 +105,7 @@ def kernel_sections(cases: list, models: list[str], count: int, threads: int, wo
                 continue
             lines += section(f"{model}, forgeml {label} ({ratio:.2f}x ONNX Runtime)", kernels)
     if lines:
-        lines = ["## Where the time goes: the slowest models per kernel", "",
-                 f"Each engine in a process of its own, {threads} threads, 10 runs after 3 warm-up: forgeml's "
-                 "kernels (each compiled function, all its calls; timed around each call the VM makes) beside "
-                 "ONNX Runtime's ops (its profiler, grouped by op type and first input shape).", ""] + lines
+        lines = ["## Where the time goes: the slowest models per kernel", "", method(threads, 10), ""] + lines
     return lines
 
 

@@ -278,15 +278,12 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], args: argparse
                   f"(paired: {paired_geomean:.2f}x).", ""]
     profiled = [r for r in rows if "kernels" in r]
     if profiled:
-        from forgeml.bench.kernels import section
+        from forgeml.bench.kernels import method, section
 
         runs = profiled[0]["kernels"]["runs"]
         lines += ["## Where the time goes: the slowest models per kernel", "",
-                  f"The {len(profiled)} models with the highest ratio, profiled after the timing, each engine in a "
-                  f"process of its own, {args.threads} threads, {runs} runs after 3 warm-up: forgeml's kernels "
-                  "(each compiled function, all its calls; timed around each call the VM makes) beside ONNX "
-                  "Runtime's ops (its profiler, grouped by op type and first input shape). Shares, more than "
-                  "absolute times, compare across engines.", ""]
+                  f"The {len(profiled)} models with the highest ratio, profiled after the timing. "
+                  + method(args.threads, runs), ""]
         for r in profiled:
             lines += section(f"{r['model']} ({r['ratio_p50']:.2f}x)", r["kernels"], args.kernel_rows)
     return "\n".join(lines)
