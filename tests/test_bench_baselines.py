@@ -156,3 +156,21 @@ def test_paired_ratio_cancels_a_drift_that_the_p50_ratio_takes_in():
     assert np.median(forgeml) / np.median(ort) < 0.6
     assert paired_ratio(forgeml, ort) == pytest.approx(0.9, rel=0.03)
     assert paired_ratio([1.0] * 5, [1.0] * 5) is None  # less than one round
+
+
+def test_alternation_rotates_which_engine_starts_each_round():
+    """Round k starts with engine k: no engine always runs right after the same other one."""
+    from forgeml.bench.harness import measure_blocks
+
+    order: list[str] = []
+
+    def runner(name):
+        def run_block(n):
+            order.append(name)
+            return [1.0] * n
+        return run_block
+
+    samples = measure_blocks({n: runner(n) for n in "abc"}, warmup=1, repeat=6, block=2, pause_s=0)
+    assert order[:3] == ["a", "b", "c"]  # the warm-up calls
+    assert "".join(order[3:]) == "abc" + "bca" + "cab"
+    assert all(len(v) == 6 for v in samples.values())

@@ -116,14 +116,20 @@ def measure_blocks(engines: dict[str, BlockRunner], warmup: int = 10, repeat: in
                    ) -> dict[str, list[float]]:
     """Time each engine `repeat` times, alternating between engines in blocks of `block` calls.
 
-    A short pause between blocks lets the other engine's spinning thread pool go idle.
+    A short pause between blocks lets the other engine's spinning thread pool go idle. Each round starts
+    with the next engine (round k runs engines k, k+1, ... in turn), so that no engine always follows the
+    same one, or always runs first after the round's start.
     """
     for run_block in engines.values():
         run_block(warmup)
     samples: dict[str, list[float]] = {name: [] for name in engines}
-    done, total = 0, repeat * len(engines)
+    names = list(engines)
+    done, total, round_ = 0, repeat * len(engines), 0
     while any(len(s) < repeat for s in samples.values()):
-        for name, run_block in engines.items():
+        first = round_ % len(names)
+        round_ += 1
+        for name in names[first:] + names[:first]:
+            run_block = engines[name]
             todo = min(block, repeat - len(samples[name]))
             if todo <= 0:
                 continue
