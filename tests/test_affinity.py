@@ -111,3 +111,42 @@ def test_caller_restricted_to_one_core_stays_restricted(compiled_matmul_relu, th
     assert report["other_thread"] == [core] and report["first_run_in_thread"]["after"] == [core]
     assert report["main_error"] < 1e-3
     assert report["main_threads"] == (threads or 1)  # default: one thread per core the caller may use
+
+
+_IDLE_SCRIPT = """
+import ctypes, json, sys, time
+import numpy as np
+import forgeml
+
+path = sys.argv[1]
+w = np.load(path + ".w.npy")
+x = np.random.default_rng(0).standard_normal((64, w.shape[0])).astype("float32")
+session = forgeml.load(path, threads=2)
+session.run({"x": x})
+cpu = time.process_time()  # every thread of the process: after the run only the pool's worker can burn
+time.sleep(0.6)
+idle = time.process_time() - cpu
+libc = ctypes.CDLL(None)
+start = time.perf_counter()
+for _ in range(20000):
+    libc.sched_yield()
+per_yield = (time.perf_counter() - start) / 20000  # with ctypes' own overhead: an upper bound
+print(json.dumps({"idle_cpu_s": idle, "tvm_default_spin_s": 300000 * per_yield}))
+"""
+
+
+@pytest.mark.parametrize("spin", [None, "300000"], ids=["forgeml", "tvm-default"])
+def test_idle_pool_stops_spinning_soon_after_a_run(compiled_matmul_relu, spin):
+    """TVM's idle worker calls sched_yield 300000 times before it sleeps (~150 ms of a core on a 2-vCPU VM)
+    after every run; forgeml lowers that to 10000 unless $TVM_THREAD_POOL_SPIN_COUNT says otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    if spin:
+        env["TVM_THREAD_POOL_SPIN_COUNT"] = spin  # the user's setting wins
+    proc = subprocess.run([sys.executable, "-c", _IDLE_SCRIPT, str(compiled_matmul_relu)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    if spin:
+        assert report["idle_cpu_s"] > 0.1 * report["tvm_default_spin_s"]  # the measurement sees the spin
+    else:
+        assert report["idle_cpu_s"] < 0.3 * report["tvm_default_spin_s"]

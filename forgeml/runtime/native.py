@@ -140,9 +140,19 @@ def tvm_ffi() -> ModuleType:
     return ffi
 
 
+# How many times an idle TVM pool worker calls sched_yield before it sleeps. TVM's default, 300000, kept
+# a worker busy for ~150 ms after every run on a 2-vCPU VM (0.49 us a call), taking a core from whatever
+# the process or the machine ran next: an engine timed after forgeml read up to 1.6x slower. 10000 is
+# ~5 ms there, still far longer than the microseconds between one run's kernels.
+POOL_SPIN_COUNT = 10000
+SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"
+
+
 @functools.cache
 def load_runtime(device: str = "cpu") -> ModuleType:
-    """Load the TVM runtime libraries for `device` once per process; returns tvm_ffi."""
+    """Load the TVM runtime libraries for `device` once per process; returns tvm_ffi. Sets $SPIN_ENV to
+    POOL_SPIN_COUNT unless it is set already (TVM reads it when its first pool worker starts, later)."""
+    os.environ.setdefault(SPIN_ENV, str(POOL_SPIN_COUNT))
     ffi = tvm_ffi()
     for name in _RUNTIME_LIBS.get(device, _RUNTIME_LIBS["cpu"]):
         try:
