@@ -17,6 +17,7 @@ from conftest import _model, save
 from onnx import TensorProto, helper
 
 import forgeml
+from forgeml.runtime import native
 
 _ROWS, _FEATURES = 64, 256  # 4M multiply-adds: big enough for the compiled MatMul to use the thread pool
 
@@ -139,9 +140,9 @@ print(json.dumps({"idle_cpu_s": idle, "tvm_default_spin_s": 300000 * per_yield})
 def test_idle_pool_stops_spinning_soon_after_a_run(compiled_matmul_relu, spin):
     """TVM's idle worker calls sched_yield 300000 times before it sleeps (~150 ms of a core on a 2-vCPU VM)
     after every run; forgeml lowers that to 10000 unless $TVM_THREAD_POOL_SPIN_COUNT says otherwise."""
-    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    env = {k: v for k, v in os.environ.items() if k != native.SPIN_ENV}
     if spin:
-        env["TVM_THREAD_POOL_SPIN_COUNT"] = spin  # the user's setting wins
+        env[native.SPIN_ENV] = spin  # the user's setting wins
     proc = subprocess.run([sys.executable, "-c", _IDLE_SCRIPT, str(compiled_matmul_relu)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
